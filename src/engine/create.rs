@@ -1,0 +1,455 @@
+//! Image creation, byte for byte as `qemu-img create -f qcow2` lays it out:
+//! header, refcount table and first refcount block in clusters 0–2, the
+//! full header rewrite, the L1 table sized for the image, the backing file,
+//! then preallocation.
+
+use super::backing::resolve;
+use super::{OpenOptions, Qcow2};
+use crate::error::{Error, Result};
+use crate::format::entries::COPIED;
+use crate::format::header::{Header, V2_HEADER_LEN, V3_HEADER_LEN};
+use crate::format::*;
+use crate::storage::{FileStorage, Storage};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    #[default]
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+impl Preallocation {
+    pub fn parse(s: &str) -> Result<Preallocation> {
+        Ok(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "Parameter 'preallocation' does not accept value '{s}'"
+                )))
+            }
+        })
+    }
+}
+
+/// qcow2 creation options, with QEMU's names and defaults.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub size: u64,
+    /// 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: u32,
+    pub cluster_size: u64,
+    pub refcount_bits: u64,
+    pub lazy_refcounts: bool,
+    pub backing_file: Option<String>,
+    pub backing_fmt: Option<String>,
+    pub preallocation: Preallocation,
+    /// 0 zlib, 1 zstd.
+    pub compression_type: u8,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            version: 3,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            backing_file: None,
+            backing_fmt: None,
+            preallocation: Preallocation::Off,
+            compression_type: 0,
+        }
+    }
+}
+
+/// Largest virtual size a cluster size allows.
+pub fn max_size(cluster_bits: u32) -> u64 {
+    (MAX_L1_SIZE_BYTES / 8) << (2 * cluster_bits - 3)
+}
+
+impl CreateOptions {
+    /// Applies one `-o name=value` option.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let bool_opt = |v: &str| match v {
+            "on" | "true" | "yes" => Ok(true),
+            "off" | "false" | "no" => Ok(false),
+            _ => Err(Error::InvalidArgument(format!(
+                "Parameter '{key}' expects 'on' or 'off'"
+            ))),
+        };
+        match key {
+            "size" => self.size = parse_size(value)?,
+            "compat" | "version" => {
+                self.version = match value {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "Parameter 'version' does not accept value '{value}'"
+                        )))
+                    }
+                }
+            }
+            "cluster_size" => self.cluster_size = parse_size(value)?,
+            "refcount_bits" => {
+                self.refcount_bits = value.parse().map_err(|_| {
+                    Error::InvalidArgument("Parameter 'refcount_bits' expects a number".to_string())
+                })?
+            }
+            "lazy_refcounts" => self.lazy_refcounts = bool_opt(value)?,
+            "backing_file" => self.backing_file = Some(value.to_string()),
+            "backing_fmt" => self.backing_fmt = Some(value.to_string()),
+            "preallocation" => self.preallocation = Preallocation::parse(value)?,
+            "compression_type" => {
+                self.compression_type = match value {
+                    "zlib" => 0,
+                    "zstd" => 1,
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "Parameter 'compression-type' does not accept value '{value}'"
+                        )))
+                    }
+                }
+            }
+            "encryption" | "encrypt.format" if bool_opt(value).ok() != Some(false) => {
+                return Err(Error::Unsupported(
+                    "qcow2 encryption is not supported by oxqcow".into(),
+                ))
+            }
+            "encryption" => {}
+            "extended_l2" if bool_opt(value)? => {
+                return Err(Error::Unsupported(
+                    "extended L2 entries are not supported by oxqcow".into(),
+                ))
+            }
+            "extended_l2" => {}
+            "data_file" | "data_file_raw" => {
+                return Err(Error::Unsupported(
+                    "external data files are not supported by oxqcow".into(),
+                ))
+            }
+            _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
+        }
+        Ok(())
+    }
+
+    /// Parses a qemu-img `-o` string ("compat=1.1,lazy_refcounts=on").
+    pub fn parse_into(&mut self, opts: &str) -> Result<()> {
+        for item in split_opts(opts) {
+            if item.is_empty() {
+                continue;
+            }
+            let (k, v) = match item.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None if item == "lazy_refcounts" => (item.clone(), "on".into()),
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "Invalid parameter '{item}'"
+                    )))
+                }
+            };
+            self.set(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's checks on the combination, with its messages.
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(Error::InvalidArgument(
+                "Cluster size must be a power of two between 512 and 2048k".into(),
+            ));
+        }
+        if self.lazy_refcounts && self.version < 3 {
+            return Err(Error::InvalidArgument(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
+            ));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(Error::InvalidArgument(
+                "Refcount width must be a power of two and may not exceed 64 bits".into(),
+            ));
+        }
+        if self.version < 3 && self.refcount_bits != 16 {
+            return Err(Error::InvalidArgument(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into(),
+            ));
+        }
+        if self.version < 3 && self.compression_type != 0 {
+            return Err(Error::InvalidArgument(
+                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
+            ));
+        }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+            return Err(Error::InvalidArgument(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
+            ));
+        }
+        if self.backing_fmt.is_some() && self.backing_file.is_none() {
+            return Err(Error::InvalidArgument(
+                "Backing format cannot be used without backing file".into(),
+            ));
+        }
+        if self.size > max_size(cs.trailing_zeros()) {
+            return Err(Error::TooLarge(
+                "The image size is too large for file format 'qcow2' (try using a larger cluster size)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Splits an option string at commas; ",," stands for a literal comma.
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().unwrap().push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().unwrap().push(c);
+        }
+    }
+    out
+}
+
+/// Parses a size with qemu-img's suffixes (k, M, G, T, P, E; powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "Invalid size '{s}': expected a number with an optional suffix of K, M, G, T, P or E"
+        ))
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suf) = t.split_at(split);
+    let shift = match suf {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(bad()),
+    };
+    if num.contains('.') {
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        let v = f * (1u64 << shift) as f64;
+        if !(0.0..1.8e19).contains(&v) {
+            return Err(bad());
+        }
+        return Ok(v as u64);
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Creates a qcow2 image at `path`.
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    o.validate()?;
+    let name = path.display().to_string();
+    if let Some(b) = &o.backing_file {
+        // QEMU opens the backing file to check it (and to take its size when
+        // none is given); we require it to exist when its format must be probed.
+        let bp = resolve(path, b);
+        if o.backing_fmt.is_none() && !bp.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "Could not open backing file '{}': No such file or directory",
+                bp.display()
+            )));
+        }
+    }
+    let f = FileStorage::create(path)
+        .map_err(|e| Error::io(format!("Could not create '{name}'"), e))?;
+    let file: Arc<dyn Storage> = Arc::new(f);
+    create_on(file, path, o)
+}
+
+/// Lays the image out on any storage (the file must be empty).
+pub fn create_on(file: Arc<dyn Storage>, path: &Path, o: &CreateOptions) -> Result<()> {
+    o.validate()?;
+    // qemu-img rounds the virtual size up to whole 512-byte sectors.
+    let mut o = o.clone();
+    o.size = o.size.div_ceil(512) * 512;
+    let o = &o;
+    let cs = o.cluster_size;
+    let cb = cs.trailing_zeros();
+    let io = |e| Error::io(format!("{}: write", path.display()), e);
+    let mut h = Header {
+        version: o.version,
+        cluster_bits: cb,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        refcount_order: o.refcount_bits.trailing_zeros(),
+        header_length: if o.version >= 3 {
+            V3_HEADER_LEN
+        } else {
+            V2_HEADER_LEN
+        } as u32,
+        compression_type: o.compression_type,
+        ..Default::default()
+    };
+    if o.compression_type != 0 {
+        h.incompatible_features |= INCOMPAT_COMPRESSION;
+    }
+    if o.lazy_refcounts {
+        h.compatible_features |= COMPAT_LAZY_REFCOUNTS;
+    }
+    // Cluster 0: the bare header; clusters 1-2: refcount table and block.
+    let mut first = vec![0u8; cs as usize];
+    let full = h.encode()?;
+    let bare = if o.version >= 3 {
+        V3_HEADER_LEN
+    } else {
+        V2_HEADER_LEN
+    };
+    first[..bare].copy_from_slice(&full[..bare]);
+    file.write_at(&first, 0).map_err(io)?;
+    let mut rt = vec![0u8; 2 * cs as usize];
+    put64(&mut rt, 0, 2 * cs);
+    file.write_at(&rt, cs).map_err(io)?;
+
+    let opts = OpenOptions {
+        writable: true,
+        no_backing: true,
+        check_mode: true,
+        ..Default::default()
+    };
+    let img = Qcow2::open_storage(file.clone(), path, &opts)?;
+    {
+        let mut m = img.lock();
+        m.alloc_clusters(3)?;
+        m.flush_all()?;
+        m.write_header()?;
+    }
+    img.resize(o.size)?;
+    if o.preallocation != Preallocation::Off {
+        img.preallocate(o.preallocation)?;
+    }
+    if let Some(b) = &o.backing_file {
+        let mut m = img.lock();
+        m.header.backing_file = Some(b.clone());
+        m.header.backing_format = o.backing_fmt.clone();
+        m.write_header()?;
+    }
+    img.close()
+}
+
+impl Qcow2 {
+    /// Allocates every cluster of a freshly created image (QEMU's
+    /// preallocation modes: L2 tables and data clusters; falloc and full
+    /// also reserve or zero the data area of the file).
+    fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        let mut m = self.quiesce();
+        let cs = self.cs;
+        let size = m.header.size;
+        let n_data = size.div_ceil(cs);
+        if n_data == 0 {
+            return Ok(());
+        }
+        let l2_entries = m.l2_entries();
+        let io = |e| Error::io(format!("{}: preallocate", self.name), e);
+        match mode {
+            Preallocation::Metadata => {
+                let mut gc = 0;
+                let mut end = 0;
+                while gc < n_data {
+                    let l2 = m.l2_for_write(gc)?;
+                    let n = (l2_entries - (gc % l2_entries)).min(n_data - gc);
+                    let host = m.alloc_clusters(n)?;
+                    for i in 0..n {
+                        m.set_l2_entry(l2, gc + i, (host + i * cs) | COPIED);
+                    }
+                    end = host + n * cs;
+                    gc += n;
+                }
+                m.flush()?;
+                if end > m.file_len()? {
+                    self.file.set_len(end).map_err(io)?;
+                }
+            }
+            Preallocation::Falloc | Preallocation::Full => {
+                let n_l2 = n_data.div_ceil(l2_entries);
+                let last_used = m.last_used_cluster()?;
+                let start = m.refcount_area(last_used + 1, n_data + n_l2, true, None)?;
+                m.alloc_clusters_at(start * cs, n_data)?;
+                let data_start = start * cs;
+                let new_len = data_start + n_data * cs;
+                let old_len = m.file_len()?;
+                if mode == Preallocation::Falloc {
+                    self.file.set_len(new_len).map_err(io)?;
+                    self.file
+                        .allocate(old_len.min(new_len), new_len - old_len.min(new_len))
+                        .map_err(io)?;
+                } else {
+                    let zeros = vec![0u8; (1 << 20).min(new_len - old_len) as usize];
+                    let mut pos = old_len;
+                    while pos < new_len {
+                        let n = (new_len - pos).min(zeros.len() as u64);
+                        self.file.write_at(&zeros[..n as usize], pos).map_err(io)?;
+                        pos += n;
+                    }
+                }
+                for gc in 0..n_data {
+                    let l2 = m.l2_for_write(gc)?;
+                    m.set_l2_entry(l2, gc, (data_start + gc * cs) | COPIED);
+                }
+                m.flush()?;
+            }
+            Preallocation::Off => {}
+        }
+        self.file_end
+            .fetch_max(m.file_len()?, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_options_parse_like_qemu_img() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999E").is_err());
+        let mut o = CreateOptions::default();
+        o.parse_into("compat=0.10,cluster_size=4k,backing_file=a,,b")
+            .unwrap();
+        assert_eq!(o.version, 2);
+        assert_eq!(o.cluster_size, 4096);
+        assert_eq!(o.backing_file.as_deref(), Some("a,b"));
+        o.lazy_refcounts = true;
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("Lazy refcounts only"));
+        let mut o = CreateOptions::default();
+        assert!(o.parse_into("cluster_size=3000").is_ok());
+        assert_eq!(
+            o.validate().unwrap_err().to_string(),
+            "Cluster size must be a power of two between 512 and 2048k"
+        );
+        assert!(CreateOptions::default().parse_into("bogus=1").is_err());
+    }
+}

@@ -1,0 +1,810 @@
+//! The metadata state of one open image: header, active L1 table, refcount
+//! table, the L2 and refcount-block caches, the cluster allocator, and the
+//! write-back that keeps them crash safe.
+//!
+//! Write ordering, enforced in [`Meta::flush`] and [`Meta::evict`]:
+//! 1. Guest data is synced before any L2 table that points at it is written.
+//! 2. Without lazy refcounts, refcount blocks are written and synced before
+//!    the L2 tables (and L1 entries) that depend on them; with lazy
+//!    refcounts the dirty bit is on disk before the first L2 change
+//!    ([`Meta::mark_dirty`]) and refcount blocks go out only on eviction or
+//!    close.
+//! 3. A new L2 table is synced before the L1 entry that points at it.
+//! 4. Freeing is deferred: an unreference is queued in `pending_unref` and
+//!    applied only after the L2/L1 change that dropped the reference is
+//!    durable, so the allocator can never hand out a cluster that some
+//!    on-disk table still points at.
+//!
+//! Everything here runs under the image's metadata mutex; nothing here
+//! touches guest data except to copy it during allocation-free operations.
+
+use super::cache::TableCache;
+use crate::error::{Error, Result};
+use crate::format::entries::{L2Entry, RefcountWidth, COPIED};
+use crate::format::header::Header;
+use crate::format::*;
+use crate::storage::Storage;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+/// What a metadata cluster is, for the overlap guard's message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaKind {
+    Header,
+    ActiveL1,
+    RefcountTable,
+    ActiveL2,
+    RefcountBlock,
+    SnapshotTable,
+    InactiveL1,
+}
+
+impl MetaKind {
+    fn describe(self) -> &'static str {
+        match self {
+            MetaKind::Header => "qcow2_header",
+            MetaKind::ActiveL1 => "active L1 table",
+            MetaKind::RefcountTable => "refcount table",
+            MetaKind::ActiveL2 => "active L2 table",
+            MetaKind::RefcountBlock => "refcount block",
+            MetaKind::SnapshotTable => "snapshot table",
+            MetaKind::InactiveL1 => "inactive L1 table",
+        }
+    }
+}
+
+pub struct Meta {
+    pub file: Arc<dyn Storage>,
+    pub name: String,
+    pub header: Header,
+    pub cb: u32,
+    pub cs: u64,
+    pub l2_bits: u32,
+    pub rw: RefcountWidth,
+    pub rb_bits: u32,
+    pub l1: Vec<u64>,
+    pub l1_dirty: BTreeSet<usize>,
+    pub reftable: Vec<u64>,
+    pub l2_cache: TableCache,
+    pub rb_cache: TableCache,
+    pub free_cluster_index: u64,
+    /// (host offset, byte length, punch a hole once free)
+    pub pending_unref: Vec<(u64, u64, bool)>,
+    pub metadata: HashMap<u64, MetaKind>,
+    pub lazy: bool,
+    pub writable: bool,
+    pub corrupt: bool,
+    /// How many times the refcount table moved (see `alloc_clusters`).
+    pub reftable_moves: u64,
+    /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).
+    pub inflight: HashSet<u64>,
+}
+
+impl Meta {
+    pub fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits
+    }
+
+    fn io(&self, what: &str, e: std::io::Error) -> Error {
+        Error::io(format!("{}: {what}", self.name), e)
+    }
+
+    pub fn write_file(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        self.file.write_at(buf, off).map_err(|e| self.io(what, e))
+    }
+
+    pub fn read_file(&self, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
+        self.file.read_at(buf, off).map_err(|e| self.io(what, e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync().map_err(|e| self.io("sync", e))
+    }
+
+    pub fn file_len(&self) -> Result<u64> {
+        self.file.len().map_err(|e| self.io("stat", e))
+    }
+
+    // ---- overlap guard and corruption --------------------------------------------
+
+    /// Rebuilds the map of metadata clusters the overlap guard protects.
+    pub fn rebuild_metadata_map(&mut self, snapshots: &[(u64, u32)], snap_table: (u64, u64)) {
+        let cs = self.cs;
+        let mut m = HashMap::new();
+        m.insert(0, MetaKind::Header);
+        let range = |m: &mut HashMap<u64, MetaKind>, off: u64, len: u64, k: MetaKind| {
+            if len == 0 {
+                return;
+            }
+            for c in off / cs..(off + len).div_ceil(cs) {
+                m.entry(c).or_insert(k);
+            }
+        };
+        range(
+            &mut m,
+            self.header.l1_table_offset,
+            self.l1.len() as u64 * 8,
+            MetaKind::ActiveL1,
+        );
+        range(
+            &mut m,
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters as u64 * cs,
+            MetaKind::RefcountTable,
+        );
+        range(&mut m, snap_table.0, snap_table.1, MetaKind::SnapshotTable);
+        for &(off, size) in snapshots {
+            range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);
+        }
+        for &e in &self.l1 {
+            let o = e & OFFSET_MASK;
+            if o != 0 {
+                m.entry(o / cs).or_insert(MetaKind::ActiveL2);
+            }
+        }
+        for &e in &self.reftable {
+            let o = e & OFFSET_MASK;
+            if o != 0 {
+                m.entry(o / cs).or_insert(MetaKind::RefcountBlock);
+            }
+        }
+        self.metadata = m;
+    }
+
+    /// Refuses a guest-data write that would land on metadata.
+    pub fn check_overlap(&mut self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        for c in off / self.cs..(off + len).div_ceil(self.cs) {
+            if let Some(k) = self.metadata.get(&c).copied() {
+                return Err(self.signal_corruption(&format!(
+                    "Preventing invalid write on metadata (overlaps with {})",
+                    k.describe()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt (on a writable image) and returns the error
+    /// the failing request gets.
+    pub fn signal_corruption(&mut self, reason: &str) -> Error {
+        if self.writable && !self.corrupt {
+            crate::log::warn(&format!(
+                "qcow2: Marking image as corrupt: {reason}; further corruption events will be suppressed"
+            ));
+            self.corrupt = true;
+            self.header.incompatible_features |= INCOMPAT_CORRUPT;
+            if let Ok(b) = self.header.encode() {
+                let _ = self
+                    .write_file(&b, 0, "write header")
+                    .and_then(|_| self.sync());
+            }
+        } else if !self.writable {
+            crate::log::warn(&format!(
+                "qcow2: Image is corrupt: {reason}; further non-fatal corruption events will be suppressed"
+            ));
+        }
+        Error::Corrupt(format!("{}: {reason}", self.name))
+    }
+
+    pub fn ensure_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly(format!(
+                "{}: image is opened read-only",
+                self.name
+            )));
+        }
+        if self.corrupt {
+            return Err(Error::Corrupt(format!(
+                "{}: image is marked corrupt; no further writes",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    // ---- caches --------------------------------------------------------------------
+
+    /// Loads an L2 table into the cache (validating where it points).
+    pub fn load_l2(&mut self, off: u64) -> Result<()> {
+        if self.l2_cache.contains(off) {
+            return Ok(());
+        }
+        match self.metadata.get(&(off / self.cs)) {
+            Some(MetaKind::ActiveL2) | None => {}
+            Some(k) => {
+                let k = k.describe();
+                return Err(
+                    self.signal_corruption(&format!("L2 table at {off:#x} overlaps with {k}"))
+                );
+            }
+        }
+        if off + self.cs > self.file_len()? {
+            return Err(self.signal_corruption(&format!(
+                "L2 table offset {off:#x} points past the end of the file"
+            )));
+        }
+        let mut data = vec![0u8; self.cs as usize];
+        self.read_file(&mut data, off, "read L2 table")?;
+        self.evict_l2_if_full()?;
+        self.l2_cache.insert(off, data, false);
+        Ok(())
+    }
+
+    fn evict_l2_if_full(&mut self) -> Result<()> {
+        if let Some((victim, dirty)) = self.l2_cache.victim() {
+            if dirty {
+                // Rules 1 and 2 of the module comment, for one table.
+                self.sync()?;
+                if !self.lazy {
+                    self.write_refblocks()?;
+                    self.sync()?;
+                }
+                let data = self.l2_cache.get(victim).unwrap().data.clone();
+                self.write_file(&data, victim, "write L2 table")?;
+            }
+            self.l2_cache.remove(victim);
+        }
+        Ok(())
+    }
+
+    fn load_refblock(&mut self, off: u64) -> Result<()> {
+        if self.rb_cache.contains(off) {
+            return Ok(());
+        }
+        if off + self.cs > self.file_len()? {
+            return Err(self.signal_corruption(&format!(
+                "Refblock offset {off:#x} points past the end of the file"
+            )));
+        }
+        let mut data = vec![0u8; self.cs as usize];
+        self.read_file(&mut data, off, "read refcount block")?;
+        self.evict_refblock_if_full()?;
+        self.rb_cache.insert(off, data, false);
+        Ok(())
+    }
+
+    fn evict_refblock_if_full(&mut self) -> Result<()> {
+        if let Some((victim, dirty)) = self.rb_cache.victim() {
+            if dirty {
+                // A refcount block has no prerequisite: increments may always
+                // reach the disk first, and decrements are only applied to
+                // the cache once the dropped references are durable.
+                let data = self.rb_cache.get(victim).unwrap().data.clone();
+                self.write_file(&data, victim, "write refcount block")?;
+            }
+            self.rb_cache.remove(victim);
+        }
+        Ok(())
+    }
+
+    fn write_refblocks(&mut self) -> Result<()> {
+        for off in self.rb_cache.dirty_offsets() {
+            let data = self.rb_cache.get(off).unwrap().data.clone();
+            self.write_file(&data, off, "write refcount block")?;
+            self.rb_cache.mark_clean(off);
+        }
+        Ok(())
+    }
+
+    // ---- refcounts and allocation -----------------------------------------------
+
+    pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let ti = cluster >> self.rb_bits;
+        if ti >= self.reftable.len() as u64 {
+            return Ok(0);
+        }
+        let off = self.reftable[ti as usize] & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load_refblock(off)?;
+        let idx = cluster & ((1 << self.rb_bits) - 1);
+        let rw = self.rw;
+        Ok(rw.get(&self.rb_cache.get(off).unwrap().data, idx))
+    }
+
+    fn set_refcount(&mut self, cluster: u64, v: u64) -> Result<()> {
+        let block = self.refblock_for(cluster)?;
+        let idx = cluster & ((1 << self.rb_bits) - 1);
+        let rw = self.rw;
+        let slot = self.rb_cache.get(block).unwrap();
+        rw.set(&mut slot.data, idx, v);
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of every cluster touching [off, off+len).
+    pub fn update_refcount(&mut self, off: u64, len: u64, delta: i64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = off / self.cs;
+        let last = (off + len - 1) / self.cs;
+        for c in first..=last {
+            let cur = self.refcount(c)?;
+            let new = if delta < 0 {
+                cur.checked_sub(delta.unsigned_abs())
+            } else {
+                cur.checked_add(delta as u64)
+                    .filter(|&v| v <= self.rw.max())
+            };
+            let Some(new) = new else {
+                return Err(self.signal_corruption(&format!(
+                    "refcount of cluster {c} would leave its range ({cur} {delta:+})"
+                )));
+            };
+            self.set_refcount(c, new)?;
+            if new == 0 && c < self.free_cluster_index {
+                self.free_cluster_index = c;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds `n` consecutive free clusters at or after the free-cluster
+    /// hint and advances the hint past them; no refcount is changed.
+    fn find_free(&mut self, n: u64) -> Result<u64> {
+        let mut start = self.free_cluster_index;
+        let mut i = start;
+        while i < start + n {
+            if self.refcount(i)? != 0 {
+                start = i + 1;
+            }
+            i += 1;
+        }
+        self.free_cluster_index = start + n;
+        let end = (start + n) << self.cb;
+        if end > OFFSET_MASK {
+            return Err(Error::NoSpace(format!(
+                "{}: host offset limit reached",
+                self.name
+            )));
+        }
+        Ok(start << self.cb)
+    }
+
+    /// Allocates `n` consecutive clusters with refcount 1.
+    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        loop {
+            let off = self.find_free(n)?;
+            let moved = self.reftable_moves;
+            self.update_refcount(off, n * self.cs, 1)?;
+            if self.reftable_moves == moved {
+                return Ok(off);
+            }
+            // The refcount table moved while counting this run: like QEMU,
+            // give the run back and search again, so that the clusters the
+            // move freed and the new layout are both taken into account.
+            self.update_refcount(off, n * self.cs, -1)?;
+        }
+    }
+
+    /// Allocates `n` clusters at a given cluster-aligned offset (all must be free).
+    pub fn alloc_clusters_at(&mut self, off: u64, n: u64) -> Result<()> {
+        for c in off / self.cs..off / self.cs + n {
+            if self.refcount(c)? != 0 {
+                return Err(Error::Corrupt(format!(
+                    "{}: cluster {c} is in use",
+                    self.name
+                )));
+            }
+        }
+        self.update_refcount(off, n * self.cs, 1)
+    }
+
+    /// Returns the refcount block covering `cluster`, creating one if needed.
+    fn refblock_for(&mut self, cluster: u64) -> Result<u64> {
+        let ti = cluster >> self.rb_bits;
+        if (ti as usize) < self.reftable.len() {
+            let off = self.reftable[ti as usize] & OFFSET_MASK;
+            if off != 0 {
+                self.load_refblock(off)?;
+                return Ok(off);
+            }
+        }
+        self.alloc_refblock(cluster, ti)
+    }
+
+    /// Allocates the refcount block for table index `ti`; when the table is
+    /// full, also moves the table to a larger one (QEMU's layout: a new
+    /// self-describing area just past everything the table covers).
+    fn alloc_refblock(&mut self, cluster: u64, ti: u64) -> Result<u64> {
+        let new = self.find_free(1)?;
+        let new_cluster = new / self.cs;
+        let mut data = vec![0u8; self.cs as usize];
+        if new_cluster >> self.rb_bits == ti {
+            let idx = new_cluster & ((1 << self.rb_bits) - 1);
+            self.rw.set(&mut data, idx, 1);
+        } else {
+            self.update_refcount(new, self.cs, 1)?;
+        }
+        // A new refcount block is on disk before the table entry that
+        // points at it.
+        self.write_file(&data, new, "write refcount block")?;
+        self.sync()?;
+        self.evict_refblock_if_full()?;
+        self.rb_cache.insert(new, data, false);
+        self.metadata.insert(new_cluster, MetaKind::RefcountBlock);
+        if (ti as usize) < self.reftable.len() {
+            self.reftable[ti as usize] = new;
+            self.write_file(
+                &new.to_be_bytes(),
+                self.header.refcount_table_offset + ti * 8,
+                "write refcount table",
+            )?;
+            self.sync()?;
+        } else {
+            let per_block = 1u64 << self.rb_bits;
+            let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
+            self.refcount_area(blocks_used * per_block, 0, false, Some((ti, new)))?;
+        }
+        Ok(new)
+    }
+
+    /// QEMU's growth rule for the refcount table (in entries).
+    fn next_reftable_size(&self, min_size: u64) -> u64 {
+        let shift = self.cb - 3;
+        let min_clusters = (min_size >> shift) + 1;
+        let mut clusters = ((self.reftable.len() as u64) >> shift).max(1);
+        while min_clusters > clusters {
+            clusters = (clusters * 3).div_ceil(2);
+        }
+        clusters << shift
+    }
+
+    /// Builds a new refcount table at cluster `start`, after the refcount
+    /// blocks needed to cover everything up to the end of the new metadata
+    /// plus `additional` clusters; `new_block` is a block already made for
+    /// a table index the old table lacks. Returns the first cluster after
+    /// the new metadata. The old table is freed at once: once the header
+    /// points at the new one (synced), nothing on disk refers to it.
+    pub fn refcount_area(
+        &mut self,
+        start: u64,
+        additional: u64,
+        exact: bool,
+        new_block: Option<(u64, u64)>,
+    ) -> Result<u64> {
+        let cs = self.cs;
+        let per_block = 1u64 << self.rb_bits;
+        let per_table_cluster = cs / 8;
+        // Refcount blocks and table clusters needed to cover the whole file
+        // including themselves (plus some slack unless exact).
+        let mut clusters = start + additional;
+        let (mut table, mut blocks, mut n, mut generous) = (0u64, 0u64, 0u64, !exact);
+        loop {
+            let last = n;
+            blocks = (clusters + table + blocks).div_ceil(per_block);
+            table = blocks.div_ceil(per_table_cluster);
+            n = clusters + blocks + table;
+            if n == last {
+                if generous {
+                    clusters += table.div_ceil(2);
+                    n = 0;
+                    generous = false;
+                    continue;
+                }
+                break;
+            }
+        }
+        let total = blocks;
+        let mut table_size = if exact {
+            total
+        } else {
+            self.next_reftable_size(total)
+        };
+        table_size = table_size.div_ceil(per_table_cluster) * per_table_cluster;
+        let tc = table_size / per_table_cluster;
+        if table_size * 8 > MAX_REFTABLE_SIZE_BYTES {
+            return Err(Error::TooLarge(format!(
+                "{}: Reference count table too large",
+                self.name
+            )));
+        }
+        self.write_refblocks()?;
+        let mut new_table = self.reftable.clone();
+        new_table.resize(table_size as usize, 0);
+        if let Some((ti, off)) = new_block {
+            new_table[ti as usize] = off;
+        }
+        let area_ti = start / per_block;
+        let add = (area_ti..total)
+            .filter(|&i| new_table[i as usize] == 0)
+            .count() as u64;
+        let table_c = start + add;
+        let end_c = table_c + tc;
+        let mut block_c = start;
+        for i in area_ti..total {
+            let first = i * per_block;
+            if first >= end_c {
+                break;
+            }
+            let boff = if new_table[i as usize] == 0 {
+                let off = block_c * cs;
+                block_c += 1;
+                new_table[i as usize] = off;
+                self.evict_refblock_if_full()?;
+                self.rb_cache.insert(off, vec![0u8; cs as usize], true);
+                self.metadata.insert(off / cs, MetaKind::RefcountBlock);
+                off
+            } else {
+                let off = new_table[i as usize] & OFFSET_MASK;
+                self.load_refblock(off)?;
+                off
+            };
+            let rw = self.rw;
+            let slot = self.rb_cache.get(boff).unwrap();
+            for c in start.max(first)..end_c.min(first + per_block) {
+                rw.set(&mut slot.data, c - first, 1);
+            }
+            slot.dirty = true;
+        }
+        // Blocks before the table, the table before the header points at it.
+        self.write_refblocks()?;
+        let mut tb = vec![0u8; (tc * cs) as usize];
+        for (i, e) in new_table.iter().enumerate() {
+            put64(&mut tb, i * 8, *e);
+        }
+        self.write_file(&tb, table_c * cs, "write refcount table")?;
+        self.sync()?;
+        let mut hdr = [0u8; 12];
+        put64(&mut hdr, 0, table_c * cs);
+        put32(&mut hdr, 8, tc as u32);
+        self.write_file(&hdr, 48, "write header")?;
+        self.sync()?;
+        let old_off = self.header.refcount_table_offset;
+        let old_clusters = self.header.refcount_table_clusters as u64;
+        self.header.refcount_table_offset = table_c * cs;
+        self.header.refcount_table_clusters = tc as u32;
+        self.reftable = new_table;
+        for c in old_off / cs..old_off / cs + old_clusters {
+            self.metadata.remove(&c);
+        }
+        for c in table_c..end_c {
+            self.metadata.insert(c, MetaKind::RefcountTable);
+        }
+        self.update_refcount(old_off, old_clusters * cs, -1)?;
+        self.reftable_moves += 1;
+        Ok(end_c)
+    }
+
+    /// The highest cluster with a non-zero refcount (0 if none).
+    pub fn last_used_cluster(&mut self) -> Result<u64> {
+        for ti in (0..self.reftable.len()).rev() {
+            let off = self.reftable[ti] & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            self.load_refblock(off)?;
+            let per = 1u64 << self.rb_bits;
+            let rw = self.rw;
+            let data = &self.rb_cache.get(off).unwrap().data;
+            if let Some(i) = (0..per).rev().find(|&i| rw.get(data, i) != 0) {
+                return Ok(((ti as u64) << self.rb_bits) + i);
+            }
+        }
+        Ok(0)
+    }
+
+    // ---- L1 / L2 -----------------------------------------------------------------
+
+    /// The raw L2 entry of a guest cluster (0 if no L2 table covers it).
+    pub fn l2_entry(&mut self, gc: u64) -> Result<u64> {
+        let l1i = (gc >> self.l2_bits) as usize;
+        if l1i >= self.l1.len() {
+            return Ok(0);
+        }
+        let off = self.l1[l1i] & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load_l2(off)?;
+        let idx = (gc & (self.l2_entries() - 1)) as usize;
+        Ok(be64(&self.l2_cache.get(off).unwrap().data, idx * 8))
+    }
+
+    pub fn decode(&self, raw: u64) -> L2Entry {
+        L2Entry::decode(raw, self.cb)
+    }
+
+    /// Makes sure the L2 table covering `gc` is allocated and exclusively
+    /// the active image's (copying a table shared with a snapshot).
+    pub fn l2_for_write(&mut self, gc: u64) -> Result<u64> {
+        let l1i = (gc >> self.l2_bits) as usize;
+        if l1i >= self.l1.len() {
+            return Err(Error::OutOfRange(format!(
+                "{}: guest cluster {gc} is beyond the L1 table",
+                self.name
+            )));
+        }
+        let e = self.l1[l1i];
+        let off = e & OFFSET_MASK;
+        if off != 0 && e & COPIED != 0 {
+            self.load_l2(off)?;
+            return Ok(off);
+        }
+        if off != 0 && self.refcount(off / self.cs)? == 1 {
+            self.load_l2(off)?;
+            self.l1[l1i] = off | COPIED;
+            self.l1_dirty.insert(l1i);
+            return Ok(off);
+        }
+        let data = if off != 0 {
+            self.load_l2(off)?;
+            self.l2_cache.get(off).unwrap().data.clone()
+        } else {
+            vec![0u8; self.cs as usize]
+        };
+        let new = self.alloc_clusters(1)?;
+        self.evict_l2_if_full()?;
+        self.l2_cache.insert(new, data, true);
+        self.metadata.insert(new / self.cs, MetaKind::ActiveL2);
+        self.l1[l1i] = new | COPIED;
+        self.l1_dirty.insert(l1i);
+        if off != 0 {
+            self.pending_unref.push((off, self.cs, false));
+        }
+        Ok(new)
+    }
+
+    /// Sets the raw L2 entry of `gc`; the table must come from `l2_for_write`.
+    pub fn set_l2_entry(&mut self, l2_off: u64, gc: u64, raw: u64) {
+        let idx = (gc & (self.l2_entries() - 1)) as usize;
+        let slot = self.l2_cache.get(l2_off).unwrap();
+        put64(&mut slot.data, idx * 8, raw);
+        slot.dirty = true;
+    }
+
+    /// Queues the release of whatever host storage an old L2 entry held.
+    pub fn unref_entry(&mut self, raw: u64, punch: bool) {
+        if let Some((off, len)) = self.decode(raw).host_range() {
+            let len = if len == 0 { self.cs } else { len };
+            self.pending_unref.push((off, len, punch));
+        }
+    }
+
+    /// With lazy refcounts, puts the dirty bit on disk before the first
+    /// L2 change that depends on refcounts not yet written.
+    pub fn mark_dirty(&mut self) -> Result<()> {
+        if self.lazy && self.header.incompatible_features & INCOMPAT_DIRTY == 0 {
+            self.header.incompatible_features |= INCOMPAT_DIRTY;
+            let w = self.header.incompatible_features.to_be_bytes();
+            self.write_file(&w, 72, "mark image dirty")?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.header.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
+    // ---- write-back ----------------------------------------------------------------
+
+    /// Writes every dirty table in dependency order and makes it durable;
+    /// then applies the deferred unreferences (rule 4).
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let tables_dirty = self.l2_cache.has_dirty() || !self.l1_dirty.is_empty();
+        if tables_dirty {
+            self.sync()?; // rule 1
+            if !self.lazy {
+                self.write_refblocks()?;
+                self.sync()?; // rule 2
+            }
+            for off in self.l2_cache.dirty_offsets() {
+                let data = self.l2_cache.get(off).unwrap().data.clone();
+                self.write_file(&data, off, "write L2 table")?;
+                self.l2_cache.mark_clean(off);
+            }
+            if !self.l1_dirty.is_empty() {
+                self.sync()?; // rule 3
+                self.write_l1_entries()?;
+            }
+        }
+        if !self.pending_unref.is_empty() {
+            self.sync()?; // rule 4
+            let pending = std::mem::take(&mut self.pending_unref);
+            for &(off, len, punch) in &pending {
+                self.update_refcount(off, len, -1)?;
+                if punch {
+                    self.punch_if_free(off, len)?;
+                }
+            }
+        }
+        if !self.lazy {
+            self.write_refblocks()?;
+        }
+        self.sync()
+    }
+
+    /// Writes the refcount blocks too, so that nothing is left dirty (close,
+    /// and before the dirty bit is cleared).
+    pub fn flush_all(&mut self) -> Result<()> {
+        self.flush()?;
+        self.write_refblocks()?;
+        self.sync()
+    }
+
+    fn write_l1_entries(&mut self) -> Result<()> {
+        let dirty = std::mem::take(&mut self.l1_dirty);
+        for i in dirty {
+            let off = self.header.l1_table_offset + i as u64 * 8;
+            self.write_file(&self.l1[i].to_be_bytes(), off, "write L1 table")?;
+        }
+        Ok(())
+    }
+
+    fn punch_if_free(&mut self, off: u64, len: u64) -> Result<()> {
+        let first = off / self.cs;
+        let last = (off + len - 1) / self.cs;
+        for c in first..=last {
+            if self.refcount(c)? == 0 {
+                self.file
+                    .punch_hole(c * self.cs, self.cs)
+                    .map_err(|e| self.io("discard", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the active L1 table with a larger one of `new_size` entries.
+    pub fn grow_l1(&mut self, new_size: u64) -> Result<()> {
+        if new_size * 8 > MAX_L1_SIZE_BYTES {
+            return Err(Error::TooLarge(format!(
+                "{}: Failed to grow the L1 table: File too large",
+                self.name
+            )));
+        }
+        self.flush()?;
+        let bytes = new_size * 8;
+        let new = self.alloc_clusters(bytes.div_ceil(self.cs))?;
+        let mut table = self.l1.clone();
+        table.resize(new_size as usize, 0);
+        let mut b = vec![0u8; bytes as usize];
+        for (i, e) in table.iter().enumerate() {
+            put64(&mut b, i * 8, *e);
+        }
+        // Refcounts of the new table first, then the table, then the header.
+        if !self.lazy {
+            self.write_refblocks()?;
+        }
+        self.write_file(&b, new, "write L1 table")?;
+        self.sync()?;
+        let mut hdr = [0u8; 12];
+        put32(&mut hdr, 0, new_size as u32);
+        put64(&mut hdr, 4, new);
+        self.write_file(&hdr, 36, "write header")?;
+        self.sync()?;
+        let old_off = self.header.l1_table_offset;
+        let old_bytes = self.l1.len() as u64 * 8;
+        for c in old_off / self.cs..(old_off + old_bytes).div_ceil(self.cs) {
+            if self.metadata.get(&c) == Some(&MetaKind::ActiveL1) {
+                self.metadata.remove(&c);
+            }
+        }
+        // The header (synced) no longer points at the old table: free it now.
+        if old_bytes > 0 {
+            self.update_refcount(old_off, old_bytes, -1)?;
+        }
+        for c in new / self.cs..(new + bytes).div_ceil(self.cs) {
+            self.metadata.insert(c, MetaKind::ActiveL1);
+        }
+        self.header.l1_size = new_size as u32;
+        self.header.l1_table_offset = new;
+        self.l1 = table;
+        Ok(())
+    }
+
+    /// Rewrites all of cluster 0 from `self.header`.
+    pub fn write_header(&mut self) -> Result<()> {
+        let b = self.header.encode()?;
+        self.write_file(&b, 0, "write header")?;
+        self.sync()
+    }
+}

@@ -1,0 +1,268 @@
+//! Opening an image: header validation against the file, QEMU's table
+//! limits, feature checks, loading L1 and the refcount table, and the
+//! backing chain.
+//!
+//! Every offset the header gives is checked against the file length and
+//! against the other metadata before anything is read through it, and no
+//! allocation is sized by an unchecked count.
+
+use super::backing::open_backing;
+use super::cache::TableCache;
+use super::meta::Meta;
+use super::{OpenOptions, Qcow2};
+use crate::error::{Error, Result};
+use crate::format::entries::RefcountWidth;
+use crate::format::header::Header;
+use crate::format::snapshot::{self, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::*;
+use crate::storage::{FileStorage, Storage};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// QEMU's default ceiling for the L2 cache.
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// Default refcount-block cache size.
+const DEFAULT_REFCOUNT_CACHE: u64 = 1 << 20;
+
+fn read_table(file: &dyn Storage, off: u64, entries: u64, what: &str) -> Result<Vec<u64>> {
+    let mut b = vec![0u8; (entries * 8) as usize];
+    file.read_at(&mut b, off)
+        .map_err(|e| Error::io(format!("Could not read {what}"), e))?;
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+        .collect())
+}
+
+/// True when [off, off+len) is cluster aligned at the start and inside the file.
+fn region_ok(off: u64, len: u64, cs: u64, file_len: u64) -> bool {
+    off.is_multiple_of(cs) && off.checked_add(len).is_some_and(|e| e <= file_len)
+}
+
+impl Qcow2 {
+    /// Opens an image file.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+        let name = path.display().to_string();
+        let f = FileStorage::open(path, opts.writable, opts.direct)
+            .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+        Qcow2::open_storage(Arc::new(f), path, opts)
+            .map_err(|e| e.context(&format!("Could not open '{name}'")))
+    }
+
+    /// Opens an image on any storage; `path` names it and anchors relative
+    /// backing file names.
+    pub fn open_storage(file: Arc<dyn Storage>, path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+        let name = path.display().to_string();
+        let file_len = file.len().map_err(|e| Error::io("stat", e))?;
+        let mut buf = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
+        file.read_at(&mut buf, 0)
+            .map_err(|e| Error::io("Could not read qcow2 header", e))?;
+        let mut header = Header::parse(&buf)?;
+        let cs = header.cluster_size();
+        let cb = header.cluster_bits;
+
+        if header.crypt_method != 0 {
+            return Err(Error::Unsupported(
+                "encrypted qcow2 images are not supported by oxqcow".into(),
+            ));
+        }
+        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 || header.data_file.is_some() {
+            return Err(Error::Unsupported(
+                "qcow2 images with an external data file are not supported by oxqcow".into(),
+            ));
+        }
+        if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
+            return Err(Error::Unsupported(
+                "qcow2 images with extended L2 entries are not supported by oxqcow".into(),
+            ));
+        }
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 && opts.writable && !opts.check_mode
+        {
+            return Err(Error::ReadOnly(
+                "qcow2: Image is corrupt; cannot be opened read/write".into(),
+            ));
+        }
+        if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+            return Err(Error::Invalid("data-file-raw requires a data file".into()));
+        }
+        if header.bitmaps_ext.is_some()
+            && header.autoclear_features & AUTOCLEAR_BITMAPS != 0
+            && opts.writable
+        {
+            return Err(Error::Unsupported(
+                "qcow2 images with persistent dirty bitmaps can only be opened read-only by oxqcow"
+                    .into(),
+            ));
+        }
+
+        // Refcount table.
+        if header.refcount_table_clusters == 0 && !opts.check_mode {
+            return Err(Error::Invalid(
+                "Image does not contain a reference count table".into(),
+            ));
+        }
+        let rt_bytes = header.refcount_table_clusters as u64 * cs;
+        if rt_bytes > MAX_REFTABLE_SIZE_BYTES {
+            return Err(Error::Invalid("Reference count table too large".into()));
+        }
+        if !region_ok(header.refcount_table_offset, rt_bytes, cs, file_len)
+            || header.refcount_table_offset == 0
+        {
+            return Err(Error::Invalid(
+                "Reference count table offset invalid".into(),
+            ));
+        }
+
+        // Snapshots.
+        if header.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::Invalid("Snapshot table too large".into()));
+        }
+        let mut snapshots = Vec::new();
+        let mut snap_table = (0u64, 0u64);
+        if header.nb_snapshots > 0 {
+            let off = header.snapshots_offset;
+            if off % cs != 0 || off == 0 || off >= file_len {
+                return Err(Error::Invalid("Snapshot table offset invalid".into()));
+            }
+            let avail = (file_len - off).min(MAX_SNAPSHOT_TABLE_BYTES);
+            let mut sb = vec![0u8; avail as usize];
+            file.read_at(&mut sb, off)
+                .map_err(|e| Error::io("Could not read snapshot table", e))?;
+            let list = snapshot::parse_table(&sb, header.nb_snapshots)?;
+            let mut used = 0u64;
+            for s in &list {
+                used += ((40 + 24 + s.id.len() + s.name.len() + 7) & !7) as u64;
+                if s.l1_size as u64 * 8 > MAX_L1_SIZE_BYTES {
+                    return Err(Error::Invalid("Snapshot L1 table too large".into()));
+                }
+                if !region_ok(s.l1_table_offset, s.l1_size as u64 * 8, cs, file_len) {
+                    return Err(Error::Invalid("Snapshot L1 table offset invalid".into()));
+                }
+                snapshots.push((s.l1_table_offset, s.l1_size));
+            }
+            snap_table = (off, used.min(avail));
+        }
+
+        // Active L1 table.
+        let l2_span = 1u64 << (2 * cb - 3);
+        let max_l1 = MAX_L1_SIZE_BYTES / 8;
+        if header.size.div_ceil(l2_span) > max_l1 {
+            return Err(Error::Invalid("Image is too big".into()));
+        }
+        if header.l1_size as u64 > max_l1 {
+            return Err(Error::Invalid("Active L1 table too large".into()));
+        }
+        if (header.l1_size as u64) < header.size.div_ceil(l2_span) {
+            return Err(Error::Invalid("L1 table is too small".into()));
+        }
+        let l1_bytes = header.l1_size as u64 * 8;
+        if header.l1_size > 0 && !region_ok(header.l1_table_offset, l1_bytes, cs, file_len) {
+            return Err(Error::Invalid("Active L1 table offset invalid".into()));
+        }
+
+        let lazy = opts
+            .lazy_refcounts
+            .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
+        if lazy && header.version < 3 {
+            return Err(Error::Invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                    .into(),
+            ));
+        }
+
+        let reftable = read_table(
+            &*file,
+            header.refcount_table_offset,
+            rt_bytes / 8,
+            "refcount table",
+        )?;
+        let l1 = if header.l1_size > 0 {
+            read_table(
+                &*file,
+                header.l1_table_offset,
+                header.l1_size as u64,
+                "L1 table",
+            )?
+        } else {
+            Vec::new()
+        };
+
+        let l2_cache_bytes = opts
+            .l2_cache_size
+            .unwrap_or_else(|| (header.size.div_ceil(l2_span) * cs).min(DEFAULT_L2_CACHE_MAX));
+        let rb_cache_bytes = opts.refcount_cache_size.unwrap_or(DEFAULT_REFCOUNT_CACHE);
+        let rw = RefcountWidth {
+            order: header.refcount_order,
+        };
+        let backing = match (&header.backing_file, opts.no_backing) {
+            (Some(b), false) => Some(open_backing(
+                path,
+                b,
+                header.backing_format.as_deref(),
+                opts.chain_depth,
+                opts,
+            )?),
+            _ => None,
+        };
+
+        let size = header.size;
+        let version = header.version;
+        let compression_type = header.compression_type;
+        let corrupt = header.incompatible_features & INCOMPAT_CORRUPT != 0;
+        let dirty = header.incompatible_features & INCOMPAT_DIRTY != 0;
+        let clear_autoclear = opts.writable && header.autoclear_features & !AUTOCLEAR_KNOWN != 0;
+        if clear_autoclear {
+            header.autoclear_features &= AUTOCLEAR_KNOWN;
+        }
+        let mut meta = Meta {
+            file: file.clone(),
+            name: name.clone(),
+            header,
+            cb,
+            cs,
+            l2_bits: cb - 3,
+            rw,
+            rb_bits: cb + 3 - rw.order,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            reftable,
+            l2_cache: TableCache::new((l2_cache_bytes / cs) as usize),
+            rb_cache: TableCache::new((rb_cache_bytes / cs).max(4) as usize),
+            free_cluster_index: 0,
+            pending_unref: Vec::new(),
+            metadata: HashMap::new(),
+            lazy,
+            writable: opts.writable,
+            corrupt: corrupt && opts.writable,
+            inflight: HashSet::new(),
+            reftable_moves: 0,
+        };
+        meta.rebuild_metadata_map(&snapshots, snap_table);
+        if clear_autoclear {
+            meta.write_header()?;
+        }
+        if dirty && opts.writable && !opts.check_mode {
+            return Err(Error::Unsupported(
+                "image is dirty (lazy refcounts) and needs a repair that oxqcow cannot do yet; run 'qemu-img check -r all'".into(),
+            ));
+        }
+        Ok(Qcow2 {
+            meta: Mutex::new(meta),
+            cond: Condvar::new(),
+            file,
+            path: path.to_path_buf(),
+            name,
+            backing,
+            cb,
+            cs,
+            size: AtomicU64::new(size),
+            file_end: AtomicU64::new(file_len),
+            compression_type,
+            version,
+            writable: opts.writable,
+            writethrough: opts.writethrough,
+            closed: AtomicBool::new(!opts.writable),
+        })
+    }
+}

@@ -1,0 +1,17 @@
+//! oxqcow: a qcow2 block driver in Rust, shipped as a C library.
+//!
+//! Layers, each depending only on those before it:
+//! [`format`] (on-disk types, pure) → [`storage`] (the host file) →
+//! [`engine`] (caches, allocator, mapping, I/O) → [`image`] (the safe API)
+//! → `ffi` (the C ABI) and the `oxqcow` tool.
+
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod log;
+pub mod storage;
+
+pub use engine::{BlockStatus, CreateOptions, OpenOptions, Preallocation, Qcow2};
+pub use error::{Error, Result};
+pub use image::Image;

@@ -1,0 +1,36 @@
+//! The host file: positioned I/O, sync, length changes, hole punching.
+//!
+//! Everything above this layer sees a [`Storage`]: the real file
+//! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`]). This
+//! layer knows nothing of qcow2 and never interprets the bytes it moves.
+
+mod file;
+mod mem;
+
+pub use file::FileStorage;
+pub use mem::MemStorage;
+
+use std::io;
+
+/// A byte-addressed host file. Reads past the end return zeros, as QEMU's
+/// file driver does; writes past the end extend the file.
+pub trait Storage: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates a range (reads return zeros afterwards). Best effort:
+    /// storages that cannot punch holes write zeros instead.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reserves space for a range without changing its contents.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes the host actually uses for this file.
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.len()
+    }
+}

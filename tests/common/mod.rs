@@ -1,0 +1,108 @@
+//! Helpers shared by the integration tests: scratch directories and the
+//! QEMU oracle (qemu-img, qemu-io).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let base = std::env::var("OXQCOW_TEST_DIR")
+            .unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+        let p = PathBuf::from(base).join(format!(
+            "oxqcow-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command and returns (status code, stdout, stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    let (code, out, err) = run("qemu-img", args);
+    assert_eq!(code, 0, "qemu-img {args:?} failed: {out}{err}");
+    out
+}
+
+pub fn qemu_io(file: &Path, cmds: &[&str]) {
+    let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.to_string());
+    }
+    args.push(file.display().to_string());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (code, out, err) = run("qemu-io", &a);
+    assert!(
+        code == 0 && !out.contains("failed") && err.is_empty(),
+        "qemu-io {cmds:?}: {out}{err}"
+    );
+}
+
+/// Asserts that `qemu-img check` finds neither errors nor leaks.
+pub fn assert_clean(file: &Path) {
+    let f = file.display().to_string();
+    let (code, out, err) = run("qemu-img", &["check", "-f", "qcow2", &f]);
+    assert_eq!(code, 0, "qemu-img check {f}: {out}{err}");
+    assert!(out.contains("No errors were found"), "{out}");
+}
+
+/// Asserts that QEMU sees the qcow2 image's guest contents equal to a raw file.
+pub fn assert_same_as_raw(qcow: &Path, raw: &Path) {
+    let (code, out, err) = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &qcow.display().to_string(),
+            &raw.display().to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "qemu-img compare: {out}{err}");
+}
+
+/// Deterministic pseudo-random numbers (xorshift64*), so that a failing
+/// seed can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
