@@ -106,3 +106,31 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// Reads the whole guest view of an image through oxqcow.
+pub fn read_all_ours(path: &Path) -> Vec<u8> {
+    let img = oxqcow::Image::open(path, None, &oxqcow::OpenOptions::default())
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; img.size() as usize];
+    img.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// Reads the whole guest view of an image through QEMU (qemu-img convert).
+pub fn read_all_qemu(path: &Path, dir: &Scratch) -> Vec<u8> {
+    let out = dir.path("qemu-view.raw");
+    qemu_img(&["convert", "-O", "raw", &path.display().to_string(), &out.display().to_string()]);
+    let v = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    v
+}
+
+/// Asserts that oxqcow and QEMU see the same guest bytes.
+pub fn assert_same_view(path: &Path, dir: &Scratch) {
+    let ours = read_all_ours(path);
+    let theirs = read_all_qemu(path, dir);
+    assert_eq!(ours.len(), theirs.len(), "size differs for {}", path.display());
+    if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
+        panic!("{}: guest byte {i:#x} differs: ours {:#x} qemu {:#x}", path.display(), ours[i], theirs[i]);
+    }
+}
