@@ -839,6 +839,55 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Points the image at another backing file (or none), rewriting the
+    /// header as QEMU's `rebase -u` does. The new file is not opened.
+    pub fn change_backing_file(&self, file: Option<&str>, fmt: Option<&str>) -> Result<()> {
+        let mut m = self.quiesce();
+        m.ensure_writable()?;
+        if let Some(f) = fmt {
+            if f.len() >= 16 {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: backing format name '{f}' is too long",
+                    self.name
+                )));
+            }
+        }
+        let old = (m.header.backing_file.clone(), m.header.backing_format.clone());
+        m.header.backing_file = file.filter(|f| !f.is_empty()).map(str::to_string);
+        m.header.backing_format = fmt
+            .filter(|f| !f.is_empty() && m.header.backing_file.is_some())
+            .map(str::to_string);
+        if let Err(e) = m.flush().and_then(|_| m.write_header()) {
+            (m.header.backing_file, m.header.backing_format) = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Drops every cluster of the image (guest reads return the backing
+    /// file's data, or zeros), as `qemu-img commit` leaves an overlay.
+    pub fn make_empty(&self) -> Result<()> {
+        self.lock().ensure_writable()?;
+        let size = self.size();
+        let end = size.div_ceil(self.cs) * self.cs;
+        if end > 0 {
+            self.unmap_range(0, end, true, true)?;
+        }
+        self.flush()
+    }
+
+    /// True while the dirty bit (lazy refcounts) is set on disk.
+    pub fn is_dirty(&self) -> bool {
+        self.lock().is_dirty()
+    }
+
+    /// Where QEMU keeps VM state: right after the last L1 entry the
+    /// virtual size needs.
+    pub fn vm_state_offset(&self) -> u64 {
+        let l2_span = 1u64 << (2 * self.cb - 3);
+        self.size().div_ceil(l2_span) * l2_span
+    }
+
     /// Flushes everything and, with lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
