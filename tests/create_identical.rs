@@ -57,6 +57,8 @@ cases! {
     v3_backing: "", "1G", true;
     cs512: "cluster_size=512", "64M", false;
     cs512_1g: "cluster_size=512", "1G", false;
+    cs512_max: "cluster_size=512", "128G", false;
+    cs512_rc64_max: "cluster_size=512,refcount_bits=64", "100G", false;
     cs1k_v2: "cluster_size=1024,compat=0.10", "100M", false;
     cs4k: "cluster_size=4096", "1G", false;
     cs8k_lazy: "cluster_size=8192,lazy_refcounts=on", "1G", false;

@@ -368,17 +368,22 @@ impl Meta {
 
     /// Allocates `n` consecutive clusters with refcount 1.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        loop {
+        'search: loop {
             let off = self.find_free(n)?;
+            let first = off / self.cs;
             let moved = self.reftable_moves;
-            self.update_refcount(off, n * self.cs, 1)?;
-            if self.reftable_moves == moved {
-                return Ok(off);
+            for c in first..first + n {
+                self.update_refcount(c * self.cs, self.cs, 1)?;
+                if self.reftable_moves != moved {
+                    // The refcount table moved (and its old clusters were
+                    // freed) while counting this run: like QEMU, give the
+                    // run back and search again, before the lowered
+                    // free-cluster hint can hand out clusters of the run.
+                    self.update_refcount(off, (c - first + 1) * self.cs, -1)?;
+                    continue 'search;
+                }
             }
-            // The refcount table moved while counting this run: like QEMU,
-            // give the run back and search again, so that the clusters the
-            // move freed and the new layout are both taken into account.
-            self.update_refcount(off, n * self.cs, -1)?;
+            return Ok(off);
         }
     }
 
@@ -444,17 +449,6 @@ impl Meta {
         Ok(new)
     }
 
-    /// QEMU's growth rule for the refcount table (in entries).
-    fn next_reftable_size(&self, min_size: u64) -> u64 {
-        let shift = self.cb - 3;
-        let min_clusters = (min_size >> shift) + 1;
-        let mut clusters = ((self.reftable.len() as u64) >> shift).max(1);
-        while min_clusters > clusters {
-            clusters = (clusters * 3).div_ceil(2);
-        }
-        clusters << shift
-    }
-
     /// Builds a new refcount table at cluster `start`, after the refcount
     /// blocks needed to cover everything up to the end of the new metadata
     /// plus `additional` clusters; `new_block` is a block already made for
@@ -494,7 +488,7 @@ impl Meta {
         let mut table_size = if exact {
             total
         } else {
-            self.next_reftable_size(total)
+            total + total.div_ceil(2)
         };
         table_size = table_size.div_ceil(per_table_cluster) * per_table_cluster;
         let tc = table_size / per_table_cluster;
@@ -516,30 +510,25 @@ impl Meta {
             .count() as u64;
         let table_c = start + add;
         let end_c = table_c + tc;
+        // Every missing block of the area gets a cluster, in index order...
         let mut block_c = start;
         for i in area_ti..total {
-            let first = i * per_block;
-            if first >= end_c {
-                break;
-            }
-            let boff = if new_table[i as usize] == 0 {
+            if new_table[i as usize] == 0 {
                 let off = block_c * cs;
                 block_c += 1;
                 new_table[i as usize] = off;
                 self.evict_refblock_if_full()?;
                 self.rb_cache.insert(off, vec![0u8; cs as usize], true);
                 self.metadata.insert(off / cs, MetaKind::RefcountBlock);
-                off
-            } else {
-                let off = new_table[i as usize] & OFFSET_MASK;
-                self.load_refblock(off)?;
-                off
-            };
+            }
+        }
+        // ...and the new blocks and table are counted where they live.
+        for c in start..end_c {
+            let boff = new_table[(c / per_block) as usize] & OFFSET_MASK;
+            self.load_refblock(boff)?;
             let rw = self.rw;
             let slot = self.rb_cache.get(boff).unwrap();
-            for c in start.max(first)..end_c.min(first + per_block) {
-                rw.set(&mut slot.data, c - first, 1);
-            }
+            rw.set(&mut slot.data, c % per_block, 1);
             slot.dirty = true;
         }
         // Blocks before the table, the table before the header points at it.

@@ -174,6 +174,14 @@ impl Qcow2 {
     pub fn lazy_refcounts(&self) -> bool {
         self.lock().lazy
     }
+    /// The L2 entry of the guest cluster holding `off`, in this image only
+    /// (e.g. the host cluster a preallocated zero cluster keeps).
+    pub fn l2_entry_at(&self, off: u64) -> Result<L2Entry> {
+        self.check_range(off, 1)?;
+        let mut m = self.lock();
+        let raw = m.l2_entry(off >> self.cb)?;
+        Ok(m.decode(raw))
+    }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         let size = self.size();

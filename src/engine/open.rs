@@ -161,6 +161,28 @@ impl Qcow2 {
             return Err(Error::Invalid("Active L1 table offset invalid".into()));
         }
 
+        // The fixed metadata areas may not overlap each other or the header.
+        let mut areas = vec![
+            ("header", 0, cs),
+            ("refcount table", header.refcount_table_offset, rt_bytes),
+        ];
+        if l1_bytes > 0 {
+            areas.push(("active L1 table", header.l1_table_offset, l1_bytes));
+        }
+        if snap_table.1 > 0 {
+            areas.push(("snapshot table", snap_table.0, snap_table.1));
+        }
+        for (i, a) in areas.iter().enumerate() {
+            for b in &areas[i + 1..] {
+                if a.1 < b.1 + b.2 && b.1 < a.1 + a.2 {
+                    return Err(Error::Invalid(format!(
+                        "The {} overlaps with the {}",
+                        b.0, a.0
+                    )));
+                }
+            }
+        }
+
         let lazy = opts
             .lazy_refcounts
             .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);

@@ -1,0 +1,241 @@
+//! Hostile and truncated images give clear errors: no panic, no unbounded
+//! allocation, and no write to the file (except the corrupt bit when a
+//! write would damage metadata).
+
+mod common;
+use common::*;
+use oxqcow::{CreateOptions, Image, OpenOptions};
+use std::path::Path;
+
+fn fresh(path: &Path, opts: &str) -> Vec<u8> {
+    let mut o = CreateOptions::default();
+    o.parse_into(opts).unwrap();
+    o.size = 64 << 20;
+    oxqcow::engine::create(path, &o).unwrap();
+    // Put some data in so that L2 tables exist.
+    let img = Image::open(path, None, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    img.write_at(&[7u8; 100_000], 0).unwrap();
+    img.close().unwrap();
+    drop(img);
+    std::fs::read(path).unwrap()
+}
+
+fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+}
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Opens a damaged image read-write and read-only; both must fail with a
+/// message containing `want`, and the file must be unchanged.
+fn expect_refused(path: &Path, bytes: &[u8], want: &str) {
+    std::fs::write(path, bytes).unwrap();
+    for writable in [false, true] {
+        let r = Image::open(path, Some("qcow2"), &OpenOptions { writable, ..Default::default() });
+        match r {
+            Ok(_) => panic!("damaged image opened (writable={writable}); expected '{want}'"),
+            Err(e) => assert!(e.to_string().contains(want), "got '{e}', expected '{want}'"),
+        }
+    }
+    assert!(std::fs::read(path).unwrap() == bytes, "refused open changed the file");
+}
+
+#[test]
+fn damaged_headers_are_refused_with_qemus_messages() {
+    let d = Scratch::new("hostile");
+    let p = d.path("h.qcow2");
+    let good = fresh(&p, "");
+    let l1_off = u64::from_be_bytes(good[40..48].try_into().unwrap()) as usize;
+
+    for cut in [0usize, 50, 71, 100] {
+        expect_refused(&p, &good[..cut], if cut < 72 { "Image is not in qcow2 format" } else { "" });
+    }
+    let mut b = good.clone();
+    put32(&mut b, 100, 0xffff_fff0);
+    expect_refused(&p, &b, "qcow2 header exceeds cluster size");
+    let mut b = good.clone();
+    put32(&mut b, 36, 0x1000_0000);
+    expect_refused(&p, &b, "Active L1 table too large");
+    let mut b = good.clone();
+    put64(&mut b, 40, 0x30001);
+    expect_refused(&p, &b, "Active L1 table offset invalid");
+    let mut b = good.clone();
+    put64(&mut b, 40, 1 << 50);
+    expect_refused(&p, &b, "Active L1 table offset invalid");
+    let mut b = good.clone();
+    put64(&mut b, 40, 0x10000); // the refcount table
+    expect_refused(&p, &b, "overlaps");
+    let mut b = good.clone();
+    put32(&mut b, 36, 0);
+    expect_refused(&p, &b, "L1 table is too small");
+    let mut b = good.clone();
+    put32(&mut b, 56, 0x0100_0000);
+    expect_refused(&p, &b, "Reference count table too large");
+    let mut b = good.clone();
+    put64(&mut b, 48, 1 << 45);
+    expect_refused(&p, &b, "Reference count table offset invalid");
+    let mut b = good.clone();
+    put32(&mut b, 56, 0);
+    expect_refused(&p, &b, "Image does not contain a reference count table");
+    let mut b = good.clone();
+    put32(&mut b, 60, 0xffff_ffff);
+    expect_refused(&p, &b, "Snapshot table too large");
+    let mut b = good.clone();
+    put64(&mut b, 8, 0x1000);
+    put32(&mut b, 16, 0x10000);
+    expect_refused(&p, &b, "Backing file name too long");
+    let mut b = good.clone();
+    put64(&mut b, 8, 0x100000);
+    put32(&mut b, 16, 4);
+    expect_refused(&p, &b, "Invalid backing file offset");
+    let mut b = good.clone();
+    put32(&mut b, 20, 30);
+    expect_refused(&p, &b, "Unsupported cluster size: 2^30");
+    let mut b = good.clone();
+    put32(&mut b, 4, 4);
+    expect_refused(&p, &b, "Unsupported qcow2 version 4");
+    let mut b = good.clone();
+    put64(&mut b, 24, 1 << 62);
+    expect_refused(&p, &b, "Image is too big");
+    let mut b = good.clone();
+    put32(&mut b, 96, 7);
+    expect_refused(&p, &b, "Reference count entry width too large");
+    let mut b = good.clone();
+    put32(&mut b, 32, 1);
+    expect_refused(&p, &b, "encrypted qcow2 images are not supported");
+    let mut b = good.clone();
+    put64(&mut b, 72, 1 << 4);
+    expect_refused(&p, &b, "extended L2 entries are not supported");
+    let mut b = good.clone();
+    put64(&mut b, 72, 1 << 2);
+    expect_refused(&p, &b, "external data file are not supported");
+    // A huge unknown extension runs past the header cluster.
+    let mut b = good.clone();
+    put32(&mut b, 112, 0x1234_5678);
+    put32(&mut b, 116, 0x7fff_0000);
+    expect_refused(&p, &b, "Header extension too large");
+    let _ = l1_off;
+}
+
+#[test]
+fn l2_entries_past_the_end_of_the_file() {
+    let d = Scratch::new("l2past");
+    let p = d.path("p.qcow2");
+    let mut b = fresh(&p, "");
+    let l1_off = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2_off = (u64::from_be_bytes(b[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    put64(&mut b, l2_off, (1u64 << 63) | (1 << 40)); // guest cluster 0 → 1 TiB
+    std::fs::write(&p, &b).unwrap();
+    let img = Image::open(&p, None, &OpenOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = img.read_at(&mut buf, 0).unwrap_err();
+    assert!(e.to_string().contains("invalid"), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    // The rest of the image still reads.
+    img.read_at(&mut buf, 65536).unwrap();
+    assert_eq!(buf, vec![7u8; 4096]);
+    drop(img);
+    assert!(std::fs::read(&p).unwrap() == b, "read-only access changed the file");
+
+    // L1 pointing past the end of the file.
+    let mut b2 = b.clone();
+    put64(&mut b2, l1_off, (1u64 << 63) | (1 << 44));
+    std::fs::write(&p, &b2).unwrap();
+    let img = Image::open(&p, None, &OpenOptions::default()).unwrap();
+    assert!(img.read_at(&mut buf, 0).is_err());
+}
+
+/// The overlap guard: an L2 entry that points into the L1 table makes a
+/// write fail with EIO, marks the image corrupt, and leaves L1 intact.
+#[test]
+fn overlap_guard_marks_the_image_corrupt() {
+    let d = Scratch::new("overlap");
+    let p = d.path("o.qcow2");
+    let mut b = fresh(&p, "");
+    let l1_off = u64::from_be_bytes(b[40..48].try_into().unwrap());
+    let l1 = b[l1_off as usize..l1_off as usize + 8].to_vec();
+    let l2_off = (u64::from_be_bytes(l1[..8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    put64(&mut b, l2_off + 8 * 3, (1u64 << 63) | l1_off);
+    std::fs::write(&p, &b).unwrap();
+    let img = Image::open(&p, None, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let e = img.write_at(&[0xee; 512], 3 * 65536).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(e.to_string().contains("Preventing invalid write on metadata (overlaps with active L1 table)"), "{e}");
+    // Further writes are refused; nothing reached the L1 table.
+    assert!(img.write_at(&[1], 0).is_err());
+    drop(img);
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(&after[l1_off as usize..l1_off as usize + 8], &l1[..]);
+    let incompat = u64::from_be_bytes(after[72..80].try_into().unwrap());
+    assert_eq!(incompat & 2, 2, "corrupt bit not set");
+    let e = Image::open(&p, None, &OpenOptions { writable: true, ..Default::default() }).err().unwrap();
+    assert!(e.to_string().contains("qcow2: Image is corrupt; cannot be opened read/write"), "{e}");
+    assert!(Image::open(&p, None, &OpenOptions::default()).is_ok());
+    let info = qemu_img(&["info", "--output=json", &p.display().to_string()]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+}
+
+/// Random damage anywhere in the metadata never panics: open, read,
+/// write, discard and close either work or return an error.
+#[test]
+fn random_metadata_damage_never_panics() {
+    let d = Scratch::new("fuzz");
+    let p = d.path("f.qcow2");
+    for (k, opts) in ["", "cluster_size=512,compat=0.10", "cluster_size=4096,refcount_bits=1"].iter().enumerate() {
+        let good = fresh(&p, opts);
+        let mut rng = Rng(1000 + k as u64);
+        let meta_len = good.len().min(6 << 16);
+        for _ in 0..300 {
+            let mut b = good.clone();
+            for _ in 0..1 + rng.below(8) {
+                let i = rng.below(meta_len as u64) as usize;
+                b[i] = rng.next() as u8;
+            }
+            std::fs::write(&p, &b).unwrap();
+            for writable in [false, true] {
+                let r = std::panic::catch_unwind(|| {
+                    if let Ok(img) = Image::open(&p, Some("qcow2"), &OpenOptions { writable, ..Default::default() }) {
+                        let size = img.size().min(1 << 30);
+                        let mut buf = vec![0u8; 70_000];
+                        for off in [0, 65536, size.saturating_sub(70_000)] {
+                            let _ = img.read_at(&mut buf, off);
+                            if writable {
+                                let _ = img.write_at(&buf[..1000], off);
+                                let _ = img.discard(off, 65536);
+                            }
+                        }
+                        let _ = img.close();
+                    }
+                });
+                assert!(r.is_ok(), "panic on damaged image (opts '{opts}')");
+            }
+        }
+    }
+}
+
+/// The largest virtual size the cluster size allows is usable to its last byte.
+#[test]
+fn last_byte_of_the_largest_image() {
+    let d = Scratch::new("largest");
+    let p = d.path("l.qcow2");
+    let mut o = CreateOptions::default();
+    o.parse_into("cluster_size=512").unwrap();
+    o.size = 128 << 30;
+    oxqcow::engine::create(&p, &o).unwrap();
+    o.size += 512;
+    let e = oxqcow::engine::create(&d.path("too.qcow2"), &o).unwrap_err();
+    assert!(e.to_string().contains("The image size is too large for file format 'qcow2'"), "{e}");
+    let img = Image::open(&p, None, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let end = 128u64 << 30;
+    img.write_at(b"last bytes!", end - 11).unwrap();
+    assert!(img.write_at(b"x", end).is_err());
+    let mut b = [0u8; 11];
+    img.read_at(&mut b, end - 11).unwrap();
+    assert_eq!(&b, b"last bytes!");
+    img.close().unwrap();
+    drop(img);
+    assert_clean(&p);
+    let (code, out, _) = run("qemu-io", &["-c", &format!("read -P 0x21 {} 1", end - 4), &p.display().to_string()]);
+    assert!(code == 0 && !out.contains("fail"), "{out}");
+}
