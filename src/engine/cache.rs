@@ -37,6 +37,10 @@ impl TableCache {
         Some(slot)
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn contains(&self, offset: u64) -> bool {
         self.slots.contains_key(&offset)
     }

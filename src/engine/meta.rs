@@ -81,6 +81,10 @@ pub struct Meta {
 }
 
 impl Meta {
+    pub fn rb_cache_capacity(&self) -> usize {
+        self.rb_cache.capacity()
+    }
+
     pub fn l2_entries(&self) -> u64 {
         1 << self.l2_bits
     }

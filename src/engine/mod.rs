@@ -9,12 +9,14 @@
 
 mod backing;
 mod cache;
+mod check;
 mod compress;
 mod create;
 mod meta;
 mod open;
 
 pub use backing::{probe, Layer, RawLayer};
+pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};
 pub use create::{create, create_on, max_size, parse_size, CreateOptions, Preallocation};
 
@@ -105,6 +107,10 @@ pub struct Qcow2 {
     path: PathBuf,
     name: String,
     backing: Option<Box<dyn Layer>>,
+    /// (L1 offset, L1 size) of every internal snapshot.
+    snapshots: Vec<(u64, u32)>,
+    /// (offset, length) of the snapshot table.
+    snapshot_table: (u64, u64),
     cb: u32,
     cs: u64,
     size: AtomicU64,
@@ -860,7 +866,10 @@ impl Qcow2 {
                 )));
             }
         }
-        let old = (m.header.backing_file.clone(), m.header.backing_format.clone());
+        let old = (
+            m.header.backing_file.clone(),
+            m.header.backing_format.clone(),
+        );
         m.header.backing_file = file.filter(|f| !f.is_empty()).map(str::to_string);
         m.header.backing_format = fmt
             .filter(|f| !f.is_empty() && m.header.backing_file.is_some())

@@ -8,6 +8,7 @@
 
 use super::backing::open_backing;
 use super::cache::TableCache;
+use super::check::{FIX_ERRORS, FIX_LEAKS};
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
@@ -264,18 +265,15 @@ impl Qcow2 {
         if clear_autoclear {
             meta.write_header()?;
         }
-        if dirty && opts.writable && !opts.check_mode {
-            return Err(Error::Unsupported(
-                "image is dirty (lazy refcounts) and needs a repair that oxqcow cannot do yet; run 'qemu-img check -r all'".into(),
-            ));
-        }
-        Ok(Qcow2 {
+        let img = Qcow2 {
             meta: Mutex::new(meta),
             cond: Condvar::new(),
             file,
             path: path.to_path_buf(),
             name,
             backing,
+            snapshots,
+            snapshot_table: snap_table,
             cb,
             cs,
             size: AtomicU64::new(size),
@@ -285,6 +283,22 @@ impl Qcow2 {
             writable: opts.writable,
             writethrough: opts.writethrough,
             closed: AtomicBool::new(!opts.writable),
-        })
+        };
+        if dirty && opts.writable && !opts.check_mode {
+            // Lazy refcounts left the image dirty: repair before first use,
+            // as QEMU does, then mark it clean.
+            let mut log = |l: &str| crate::log::warn(l);
+            let r = img.check(FIX_ERRORS | FIX_LEAKS, &mut log);
+            match r {
+                Ok(res) if res.check_errors == 0 && res.corruptions == 0 => {}
+                Ok(_) => {
+                    return Err(Error::Corrupt(
+                        "Could not repair dirty image: Input/output error".into(),
+                    ))
+                }
+                Err(e) => return Err(Error::Corrupt(format!("Could not repair dirty image: {e}"))),
+            }
+        }
+        Ok(img)
     }
 }

@@ -1,0 +1,570 @@
+//! Consistency check and repair: recount every reference the metadata makes,
+//! compare with the stored refcounts, check the COPIED flags, and repair
+//! leaks, errors or the whole refcount structure — with QEMU's report lines,
+//! counters and rules (what is a corruption, what is a leak, when the
+//! refcount structure must be rebuilt).
+//!
+//! The check reads tables straight from the file (after the caches were
+//! written back), so it never trusts what it is checking.
+
+use super::meta::Meta;
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::entries::{L2Entry, COPIED};
+use crate::format::*;
+
+/// Repair leaked clusters (refcount too high).
+pub const FIX_LEAKS: u32 = 1;
+/// Repair errors (refcount too low, wrong COPIED flags, broken refcount structure).
+pub const FIX_ERRORS: u32 = 2;
+
+/// What a check found and fixed, with QEMU's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckResult {
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub check_errors: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+}
+
+/// Reference counts computed from the metadata, indexed by host cluster.
+struct Refs {
+    counts: Vec<u64>,
+    /// Clusters in the file (references beyond are errors).
+    nb_clusters: u64,
+}
+
+struct Walk<'a, 'r> {
+    res: CheckResult,
+    rebuild: bool,
+    next_contiguous: u64,
+    report: &'a mut (dyn FnMut(&str) + 'r),
+}
+
+impl<'a, 'r> Walk<'a, 'r> {
+    fn new(report: &'a mut (dyn FnMut(&str) + 'r)) -> Self {
+        Walk {
+            res: CheckResult::default(),
+            rebuild: false,
+            next_contiguous: 0,
+            report,
+        }
+    }
+}
+
+impl Refs {
+    fn inc(&mut self, w: &mut Walk<'_, '_>, cs: u64, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = off / cs;
+        let last = (off + len - 1) / cs;
+        if last >= self.nb_clusters {
+            (w.report)(&format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+            ));
+            w.res.check_errors += 1;
+            return;
+        }
+        for c in first..=last {
+            self.counts[c as usize] += 1;
+        }
+    }
+    fn get(&self, c: u64) -> u64 {
+        self.counts.get(c as usize).copied().unwrap_or(0)
+    }
+}
+
+impl Meta {
+    fn read_table_raw(&self, off: u64, bytes: u64) -> Result<Vec<u64>> {
+        let mut b = vec![0u8; bytes as usize];
+        self.read_file(&mut b, off, "read table")?;
+        Ok(b.chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    /// Counts the references of one L1 table and the L2 tables below it.
+    fn count_l1(
+        &mut self,
+        refs: &mut Refs,
+        w: &mut Walk<'_, '_>,
+        l1: &[u64],
+        active: bool,
+    ) -> Result<()> {
+        let cs = self.cs;
+        for &e in l1 {
+            let l2_off = e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off % cs != 0 {
+                (w.report)(&format!(
+                    "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                w.res.corruptions += 1;
+                continue;
+            }
+            refs.inc(w, cs, l2_off, cs);
+            if l2_off / cs >= refs.nb_clusters {
+                continue;
+            }
+            let l2 = self.read_table_raw(l2_off, cs)?;
+            for raw in l2 {
+                match self.decode(raw) {
+                    L2Entry::Compressed { offset, len } => {
+                        if raw & COPIED != 0 {
+                            (w.report)(&format!(
+                                "ERROR: coffset={offset:#x}: copied flag must never be set for compressed clusters"
+                            ));
+                            w.res.corruptions += 1;
+                        }
+                        let start = offset & !511;
+                        refs.inc(w, cs, start, len + (offset & 511));
+                        if active {
+                            w.res.allocated_clusters += 1;
+                            w.res.compressed_clusters += 1;
+                            w.res.fragmented_clusters += 1;
+                        }
+                    }
+                    L2Entry::Normal { host, .. } | L2Entry::Zero { host, .. } if host != 0 => {
+                        if host % cs != 0 {
+                            (w.report)(&format!(
+                                "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                            w.res.corruptions += 1;
+                            continue;
+                        }
+                        if active {
+                            w.res.allocated_clusters += 1;
+                            if w.next_contiguous != 0 && host != w.next_contiguous {
+                                w.res.fragmented_clusters += 1;
+                            }
+                            w.next_contiguous = host + cs;
+                        }
+                        refs.inc(w, cs, host, cs);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts every reference the image's metadata makes.
+    fn calculate_refcounts(
+        &mut self,
+        w: &mut Walk<'_, '_>,
+        snapshots: &[(u64, u32)],
+        snap_table: (u64, u64),
+    ) -> Result<Refs> {
+        let cs = self.cs;
+        let nb_clusters = self.file_len()?.div_ceil(cs);
+        let mut refs = Refs {
+            counts: vec![0; nb_clusters as usize],
+            nb_clusters,
+        };
+        refs.inc(w, cs, 0, cs);
+        let l1 = self.l1.clone();
+        refs.inc(w, cs, self.header.l1_table_offset, l1.len() as u64 * 8);
+        self.count_l1(&mut refs, w, &l1, true)?;
+        for &(off, size) in snapshots {
+            refs.inc(w, cs, off, size as u64 * 8);
+            let sl1 = self.read_table_raw(off, size as u64 * 8)?;
+            self.count_l1(&mut refs, w, &sl1, false)?;
+        }
+        refs.inc(w, cs, snap_table.0, snap_table.1);
+        refs.inc(
+            w,
+            cs,
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters as u64 * cs,
+        );
+        for (i, &e) in self.reftable.clone().iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                (w.report)(&format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                w.res.corruptions += 1;
+                w.rebuild = true;
+                continue;
+            }
+            if off / cs >= nb_clusters {
+                (w.report)(&format!("ERROR refcount block {i} is outside image"));
+                w.res.corruptions += 1;
+                w.rebuild = true;
+                continue;
+            }
+            refs.inc(w, cs, off, cs);
+            if refs.get(off / cs) != 1 {
+                (w.report)(&format!(
+                    "ERROR refcount block {i} refcount={}",
+                    refs.get(off / cs)
+                ));
+                w.res.corruptions += 1;
+                w.rebuild = true;
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Stored refcount of a cluster, or None (a check error) if unreadable.
+    fn stored_refcount(&mut self, c: u64) -> Option<u64> {
+        let ti = (c >> self.rb_bits) as usize;
+        if ti < self.reftable.len() {
+            let off = self.reftable[ti] & OFFSET_MASK;
+            if off != 0 && (off % self.cs != 0 || off >= self.file_len().ok()?) {
+                return None;
+            }
+        }
+        self.refcount(c).ok()
+    }
+
+    /// Compares stored refcounts with the computed ones, fixing what `fix` allows.
+    fn compare_refcounts(
+        &mut self,
+        refs: &Refs,
+        w: &mut Walk<'_, '_>,
+        fix: u32,
+        highest: &mut u64,
+    ) -> Result<()> {
+        let n = refs.counts.len().max(self.stored_extent() as usize) as u64;
+        for c in 0..n {
+            let Some(stored) = self.stored_refcount(c) else {
+                (w.report)(&format!("ERROR cluster {c}: cannot read its refcount"));
+                w.res.check_errors += 1;
+                continue;
+            };
+            let counted = refs.get(c);
+            if stored > 0 || counted > 0 {
+                *highest = c;
+            }
+            if stored == counted {
+                continue;
+            }
+            let fixing = if stored == 0 {
+                w.rebuild = true;
+                false
+            } else if stored > counted {
+                fix & FIX_LEAKS != 0
+            } else {
+                fix & FIX_ERRORS != 0
+            };
+            let word = if fixing {
+                "Repairing"
+            } else if stored < counted {
+                "ERROR"
+            } else {
+                "Leaked"
+            };
+            (w.report)(&format!(
+                "{word} cluster {c} refcount={stored} reference={counted}"
+            ));
+            if fixing {
+                if counted > self.rw.max() {
+                    w.res.check_errors += 1;
+                    continue;
+                }
+                self.set_refcount_exact(c, counted)?;
+                if stored > counted {
+                    w.res.leaks_fixed += 1;
+                } else {
+                    w.res.corruptions_fixed += 1;
+                }
+                continue;
+            }
+            if stored < counted {
+                w.res.corruptions += 1;
+            } else {
+                w.res.leaks += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of clusters the refcount table can describe with existing blocks.
+    fn stored_extent(&self) -> u64 {
+        let last = self
+            .reftable
+            .iter()
+            .rposition(|&e| e & OFFSET_MASK != 0)
+            .map(|i| i as u64 + 1)
+            .unwrap_or(0);
+        (last << self.rb_bits).min(self.file_len().unwrap_or(0).div_ceil(self.cs) + (1 << 20))
+    }
+
+    /// Checks that COPIED flags say "refcount is exactly 1".
+    fn check_oflag_copied(&mut self, w: &mut Walk<'_, '_>, fix: u32) -> Result<()> {
+        let cs = self.cs;
+        let fixing = fix & FIX_ERRORS != 0;
+        for i in 0..self.l1.len() {
+            let e = self.l1[i];
+            let l2_off = e & OFFSET_MASK;
+            if l2_off == 0 || l2_off % cs != 0 || l2_off + cs > self.file_len()? {
+                continue;
+            }
+            let rc = self.refcount(l2_off / cs)?;
+            if (rc == 1) != (e & COPIED != 0) {
+                (w.report)(&format!(
+                    "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
+                    if fixing { "Repairing" } else { "ERROR" }
+                ));
+                if fixing {
+                    self.l1[i] = if rc == 1 { l2_off | COPIED } else { l2_off };
+                    self.l1_dirty.insert(i);
+                    w.res.corruptions_fixed += 1;
+                } else {
+                    w.res.corruptions += 1;
+                }
+            }
+            let mut l2 = self.read_table_raw(l2_off, cs)?;
+            let mut changed = false;
+            for raw in l2.iter_mut() {
+                let (host, copied) = match self.decode(*raw) {
+                    L2Entry::Normal { host, copied } => (host, copied),
+                    L2Entry::Zero { host, copied } if host != 0 => (host, copied),
+                    _ => continue,
+                };
+                if host % cs != 0 || host / cs >= self.file_len()?.div_ceil(cs) {
+                    continue;
+                }
+                let rc = self.refcount(host / cs)?;
+                if (rc == 1) != copied {
+                    (w.report)(&format!(
+                        "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
+                        if fixing { "Repairing" } else { "ERROR" },
+                        *raw
+                    ));
+                    if fixing {
+                        *raw = if rc == 1 {
+                            *raw | COPIED
+                        } else {
+                            *raw & !COPIED
+                        };
+                        changed = true;
+                        w.res.corruptions_fixed += 1;
+                    } else {
+                        w.res.corruptions += 1;
+                    }
+                }
+            }
+            if changed {
+                let mut b = vec![0u8; cs as usize];
+                for (k, e) in l2.iter().enumerate() {
+                    put64(&mut b, k * 8, *e);
+                }
+                self.l2_cache.remove(l2_off);
+                self.write_file(&b, l2_off, "write L2 table")?;
+            }
+        }
+        if fixing {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes a brand-new refcount table and blocks describing `refs`
+    /// into free clusters (first fit), then points the header at them.
+    fn rebuild_refcount_structure(&mut self, refs: &mut Refs) -> Result<()> {
+        let cs = self.cs;
+        let per_block = 1u64 << self.rb_bits;
+        let mut first_free = 0u64;
+        let mut alloc = |refs: &mut Refs, n: u64| -> u64 {
+            let mut start = first_free;
+            loop {
+                if (start..start + n).all(|c| refs.get(c) == 0) {
+                    break;
+                }
+                start += 1;
+            }
+            for c in start..start + n {
+                if c as usize >= refs.counts.len() {
+                    refs.counts.resize(c as usize + 1, 0);
+                }
+                refs.counts[c as usize] = 1;
+            }
+            if n == 1 {
+                first_free = start + 1;
+            }
+            start
+        };
+        let mut blocks: Vec<u64> = Vec::new();
+        let mut table_off;
+        let mut tc;
+        loop {
+            // A block for every block index that holds a non-zero count.
+            let nblocks = (refs.counts.len() as u64).div_ceil(per_block);
+            blocks.resize(nblocks as usize, 0);
+            let mut i = 0;
+            while (i as u64) < (refs.counts.len() as u64).div_ceil(per_block) {
+                if i >= blocks.len() {
+                    blocks.resize(i + 1, 0);
+                }
+                let lo = i * per_block as usize;
+                let hi = (lo + per_block as usize).min(refs.counts.len());
+                if blocks[i] == 0 && refs.counts[lo..hi].iter().any(|&v| v != 0) {
+                    blocks[i] = alloc(refs, 1) * cs;
+                }
+                i += 1;
+            }
+            let entries = blocks.len() as u64;
+            tc = (entries * 8).div_ceil(cs).max(1);
+            table_off = alloc(refs, tc) * cs;
+            // The table may have landed in a range no block covers yet.
+            let covered = (table_off / cs + tc).div_ceil(per_block);
+            let need_more = (0..covered as usize).any(|b| {
+                let lo = b * per_block as usize;
+                let hi = (lo + per_block as usize).min(refs.counts.len());
+                blocks.get(b).copied().unwrap_or(0) == 0
+                    && refs.counts[lo.min(hi)..hi].iter().any(|&v| v != 0)
+            });
+            if !need_more && (tc * cs / 8) >= blocks.len() as u64 {
+                break;
+            }
+            for c in table_off / cs..table_off / cs + tc {
+                refs.counts[c as usize] = 0;
+            }
+        }
+        if tc * cs > MAX_REFTABLE_SIZE_BYTES {
+            return Err(Error::TooLarge("Reference count table too large".into()));
+        }
+        for (b, &off) in blocks.iter().enumerate() {
+            if off == 0 {
+                continue;
+            }
+            let mut data = vec![0u8; cs as usize];
+            let lo = b as u64 * per_block;
+            for k in 0..per_block {
+                let v = refs.get(lo + k);
+                if v > self.rw.max() {
+                    return Err(Error::Corrupt(format!(
+                        "{}: cluster {} needs a refcount above the maximum",
+                        self.name,
+                        lo + k
+                    )));
+                }
+                self.rw.set(&mut data, k, v);
+            }
+            self.write_file(&data, off, "write refcount block")?;
+        }
+        let mut table = vec![0u8; (tc * cs) as usize];
+        for (i, &off) in blocks.iter().enumerate() {
+            put64(&mut table, i * 8, off);
+        }
+        self.write_file(&table, table_off, "write refcount table")?;
+        self.sync()?;
+        let mut hdr = [0u8; 12];
+        put64(&mut hdr, 0, table_off);
+        put32(&mut hdr, 8, tc as u32);
+        self.write_file(&hdr, 48, "write header")?;
+        self.sync()?;
+        self.header.refcount_table_offset = table_off;
+        self.header.refcount_table_clusters = tc as u32;
+        let mut rt = blocks.clone();
+        rt.resize((tc * cs / 8) as usize, 0);
+        self.reftable = rt;
+        self.rb_cache = super::cache::TableCache::new(self.rb_cache_capacity());
+        self.free_cluster_index = 0;
+        Ok(())
+    }
+
+    fn set_refcount_exact(&mut self, c: u64, v: u64) -> Result<()> {
+        let cur = self.refcount(c)?;
+        if v > cur {
+            self.update_refcount(c * self.cs, self.cs, (v - cur) as i64)
+        } else {
+            self.update_refcount(c * self.cs, self.cs, -((cur - v) as i64))
+        }
+    }
+}
+
+impl Qcow2 {
+    /// Checks the image; `fix` is a mask of [`FIX_LEAKS`] and [`FIX_ERRORS`].
+    /// Report lines (QEMU's wording) go to `report`.
+    pub fn check(&self, fix: u32, report: &mut dyn FnMut(&str)) -> Result<CheckResult> {
+        let mut m = self.quiesce();
+        if fix != 0 {
+            if !m.writable {
+                return Err(Error::ReadOnly(format!(
+                    "{}: repairing needs a read-write image",
+                    self.name
+                )));
+            }
+            m.flush_all()?;
+        }
+        let (snapshots, snap_table) = (self.snapshots.clone(), self.snapshot_table);
+        let mut w = Walk::new(report);
+        w.res.total_clusters = m.header.size.div_ceil(self.cs);
+        let mut refs = m.calculate_refcounts(&mut w, &snapshots, snap_table)?;
+        let pre = w.res.clone();
+        let mut highest = 0;
+        m.compare_refcounts(&refs, &mut w, 0, &mut highest)?;
+        if w.rebuild && fix & FIX_ERRORS != 0 {
+            (w.report)("Rebuilding refcount structure");
+            let old = w.res.clone();
+            m.rebuild_refcount_structure(&mut refs)?;
+            w.res.corruptions = 0;
+            w.res.leaks = 0;
+            w.rebuild = false;
+            // Recount with the new structure in place; the old structure is
+            // now leaked, and those leaks are repaired at once.
+            let refs2 =
+                m.calculate_refcounts(&mut Walk::new(&mut *w.report), &snapshots, snap_table)?;
+            let mut fresh_leaks = 0;
+            if fix & FIX_LEAKS != 0 {
+                let mut w3 = Walk::new(&mut *w.report);
+                m.compare_refcounts(&refs2, &mut w3, FIX_LEAKS, &mut highest)?;
+                if w3.rebuild {
+                    (w3.report)("ERROR rebuilt refcount structure is still broken");
+                }
+                fresh_leaks = w3.res.leaks;
+            }
+            if w.res.corruptions < old.corruptions {
+                w.res.corruptions_fixed += old.corruptions - w.res.corruptions;
+            }
+            if w.res.leaks < old.leaks {
+                w.res.leaks_fixed += old.leaks - w.res.leaks;
+            }
+            w.res.leaks += fresh_leaks;
+        } else if fix != 0 {
+            if w.rebuild {
+                (w.report)("ERROR need to rebuild refcount structures");
+                return Err(Error::Corrupt(format!(
+                    "{}: Check failed: the refcount structure must be rebuilt (use -r all)",
+                    self.name
+                )));
+            }
+            if w.res.leaks > 0 || w.res.corruptions > 0 {
+                w.res = pre;
+                m.compare_refcounts(&refs, &mut w, fix, &mut highest)?;
+            }
+        }
+        m.check_oflag_copied(&mut w, fix)?;
+        let mut res = w.res;
+        res.image_end_offset = (highest + 1) * self.cs;
+        if fix != 0 {
+            m.flush_all()?;
+            m.rebuild_metadata_map(&snapshots, snap_table);
+            if res.corruptions == 0 && res.check_errors == 0 {
+                // A consistent image is neither dirty nor corrupt any more.
+                let flags = m.header.incompatible_features;
+                m.header.incompatible_features &= !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+                if flags != m.header.incompatible_features {
+                    m.write_header()?;
+                }
+                m.corrupt = false;
+            }
+        }
+        Ok(res)
+    }
+}
