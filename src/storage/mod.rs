@@ -1,12 +1,15 @@
 //! The host file: positioned I/O, sync, length changes, hole punching.
 //!
 //! Everything above this layer sees a [`Storage`]: the real file
-//! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`]). This
-//! layer knows nothing of qcow2 and never interprets the bytes it moves.
+//! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`], and
+//! [`CrashStorage`], which also simulates power loss). This layer knows
+//! nothing of qcow2 and never interprets the bytes it moves.
 
+mod crash;
 mod file;
 mod mem;
 
+pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
 pub use file::FileStorage;
 pub use mem::MemStorage;
 
