@@ -463,19 +463,48 @@ impl Meta {
         }
         self.write_file(&table, table_off, "write refcount table")?;
         self.sync()?;
-        let mut hdr = [0u8; 12];
-        put64(&mut hdr, 0, table_off);
-        put32(&mut hdr, 8, tc as u32);
-        self.write_file(&hdr, 48, "write header")?;
-        self.sync()?;
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = tc as u32;
+        if self.header.refcount_order != self.rw.order {
+            // A new width: order and table change in one header write.
+            self.header.refcount_order = self.rw.order;
+            self.write_header()?;
+        } else {
+            let mut hdr = [0u8; 12];
+            put64(&mut hdr, 0, table_off);
+            put32(&mut hdr, 8, tc as u32);
+            self.write_file(&hdr, 48, "write header")?;
+            self.sync()?;
+        }
         let mut rt = blocks.clone();
         rt.resize((tc * cs / 8) as usize, 0);
         self.reftable = rt;
         self.rb_cache = super::cache::TableCache::new(self.rb_cache_capacity());
         self.free_cluster_index = 0;
         Ok(())
+    }
+
+    /// Recounts every reference and writes a new refcount structure with
+    /// entries of `1 << order` bits (amend's refcount_bits change).
+    pub fn set_refcount_order_rebuilding(
+        &mut self,
+        order: u32,
+        snapshots: &[(u64, u32)],
+        snap_table: (u64, u64),
+    ) -> Result<()> {
+        let mut lines = Vec::new();
+        let mut report = |l: &str| lines.push(l.to_string());
+        let mut w = Walk::new(&mut report);
+        let mut refs = self.calculate_refcounts(&mut w, snapshots, snap_table)?;
+        if w.res.corruptions > 0 || w.res.check_errors > 0 {
+            return Err(Error::Corrupt(format!(
+                "{}: image is inconsistent; repair it before changing the refcount width",
+                self.name
+            )));
+        }
+        self.rw = crate::format::RefcountWidth { order };
+        self.rb_bits = self.cb + 3 - order;
+        self.rebuild_refcount_structure(&mut refs)
     }
 
     fn set_refcount_exact(&mut self, c: u64, v: u64) -> Result<()> {

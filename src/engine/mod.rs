@@ -7,6 +7,7 @@
 //! again to link new clusters into L2. Two writers of the same guest cluster
 //! are serialised by the in-flight set; readers never wait for writers.
 
+mod amend;
 mod backing;
 mod cache;
 mod check;
@@ -15,6 +16,7 @@ mod create;
 mod meta;
 mod open;
 
+pub use amend::AmendOptions;
 pub use backing::{probe, Layer, RawLayer};
 pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};

@@ -1,0 +1,220 @@
+//! `amend` through the library, side by side with `qemu-img amend` on a
+//! copy of the same image: same header where QEMU's is deterministic, same
+//! guest contents, clean checks, and QEMU's refusals.
+
+mod common;
+use common::*;
+use oxqcow::engine::AmendOptions;
+use oxqcow::{OpenOptions, Qcow2};
+use std::path::Path;
+
+fn ours(path: &Path, opts: &str) -> oxqcow::Result<()> {
+    let img = Qcow2::open(
+        path,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )?;
+    img.amend(&AmendOptions::parse(opts)?)?;
+    img.close()
+}
+
+fn theirs(path: &Path, opts: &str) -> (i32, String) {
+    let (code, _, err) = run(
+        "qemu-img",
+        &["amend", "-o", opts, &path.display().to_string()],
+    );
+    (code, err)
+}
+
+/// Amends two copies, one each way, and compares the results.
+fn side_by_side(d: &Scratch, setup: &dyn Fn(&Path), opts: &str, same_header: bool) {
+    let a = d.path("ours.qcow2");
+    let b = d.path("theirs.qcow2");
+    setup(&a);
+    std::fs::copy(&a, &b).unwrap();
+    ours(&a, opts).unwrap_or_else(|e| panic!("amend -o {opts}: {e}"));
+    let (code, err) = theirs(&b, opts);
+    assert_eq!(code, 0, "qemu-img amend -o {opts}: {err}");
+    assert_clean(&a);
+    let (code, out, err) = run(
+        "qemu-img",
+        &[
+            "compare",
+            &a.display().to_string(),
+            &b.display().to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "contents differ after amend -o {opts}: {out}{err}");
+    let ha = oxqcow::format::Header::parse(&std::fs::read(&a).unwrap()[..4096]).unwrap();
+    let hb = oxqcow::format::Header::parse(&std::fs::read(&b).unwrap()[..4096]).unwrap();
+    assert_eq!(ha.version, hb.version);
+    assert_eq!(ha.header_length, hb.header_length);
+    assert_eq!(ha.incompatible_features, hb.incompatible_features);
+    assert_eq!(ha.compatible_features, hb.compatible_features);
+    assert_eq!(ha.refcount_order, hb.refcount_order);
+    assert_eq!(ha.size, hb.size);
+    assert_eq!(ha.feature_table.len(), hb.feature_table.len());
+    if same_header {
+        let ca = std::fs::read(&a).unwrap();
+        let cb = std::fs::read(&b).unwrap();
+        assert!(
+            ca[..512] == cb[..512],
+            "header bytes differ after amend -o {opts}"
+        );
+    }
+}
+
+fn image(path: &Path, opts: &str, io: &[&str]) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        &path.display().to_string(),
+        "32M",
+    ]);
+    qemu_io(path, io);
+}
+
+const DATA: &[&str] = &[
+    "write -P 1 0 200k",
+    "write -z 1M 128k",
+    "write -P 2 2M 64k",
+    "write -z 2M 64k",
+    "write -z -u 3M 64k",
+];
+
+#[test]
+fn downgrade_expands_zero_clusters() {
+    let d = Scratch::new("amend-down");
+    side_by_side(&d, &|p| image(p, "compat=1.1", DATA), "compat=0.10", true);
+}
+
+#[test]
+fn downgrade_with_backing_file_keeps_zeros_over_backing_data() {
+    let d = Scratch::new("amend-down-backing");
+    let base = d.path("base.qcow2");
+    image(&base, "compat=1.1", &["write -P 9 0 8M"]);
+    side_by_side(
+        &d,
+        &|p| {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                &p.display().to_string(),
+                "32M",
+            ]);
+            qemu_io(p, DATA);
+        },
+        "compat=0.10",
+        false,
+    );
+}
+
+#[test]
+fn upgrade_lazy_refcounts_and_size() {
+    let d = Scratch::new("amend-up");
+    side_by_side(&d, &|p| image(p, "compat=0.10", DATA), "compat=1.1", true);
+    side_by_side(
+        &d,
+        &|p| image(p, "compat=0.10", DATA),
+        "compat=1.1,lazy_refcounts=on,size=64M",
+        true,
+    );
+    side_by_side(
+        &d,
+        &|p| image(p, "lazy_refcounts=on", DATA),
+        "lazy_refcounts=off",
+        true,
+    );
+}
+
+#[test]
+fn refcount_width_changes() {
+    let d = Scratch::new("amend-rc");
+    for bits in ["1", "8", "64", "16"] {
+        side_by_side(
+            &d,
+            &|p| image(p, "refcount_bits=16", DATA),
+            &format!("refcount_bits={bits}"),
+            false,
+        );
+    }
+    side_by_side(
+        &d,
+        &|p| image(p, "refcount_bits=1", DATA),
+        "refcount_bits=64",
+        false,
+    );
+}
+
+#[test]
+fn lazy_off_on_a_dirty_image_repairs_it_first() {
+    let d = Scratch::new("amend-dirty");
+    let a = d.path("a.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        &a.display().to_string(),
+        "32M",
+    ]);
+    let _ = run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 4 0 64k",
+            "-c",
+            "sigraise 9",
+            &a.display().to_string(),
+        ],
+    );
+    ours(&a, "lazy_refcounts=off").unwrap();
+    assert_clean(&a);
+    let h = oxqcow::format::Header::parse(&std::fs::read(&a).unwrap()[..4096]).unwrap();
+    assert_eq!(h.incompatible_features & 1, 0);
+    assert_eq!(h.compatible_features & 1, 0);
+}
+
+#[test]
+fn refusals_match_qemu() {
+    let d = Scratch::new("amend-refuse");
+    let a = d.path("a.qcow2");
+    image(&a, "compat=1.1", &["write 0 64k"]);
+    for opts in [
+        "cluster_size=4k",
+        "preallocation=metadata",
+        "compat=0.42",
+        "compat=0.10,lazy_refcounts=on",
+        "refcount_bits=8,compat=0.10",
+        "encryption=on",
+        "compression_type=zstd",
+        "extended_l2=on",
+        "backing_file=foo",
+        "bogus=1",
+    ] {
+        let (code, err) = theirs(&a, opts);
+        assert_eq!(code, 1, "{opts}");
+        let want = err
+            .trim_end()
+            .strip_prefix("qemu-img: ")
+            .unwrap()
+            .to_string();
+        let got = ours(&a, opts).unwrap_err().to_string();
+        assert_eq!(got, want, "amend -o {opts}");
+    }
+    assert_clean(&a);
+}
