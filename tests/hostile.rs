@@ -13,7 +13,15 @@ fn fresh(path: &Path, opts: &str) -> Vec<u8> {
     o.size = 64 << 20;
     oxqcow::engine::create(path, &o).unwrap();
     // Put some data in so that L2 tables exist.
-    let img = Image::open(path, None, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let img = Image::open(
+        path,
+        None,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     img.write_at(&[7u8; 100_000], 0).unwrap();
     img.close().unwrap();
     drop(img);
@@ -32,13 +40,23 @@ fn put64(b: &mut [u8], off: usize, v: u64) {
 fn expect_refused(path: &Path, bytes: &[u8], want: &str) {
     std::fs::write(path, bytes).unwrap();
     for writable in [false, true] {
-        let r = Image::open(path, Some("qcow2"), &OpenOptions { writable, ..Default::default() });
+        let r = Image::open(
+            path,
+            Some("qcow2"),
+            &OpenOptions {
+                writable,
+                ..Default::default()
+            },
+        );
         match r {
             Ok(_) => panic!("damaged image opened (writable={writable}); expected '{want}'"),
             Err(e) => assert!(e.to_string().contains(want), "got '{e}', expected '{want}'"),
         }
     }
-    assert!(std::fs::read(path).unwrap() == bytes, "refused open changed the file");
+    assert!(
+        std::fs::read(path).unwrap() == bytes,
+        "refused open changed the file"
+    );
 }
 
 #[test]
@@ -49,7 +67,15 @@ fn damaged_headers_are_refused_with_qemus_messages() {
     let l1_off = u64::from_be_bytes(good[40..48].try_into().unwrap()) as usize;
 
     for cut in [0usize, 50, 71, 100] {
-        expect_refused(&p, &good[..cut], if cut < 72 { "Image is not in qcow2 format" } else { "" });
+        expect_refused(
+            &p,
+            &good[..cut],
+            if cut < 72 {
+                "Image is not in qcow2 format"
+            } else {
+                ""
+            },
+        );
     }
     let mut b = good.clone();
     put32(&mut b, 100, 0xffff_fff0);
@@ -124,7 +150,8 @@ fn l2_entries_past_the_end_of_the_file() {
     let p = d.path("p.qcow2");
     let mut b = fresh(&p, "");
     let l1_off = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
-    let l2_off = (u64::from_be_bytes(b[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let l2_off = (u64::from_be_bytes(b[l1_off..l1_off + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
     put64(&mut b, l2_off, (1u64 << 63) | (1 << 40)); // guest cluster 0 → 1 TiB
     std::fs::write(&p, &b).unwrap();
     let img = Image::open(&p, None, &OpenOptions::default()).unwrap();
@@ -136,7 +163,10 @@ fn l2_entries_past_the_end_of_the_file() {
     img.read_at(&mut buf, 65536).unwrap();
     assert_eq!(buf, vec![7u8; 4096]);
     drop(img);
-    assert!(std::fs::read(&p).unwrap() == b, "read-only access changed the file");
+    assert!(
+        std::fs::read(&p).unwrap() == b,
+        "read-only access changed the file"
+    );
 
     // L1 pointing past the end of the file.
     let mut b2 = b.clone();
@@ -158,10 +188,22 @@ fn overlap_guard_marks_the_image_corrupt() {
     let l2_off = (u64::from_be_bytes(l1[..8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
     put64(&mut b, l2_off + 8 * 3, (1u64 << 63) | l1_off);
     std::fs::write(&p, &b).unwrap();
-    let img = Image::open(&p, None, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let img = Image::open(
+        &p,
+        None,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let e = img.write_at(&[0xee; 512], 3 * 65536).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
-    assert!(e.to_string().contains("Preventing invalid write on metadata (overlaps with active L1 table)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Preventing invalid write on metadata (overlaps with active L1 table)"),
+        "{e}"
+    );
     // Further writes are refused; nothing reached the L1 table.
     assert!(img.write_at(&[1], 0).is_err());
     drop(img);
@@ -169,8 +211,21 @@ fn overlap_guard_marks_the_image_corrupt() {
     assert_eq!(&after[l1_off as usize..l1_off as usize + 8], &l1[..]);
     let incompat = u64::from_be_bytes(after[72..80].try_into().unwrap());
     assert_eq!(incompat & 2, 2, "corrupt bit not set");
-    let e = Image::open(&p, None, &OpenOptions { writable: true, ..Default::default() }).err().unwrap();
-    assert!(e.to_string().contains("qcow2: Image is corrupt; cannot be opened read/write"), "{e}");
+    let e = Image::open(
+        &p,
+        None,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.to_string()
+            .contains("qcow2: Image is corrupt; cannot be opened read/write"),
+        "{e}"
+    );
     assert!(Image::open(&p, None, &OpenOptions::default()).is_ok());
     let info = qemu_img(&["info", "--output=json", &p.display().to_string()]);
     assert!(info.contains("\"corrupt\": true"), "{info}");
@@ -182,7 +237,14 @@ fn overlap_guard_marks_the_image_corrupt() {
 fn random_metadata_damage_never_panics() {
     let d = Scratch::new("fuzz");
     let p = d.path("f.qcow2");
-    for (k, opts) in ["", "cluster_size=512,compat=0.10", "cluster_size=4096,refcount_bits=1"].iter().enumerate() {
+    for (k, opts) in [
+        "",
+        "cluster_size=512,compat=0.10",
+        "cluster_size=4096,refcount_bits=1",
+    ]
+    .iter()
+    .enumerate()
+    {
         let good = fresh(&p, opts);
         let mut rng = Rng(1000 + k as u64);
         let meta_len = good.len().min(6 << 16);
@@ -195,7 +257,14 @@ fn random_metadata_damage_never_panics() {
             std::fs::write(&p, &b).unwrap();
             for writable in [false, true] {
                 let r = std::panic::catch_unwind(|| {
-                    if let Ok(img) = Image::open(&p, Some("qcow2"), &OpenOptions { writable, ..Default::default() }) {
+                    if let Ok(img) = Image::open(
+                        &p,
+                        Some("qcow2"),
+                        &OpenOptions {
+                            writable,
+                            ..Default::default()
+                        },
+                    ) {
                         let size = img.size().min(1 << 30);
                         let mut buf = vec![0u8; 70_000];
                         for off in [0, 65536, size.saturating_sub(70_000)] {
@@ -225,8 +294,20 @@ fn last_byte_of_the_largest_image() {
     oxqcow::engine::create(&p, &o).unwrap();
     o.size += 512;
     let e = oxqcow::engine::create(&d.path("too.qcow2"), &o).unwrap_err();
-    assert!(e.to_string().contains("The image size is too large for file format 'qcow2'"), "{e}");
-    let img = Image::open(&p, None, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    assert!(
+        e.to_string()
+            .contains("The image size is too large for file format 'qcow2'"),
+        "{e}"
+    );
+    let img = Image::open(
+        &p,
+        None,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let end = 128u64 << 30;
     img.write_at(b"last bytes!", end - 11).unwrap();
     assert!(img.write_at(b"x", end).is_err());
@@ -236,6 +317,13 @@ fn last_byte_of_the_largest_image() {
     img.close().unwrap();
     drop(img);
     assert_clean(&p);
-    let (code, out, _) = run("qemu-io", &["-c", &format!("read -P 0x21 {} 1", end - 4), &p.display().to_string()]);
+    let (code, out, _) = run(
+        "qemu-io",
+        &[
+            "-c",
+            &format!("read -P 0x21 {} 1", end - 4),
+            &p.display().to_string(),
+        ],
+    );
     assert!(code == 0 && !out.contains("fail"), "{out}");
 }

@@ -31,7 +31,16 @@ fn matrix_case(cs: u64, compat: &str, refcount_bits: u32) {
     let img = d.path("q.qcow2");
     let size = (cs * cs / 8 + 5 * cs).clamp(8 << 20, 64 << 20).max(20 * cs);
     let opts = format!("cluster_size={cs},compat={compat},refcount_bits={refcount_bits}");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &img.display().to_string(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        &img.display().to_string(),
+        &size.to_string(),
+    ]);
     populate(&img, cs, size);
     assert_same_view(&img, &d);
 }
@@ -61,18 +70,36 @@ fn compressed_images_zlib_and_zstd() {
     let mut r = Rng(7);
     for (i, b) in data.iter_mut().enumerate() {
         // Compressible but not trivial; leave some zero holes.
-        *b = if (i >> 16) % 5 == 3 { 0 } else { ((i / 97) as u8) ^ ((r.next() & 3) as u8) };
+        *b = if (i >> 16) % 5 == 3 {
+            0
+        } else {
+            ((i / 97) as u8) ^ ((r.next() & 3) as u8)
+        };
     }
     std::fs::write(&raw, &data).unwrap();
-    for (ctype, cs) in [("zlib", 65536), ("zstd", 65536), ("zlib", 4096), ("zstd", 2 << 20), ("zlib", 512)] {
+    for (ctype, cs) in [
+        ("zlib", 65536),
+        ("zstd", 65536),
+        ("zlib", 4096),
+        ("zstd", 2 << 20),
+        ("zlib", 512),
+    ] {
         let img = d.path(&format!("c-{ctype}-{cs}.qcow2"));
         qemu_img(&[
-            "convert", "-c", "-O", "qcow2", "-o",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
             &format!("compression_type={ctype},cluster_size={cs}"),
-            &raw.display().to_string(), &img.display().to_string(),
+            &raw.display().to_string(),
+            &img.display().to_string(),
         ]);
         let map = qemu_img(&["map", "--output=json", &img.display().to_string()]);
-        assert!(map.contains("\"compressed\": true"), "{ctype}: no compressed clusters");
+        assert!(
+            map.contains("\"compressed\": true"),
+            "{ctype}: no compressed clusters"
+        );
         assert_eq!(read_all_ours(&img), data, "{ctype} cs={cs}");
     }
 }
@@ -90,14 +117,54 @@ fn three_deep_chain_ending_in_raw() {
     let top = d.path("top.qcow2");
     let s = |p: &std::path::Path| p.display().to_string();
     // Relative backing names, resolved against the overlay's directory.
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &s(&mid), "4M"]);
-    qemu_io(&mid, &["write -P 0xaa 65536 65536", "write -z 131072 4096", "write -P 0xab 3670016 4096"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "mid.qcow2", "-F", "qcow2", &s(&top), "6M"]);
-    qemu_io(&top, &["write -P 0xcc 70000 5000", "write -P 0xcd 5242880 65536"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &s(&mid),
+        "4M",
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0xaa 65536 65536",
+            "write -z 131072 4096",
+            "write -P 0xab 3670016 4096",
+        ],
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        &s(&top),
+        "6M",
+    ]);
+    qemu_io(
+        &top,
+        &["write -P 0xcc 70000 5000", "write -P 0xcd 5242880 65536"],
+    );
     assert_same_view(&top, &d);
     let img = oxqcow::Image::open(&top, None, &oxqcow::OpenOptions::default()).unwrap();
     let (st, _) = img.block_status(0, 4096).unwrap();
-    assert_eq!(st, oxqcow::BlockStatus::Data { host: Some(0), depth: 2 });
+    assert_eq!(
+        st,
+        oxqcow::BlockStatus::Data {
+            host: Some(0),
+            depth: 2
+        }
+    );
 }
 
 #[test]

@@ -129,33 +129,89 @@ fn random_ops(case: &Case, ops: usize) {
 
 #[test]
 fn random_ops_64k() {
-    random_ops(&Case { opts: "", cs: 65536, seed: 1, caches: None }, 10_000);
+    random_ops(
+        &Case {
+            opts: "",
+            cs: 65536,
+            seed: 1,
+            caches: None,
+        },
+        10_000,
+    );
 }
 
 #[test]
 fn random_ops_512_refcount_1() {
-    random_ops(&Case { opts: "cluster_size=512,refcount_bits=1", cs: 512, seed: 2, caches: None }, 10_000);
+    random_ops(
+        &Case {
+            opts: "cluster_size=512,refcount_bits=1",
+            cs: 512,
+            seed: 2,
+            caches: None,
+        },
+        10_000,
+    );
 }
 
 #[test]
 fn random_ops_4k_v2() {
-    random_ops(&Case { opts: "cluster_size=4096,compat=0.10", cs: 4096, seed: 3, caches: None }, 10_000);
+    random_ops(
+        &Case {
+            opts: "cluster_size=4096,compat=0.10",
+            cs: 4096,
+            seed: 3,
+            caches: None,
+        },
+        10_000,
+    );
 }
 
 #[test]
 fn random_ops_2m_refcount_64_lazy() {
-    random_ops(&Case { opts: "cluster_size=2M,refcount_bits=64,lazy_refcounts=on", cs: 2 << 20, seed: 4, caches: None }, 10_000);
+    random_ops(
+        &Case {
+            opts: "cluster_size=2M,refcount_bits=64,lazy_refcounts=on",
+            cs: 2 << 20,
+            seed: 4,
+            caches: None,
+        },
+        10_000,
+    );
 }
 
 #[test]
 fn random_ops_1k_refcount_8() {
-    random_ops(&Case { opts: "cluster_size=1024,refcount_bits=8", cs: 1024, seed: 5, caches: None }, 10_000);
+    random_ops(
+        &Case {
+            opts: "cluster_size=1024,refcount_bits=8",
+            cs: 1024,
+            seed: 5,
+            caches: None,
+        },
+        10_000,
+    );
 }
 
 #[test]
 fn random_ops_tiny_caches() {
-    random_ops(&Case { opts: "cluster_size=512", cs: 512, seed: 6, caches: Some((2, 4)) }, 10_000);
-    random_ops(&Case { opts: "cluster_size=4096,lazy_refcounts=on", cs: 4096, seed: 7, caches: Some((2, 4)) }, 10_000);
+    random_ops(
+        &Case {
+            opts: "cluster_size=512",
+            cs: 512,
+            seed: 6,
+            caches: Some((2, 4)),
+        },
+        10_000,
+    );
+    random_ops(
+        &Case {
+            opts: "cluster_size=4096,lazy_refcounts=on",
+            cs: 4096,
+            seed: 7,
+            caches: Some((2, 4)),
+        },
+        10_000,
+    );
 }
 
 #[test]
@@ -227,7 +283,18 @@ fn copy_on_write_sources() {
     let mut model: Vec<u8> = (0..(4u64 << 20)).map(|i| (i % 253) as u8).collect();
     std::fs::write(&base, &model).unwrap();
     let mid = d.path("mid.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &s(&base), "-F", "raw", &s(&mid), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &s(&base),
+        "-F",
+        "raw",
+        &s(&mid),
+        "4M",
+    ]);
     qemu_io(&mid, &["write -P 0x77 100000 70000"]);
     model[100000..170000].fill(0x77);
     let top = d.path("top.qcow2");
@@ -239,7 +306,13 @@ fn copy_on_write_sources() {
     model.resize(5 << 20, 0);
     {
         let img = Image::open(&top, None, &rw()).unwrap();
-        for (off, len, b) in [(10u64, 5u64, 1u8), (65530, 20, 2), (131072 + 300, 65536, 3), (4194300, 100, 4), (3 << 20, 1, 5)] {
+        for (off, len, b) in [
+            (10u64, 5u64, 1u8),
+            (65530, 20, 2),
+            (131072 + 300, 65536, 3),
+            (4194300, 100, 4),
+            (3 << 20, 1, 5),
+        ] {
             img.write_at(&vec![b; len as usize], off).unwrap();
             model[off as usize..(off + len) as usize].fill(b);
         }
@@ -310,7 +383,8 @@ fn table_growth() {
     for i in 0..6000 {
         let off = rng.below((64 << 20) - 5000);
         let len = 1 + rng.below(4000);
-        img.write_at(&vec![(i % 200) as u8 + 1; len as usize], off).unwrap();
+        img.write_at(&vec![(i % 200) as u8 + 1; len as usize], off)
+            .unwrap();
         model[off as usize..(off + len) as usize].fill((i % 200) as u8 + 1);
     }
     img.close().unwrap();

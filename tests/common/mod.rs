@@ -119,7 +119,13 @@ pub fn read_all_ours(path: &Path) -> Vec<u8> {
 /// Reads the whole guest view of an image through QEMU (qemu-img convert).
 pub fn read_all_qemu(path: &Path, dir: &Scratch) -> Vec<u8> {
     let out = dir.path("qemu-view.raw");
-    qemu_img(&["convert", "-O", "raw", &path.display().to_string(), &out.display().to_string()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        &path.display().to_string(),
+        &out.display().to_string(),
+    ]);
     let v = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).unwrap();
     v
@@ -129,8 +135,18 @@ pub fn read_all_qemu(path: &Path, dir: &Scratch) -> Vec<u8> {
 pub fn assert_same_view(path: &Path, dir: &Scratch) {
     let ours = read_all_ours(path);
     let theirs = read_all_qemu(path, dir);
-    assert_eq!(ours.len(), theirs.len(), "size differs for {}", path.display());
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "size differs for {}",
+        path.display()
+    );
     if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
-        panic!("{}: guest byte {i:#x} differs: ours {:#x} qemu {:#x}", path.display(), ours[i], theirs[i]);
+        panic!(
+            "{}: guest byte {i:#x} differs: ours {:#x} qemu {:#x}",
+            path.display(),
+            ours[i],
+            theirs[i]
+        );
     }
 }
