@@ -44,15 +44,18 @@ struct Walk<'a, 'r> {
     res: CheckResult,
     rebuild: bool,
     next_contiguous: u64,
+    /// The file length when the walk started (one fstat, not one per entry).
+    file_len: u64,
     report: &'a mut (dyn FnMut(&str) + 'r),
 }
 
 impl<'a, 'r> Walk<'a, 'r> {
-    fn new(report: &'a mut (dyn FnMut(&str) + 'r)) -> Self {
+    fn new(file_len: u64, report: &'a mut (dyn FnMut(&str) + 'r)) -> Self {
         Walk {
             res: CheckResult::default(),
             rebuild: false,
             next_contiguous: 0,
+            file_len,
             report,
         }
     }
@@ -116,6 +119,8 @@ impl Meta {
                 continue;
             }
             let l2 = self.read_table_raw(l2_off, cs)?;
+            // Contiguity is judged within one L2 table, as QEMU does.
+            w.next_contiguous = 0;
             for raw in l2 {
                 match self.decode(raw) {
                     L2Entry::Compressed { offset, len } => {
@@ -165,7 +170,7 @@ impl Meta {
         snap_table: (u64, u64),
     ) -> Result<Refs> {
         let cs = self.cs;
-        let nb_clusters = self.file_len()?.div_ceil(cs);
+        let nb_clusters = w.file_len.div_ceil(cs);
         let mut refs = Refs {
             counts: vec![0; nb_clusters as usize],
             nb_clusters,
@@ -219,11 +224,11 @@ impl Meta {
     }
 
     /// Stored refcount of a cluster, or None (a check error) if unreadable.
-    fn stored_refcount(&mut self, c: u64) -> Option<u64> {
+    fn stored_refcount(&mut self, c: u64, file_len: u64) -> Option<u64> {
         let ti = (c >> self.rb_bits) as usize;
         if ti < self.reftable.len() {
             let off = self.reftable[ti] & OFFSET_MASK;
-            if off != 0 && (off % self.cs != 0 || off >= self.file_len().ok()?) {
+            if off != 0 && (off % self.cs != 0 || off >= file_len) {
                 return None;
             }
         }
@@ -238,9 +243,12 @@ impl Meta {
         fix: u32,
         highest: &mut u64,
     ) -> Result<()> {
-        let n = refs.counts.len().max(self.stored_extent() as usize) as u64;
+        let n = refs
+            .counts
+            .len()
+            .max(self.stored_extent(w.file_len) as usize) as u64;
         for c in 0..n {
-            let Some(stored) = self.stored_refcount(c) else {
+            let Some(stored) = self.stored_refcount(c, w.file_len) else {
                 (w.report)(&format!("ERROR cluster {c}: cannot read its refcount"));
                 w.res.check_errors += 1;
                 continue;
@@ -293,14 +301,14 @@ impl Meta {
     }
 
     /// Number of clusters the refcount table can describe with existing blocks.
-    fn stored_extent(&self) -> u64 {
+    fn stored_extent(&self, file_len: u64) -> u64 {
         let last = self
             .reftable
             .iter()
             .rposition(|&e| e & OFFSET_MASK != 0)
             .map(|i| i as u64 + 1)
             .unwrap_or(0);
-        (last << self.rb_bits).min(self.file_len().unwrap_or(0).div_ceil(self.cs) + (1 << 20))
+        (last << self.rb_bits).min(file_len.div_ceil(self.cs) + (1 << 20))
     }
 
     /// Checks that COPIED flags say "refcount is exactly 1".
@@ -310,7 +318,7 @@ impl Meta {
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = e & OFFSET_MASK;
-            if l2_off == 0 || l2_off % cs != 0 || l2_off + cs > self.file_len()? {
+            if l2_off == 0 || l2_off % cs != 0 || l2_off + cs > w.file_len {
                 continue;
             }
             let rc = self.refcount(l2_off / cs)?;
@@ -335,7 +343,7 @@ impl Meta {
                     L2Entry::Zero { host, copied } if host != 0 => (host, copied),
                     _ => continue,
                 };
-                if host % cs != 0 || host / cs >= self.file_len()?.div_ceil(cs) {
+                if host % cs != 0 || host / cs >= w.file_len.div_ceil(cs) {
                     continue;
                 }
                 let rc = self.refcount(host / cs)?;
@@ -494,7 +502,7 @@ impl Meta {
     ) -> Result<()> {
         let mut lines = Vec::new();
         let mut report = |l: &str| lines.push(l.to_string());
-        let mut w = Walk::new(&mut report);
+        let mut w = Walk::new(self.file_len()?, &mut report);
         let mut refs = self.calculate_refcounts(&mut w, snapshots, snap_table)?;
         if w.res.corruptions > 0 || w.res.check_errors > 0 {
             return Err(Error::Corrupt(format!(
@@ -532,7 +540,8 @@ impl Qcow2 {
             m.flush_all()?;
         }
         let (snapshots, snap_table) = (self.snapshots.clone(), self.snapshot_table);
-        let mut w = Walk::new(report);
+        let file_len = m.file_len()?;
+        let mut w = Walk::new(file_len, report);
         w.res.total_clusters = m.header.size.div_ceil(self.cs);
         let mut refs = m.calculate_refcounts(&mut w, &snapshots, snap_table)?;
         let pre = w.res.clone();
@@ -547,11 +556,15 @@ impl Qcow2 {
             w.rebuild = false;
             // Recount with the new structure in place; the old structure is
             // now leaked, and those leaks are repaired at once.
-            let refs2 =
-                m.calculate_refcounts(&mut Walk::new(&mut *w.report), &snapshots, snap_table)?;
+            let new_len = m.file_len()?;
+            let refs2 = m.calculate_refcounts(
+                &mut Walk::new(new_len, &mut *w.report),
+                &snapshots,
+                snap_table,
+            )?;
             let mut fresh_leaks = 0;
             if fix & FIX_LEAKS != 0 {
-                let mut w3 = Walk::new(&mut *w.report);
+                let mut w3 = Walk::new(new_len, &mut *w.report);
                 m.compare_refcounts(&refs2, &mut w3, FIX_LEAKS, &mut highest)?;
                 if w3.rebuild {
                     (w3.report)("ERROR rebuilt refcount structure is still broken");
