@@ -225,7 +225,7 @@ impl Qcow2 {
         {
             let mut m = self.quiesce();
             m.flush_all()?;
-            m.set_refcount_order_rebuilding(order, &self.snapshots, self.snapshot_table)?;
+            m.set_refcount_order_rebuilding(order)?;
         }
         // The old structure is now leaked: give it back.
         let res = self.check(FIX_LEAKS | FIX_ERRORS, &mut |l: &str| {

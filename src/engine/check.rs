@@ -163,12 +163,13 @@ impl Meta {
     }
 
     /// Counts every reference the image's metadata makes.
-    fn calculate_refcounts(
-        &mut self,
-        w: &mut Walk<'_, '_>,
-        snapshots: &[(u64, u32)],
-        snap_table: (u64, u64),
-    ) -> Result<Refs> {
+    fn calculate_refcounts(&mut self, w: &mut Walk<'_, '_>) -> Result<Refs> {
+        let snap_table = self.snapshot_table;
+        let snapshots: Vec<(u64, u32)> = self
+            .snapshots
+            .iter()
+            .map(|s| (s.l1_table_offset, s.l1_size))
+            .collect();
         let cs = self.cs;
         let nb_clusters = w.file_len.div_ceil(cs);
         let mut refs = Refs {
@@ -179,7 +180,7 @@ impl Meta {
         let l1 = self.l1.clone();
         refs.inc(w, cs, self.header.l1_table_offset, l1.len() as u64 * 8);
         self.count_l1(&mut refs, w, &l1, true)?;
-        for &(off, size) in snapshots {
+        for &(off, size) in &snapshots {
             refs.inc(w, cs, off, size as u64 * 8);
             let sl1 = self.read_table_raw(off, size as u64 * 8)?;
             self.count_l1(&mut refs, w, &sl1, false)?;
@@ -494,16 +495,11 @@ impl Meta {
 
     /// Recounts every reference and writes a new refcount structure with
     /// entries of `1 << order` bits (amend's refcount_bits change).
-    pub fn set_refcount_order_rebuilding(
-        &mut self,
-        order: u32,
-        snapshots: &[(u64, u32)],
-        snap_table: (u64, u64),
-    ) -> Result<()> {
+    pub fn set_refcount_order_rebuilding(&mut self, order: u32) -> Result<()> {
         let mut lines = Vec::new();
         let mut report = |l: &str| lines.push(l.to_string());
         let mut w = Walk::new(self.file_len()?, &mut report);
-        let mut refs = self.calculate_refcounts(&mut w, snapshots, snap_table)?;
+        let mut refs = self.calculate_refcounts(&mut w)?;
         if w.res.corruptions > 0 || w.res.check_errors > 0 {
             return Err(Error::Corrupt(format!(
                 "{}: image is inconsistent; repair it before changing the refcount width",
@@ -539,11 +535,10 @@ impl Qcow2 {
             }
             m.flush_all()?;
         }
-        let (snapshots, snap_table) = (self.snapshots.clone(), self.snapshot_table);
         let file_len = m.file_len()?;
         let mut w = Walk::new(file_len, report);
         w.res.total_clusters = m.header.size.div_ceil(self.cs);
-        let mut refs = m.calculate_refcounts(&mut w, &snapshots, snap_table)?;
+        let mut refs = m.calculate_refcounts(&mut w)?;
         let pre = w.res.clone();
         let mut highest = 0;
         m.compare_refcounts(&refs, &mut w, 0, &mut highest)?;
@@ -557,11 +552,7 @@ impl Qcow2 {
             // Recount with the new structure in place; the old structure is
             // now leaked, and those leaks are repaired at once.
             let new_len = m.file_len()?;
-            let refs2 = m.calculate_refcounts(
-                &mut Walk::new(new_len, &mut *w.report),
-                &snapshots,
-                snap_table,
-            )?;
+            let refs2 = m.calculate_refcounts(&mut Walk::new(new_len, &mut *w.report))?;
             let mut fresh_leaks = 0;
             if fix & FIX_LEAKS != 0 {
                 let mut w3 = Walk::new(new_len, &mut *w.report);
@@ -596,7 +587,7 @@ impl Qcow2 {
         res.image_end_offset = (highest + 1) * self.cs;
         if fix != 0 {
             m.flush_all()?;
-            m.rebuild_metadata_map(&snapshots, snap_table);
+            m.rebuild_metadata_map();
             if res.corruptions == 0 && res.check_errors == 0 {
                 // A consistent image is neither dirty nor corrupt any more.
                 let flags = m.header.incompatible_features;

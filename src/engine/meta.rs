@@ -74,6 +74,10 @@ pub struct Meta {
     pub lazy: bool,
     pub writable: bool,
     pub corrupt: bool,
+    /// Internal snapshots, as the snapshot table lists them.
+    pub snapshots: Vec<crate::format::snapshot::Snapshot>,
+    /// (offset, length) of the snapshot table.
+    pub snapshot_table: (u64, u64),
     /// How many times the refcount table moved (see `alloc_clusters`).
     pub reftable_moves: u64,
     /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).
@@ -112,7 +116,13 @@ impl Meta {
     // ---- overlap guard and corruption --------------------------------------------
 
     /// Rebuilds the map of metadata clusters the overlap guard protects.
-    pub fn rebuild_metadata_map(&mut self, snapshots: &[(u64, u32)], snap_table: (u64, u64)) {
+    pub fn rebuild_metadata_map(&mut self) {
+        let snap_table = self.snapshot_table;
+        let snapshots: Vec<(u64, u32)> = self
+            .snapshots
+            .iter()
+            .map(|s| (s.l1_table_offset, s.l1_size))
+            .collect();
         let cs = self.cs;
         let mut m = HashMap::new();
         m.insert(0, MetaKind::Header);
@@ -137,7 +147,7 @@ impl Meta {
             MetaKind::RefcountTable,
         );
         range(&mut m, snap_table.0, snap_table.1, MetaKind::SnapshotTable);
-        for &(off, size) in snapshots {
+        for &(off, size) in &snapshots {
             range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);
         }
         for &e in &self.l1 {

@@ -15,6 +15,7 @@ mod compress;
 mod create;
 mod meta;
 mod open;
+mod snapshot;
 
 pub use amend::AmendOptions;
 pub use backing::{probe, Layer, RawLayer};
@@ -109,10 +110,6 @@ pub struct Qcow2 {
     path: PathBuf,
     name: String,
     backing: Option<Box<dyn Layer>>,
-    /// (L1 offset, L1 size) of every internal snapshot.
-    snapshots: Vec<(u64, u32)>,
-    /// (offset, length) of the snapshot table.
-    snapshot_table: (u64, u64),
     cb: u32,
     cs: u64,
     size: AtomicU64,
@@ -793,6 +790,20 @@ impl Qcow2 {
     /// Changes the virtual size. Growing extends the L1 table when needed;
     /// shrinking drops every cluster past the new end.
     pub fn resize(&self, new_size: u64) -> Result<()> {
+        {
+            let m = self.lock();
+            if new_size < m.header.size && m.header.nb_snapshots > 0 {
+                return Err(Error::Unsupported(format!(
+                    "{}: Can't shrink an image which has snapshots",
+                    self.name
+                )));
+            }
+        }
+        self.resize_unchecked(new_size)
+    }
+
+    /// Resize without the snapshot rule (reverting to a snapshot of another size).
+    fn resize_unchecked(&self, new_size: u64) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
         let cs = self.cs;
@@ -800,12 +811,6 @@ impl Qcow2 {
         if new_size > create::max_size(self.cb) {
             return Err(Error::TooLarge(format!(
                 "{}: The image size is too large for file format 'qcow2' (try using a larger cluster size)",
-                self.name
-            )));
-        }
-        if new_size < old && m.header.nb_snapshots > 0 {
-            return Err(Error::Unsupported(format!(
-                "{}: Can't shrink an image which has snapshots",
                 self.name
             )));
         }

@@ -130,18 +130,17 @@ impl Qcow2 {
             let mut sb = vec![0u8; avail as usize];
             file.read_at(&mut sb, off)
                 .map_err(|e| Error::io("Could not read snapshot table", e))?;
-            let list = snapshot::parse_table(&sb, header.nb_snapshots)?;
-            let mut used = 0u64;
+            let (list, used) = snapshot::parse_table(&sb, header.nb_snapshots)?;
+            let used = used as u64;
             for s in &list {
-                used += ((40 + 24 + s.id.len() + s.name.len() + 7) & !7) as u64;
                 if s.l1_size as u64 * 8 > MAX_L1_SIZE_BYTES {
                     return Err(Error::Invalid("Snapshot L1 table too large".into()));
                 }
                 if !region_ok(s.l1_table_offset, s.l1_size as u64 * 8, cs, file_len) {
                     return Err(Error::Invalid("Snapshot L1 table offset invalid".into()));
                 }
-                snapshots.push((s.l1_table_offset, s.l1_size));
             }
+            snapshots = list;
             snap_table = (off, used.min(avail));
         }
 
@@ -260,8 +259,10 @@ impl Qcow2 {
             corrupt: corrupt && opts.writable,
             inflight: HashSet::new(),
             reftable_moves: 0,
+            snapshots,
+            snapshot_table: snap_table,
         };
-        meta.rebuild_metadata_map(&snapshots, snap_table);
+        meta.rebuild_metadata_map();
         if clear_autoclear {
             meta.write_header()?;
         }
@@ -272,8 +273,6 @@ impl Qcow2 {
             path: path.to_path_buf(),
             name,
             backing,
-            snapshots,
-            snapshot_table: snap_table,
             cb,
             cs,
             size: AtomicU64::new(size),

@@ -23,12 +23,62 @@ pub struct Snapshot {
     pub vm_clock_nsec: u64,
     pub vm_state_size: u64,
     pub disk_size: Option<u64>,
+    /// Instruction count at the snapshot (-1 if none), when stored.
+    pub icount: Option<u64>,
+    /// Extra data beyond the fields we know, kept verbatim.
+    pub extra_unknown: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Bytes of this entry without its trailing padding.
+    pub fn encoded_len(&self) -> usize {
+        40 + 24 + self.extra_unknown.len() + self.id.len() + self.name.len()
+    }
+
+    /// Appends the entry (padded to 8 bytes) to `out`, as QEMU writes it:
+    /// 24 bytes of known extra data plus whatever unknown extra data was read.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&self.l1_size.to_be_bytes());
+        out.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&self.date_sec.to_be_bytes());
+        out.extend_from_slice(&self.date_nsec.to_be_bytes());
+        out.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        out.extend_from_slice(&(self.vm_state_size.min(u32::MAX as u64) as u32).to_be_bytes());
+        out.extend_from_slice(&((24 + self.extra_unknown.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&self.icount.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&self.extra_unknown);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        while (out.len() - start) % 8 != 0 {
+            out.push(0);
+        }
+    }
+}
+
+/// Encodes a whole table; the last entry's padding is not counted in the
+/// returned length, as QEMU sizes the table.
+pub fn encode_table(list: &[Snapshot]) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut len = 0;
+    for s in list {
+        let start = out.len();
+        s.encode_into(&mut out);
+        len = start + s.encoded_len();
+    }
+    (out, len)
 }
 
 /// Decodes `count` entries from `buf`; refuses entries that run past it.
-pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
+/// Also returns the table's length (the last entry unpadded).
+pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
     let mut out = Vec::new();
     let mut off = 0usize;
+    let mut len = 0usize;
     for _ in 0..count {
         if buf.len() < off + 40 {
             return Err(invalid!("Snapshot table is truncated"));
@@ -54,6 +104,12 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             disk_size = Some(be64(e, 48));
         }
         let ids = 40 + extra;
+        let icount = (extra >= 24).then(|| be64(e, 56));
+        let extra_unknown = if extra > 24 {
+            e[64..40 + extra].to_vec()
+        } else {
+            Vec::new()
+        };
         out.push(Snapshot {
             l1_table_offset: be64(e, 0),
             l1_size: be32(e, 8),
@@ -64,8 +120,11 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             vm_clock_nsec: be64(e, 24),
             vm_state_size,
             disk_size,
+            icount,
+            extra_unknown,
         });
+        len = off + total;
         off += (total + 7) & !7;
     }
-    Ok(out)
+    Ok((out, len))
 }

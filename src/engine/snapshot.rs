@@ -1,0 +1,291 @@
+//! Internal snapshots: create, apply (goto), delete and list, keeping
+//! refcounts, COPIED flags and the snapshot table the way QEMU keeps them,
+//! so that QEMU reads our snapshots and we read theirs.
+//!
+//! Ordering: a snapshot's L1 copy and its refcount increments are durable
+//! before the table names it; on delete the table stops naming a snapshot
+//! (synced) before its clusters lose their references.
+
+use super::meta::Meta;
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::entries::{L2Entry, COPIED};
+use crate::format::snapshot::{encode_table, Snapshot, MAX_SNAPSHOTS};
+use crate::format::*;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+impl Meta {
+    /// Adds `addend` (-1, 0 or +1) to the refcount of every L2 table and
+    /// data cluster reachable from an L1 table, then sets the COPIED flags
+    /// of that tree from the resulting refcounts (QEMU's
+    /// update_snapshot_refcount).
+    fn update_snapshot_refcount(&mut self, l1_off: u64, l1_size: u32, addend: i64) -> Result<()> {
+        let cs = self.cs;
+        self.flush()?;
+        let active = l1_off == self.header.l1_table_offset;
+        let mut l1 = if active {
+            self.l1.clone()
+        } else {
+            let mut b = vec![0u8; l1_size as usize * 8];
+            self.read_file(&mut b, l1_off, "read snapshot L1 table")?;
+            b.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let mut l1_changed = false;
+        for e in l1.iter_mut() {
+            let l2_off = *e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            self.load_l2(l2_off)?;
+            let entries = self.l2_entries() as usize;
+            for j in 0..entries {
+                let raw = be64(&self.l2_cache.get(l2_off).unwrap().data, j * 8);
+                let new = match self.decode(raw) {
+                    L2Entry::Compressed { offset, len } => {
+                        if addend != 0 {
+                            self.update_refcount(offset & !511, len + (offset & 511), addend)?;
+                        }
+                        continue;
+                    }
+                    L2Entry::Normal { host, .. } | L2Entry::Zero { host, .. } if host != 0 => {
+                        if addend != 0 {
+                            self.update_refcount(host, cs, addend)?;
+                        }
+                        if self.refcount(host / cs)? == 1 {
+                            raw | COPIED
+                        } else {
+                            raw & !COPIED
+                        }
+                    }
+                    _ => continue,
+                };
+                if new != raw {
+                    let slot = self.l2_cache.get(l2_off).unwrap();
+                    put64(&mut slot.data, j * 8, new);
+                    slot.dirty = true;
+                }
+            }
+            if addend != 0 {
+                self.update_refcount(l2_off, cs, addend)?;
+            }
+            let flagged = if self.refcount(l2_off / cs)? == 1 {
+                l2_off | COPIED
+            } else {
+                l2_off
+            };
+            if flagged != *e {
+                *e = flagged;
+                l1_changed = true;
+            }
+        }
+        if active {
+            for (i, e) in l1.iter().enumerate() {
+                if self.l1[i] != *e {
+                    self.l1[i] = *e;
+                    self.l1_dirty.insert(i);
+                }
+            }
+        } else if l1_changed {
+            self.flush()?;
+            self.write_file(&encode_l1(&l1), l1_off, "write snapshot L1 table")?;
+        }
+        self.flush_all()
+    }
+
+    /// Writes the snapshot table to new clusters and points the header at
+    /// it; the old table is freed once the header no longer names it.
+    fn write_snapshot_table(&mut self, list: Vec<Snapshot>) -> Result<()> {
+        if list.len() as u32 > MAX_SNAPSHOTS {
+            return Err(Error::TooLarge("Too many snapshots".into()));
+        }
+        let (bytes, len) = encode_table(&list);
+        let new_off = if len > 0 {
+            let off = self.alloc_clusters((len as u64).div_ceil(self.cs))?;
+            self.flush_all()?;
+            self.write_file(&bytes[..len], off, "write snapshot table")?;
+            self.sync()?;
+            off
+        } else {
+            0
+        };
+        let mut hdr = [0u8; 12];
+        put32(&mut hdr, 0, list.len() as u32);
+        put64(&mut hdr, 4, new_off);
+        self.write_file(&hdr, 60, "write header")?;
+        self.sync()?;
+        let (old_off, old_len) = self.snapshot_table;
+        self.header.nb_snapshots = list.len() as u32;
+        self.header.snapshots_offset = new_off;
+        self.snapshots = list;
+        self.snapshot_table = (new_off, len as u64);
+        if old_len > 0 {
+            self.update_refcount(old_off, old_len, -1)?;
+        }
+        self.rebuild_metadata_map();
+        self.flush_all()
+    }
+
+    fn find_snapshot(&self, name_or_id: &str) -> Result<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.id == name_or_id)
+            .or_else(|| self.snapshots.iter().position(|s| s.name == name_or_id))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "Could not find snapshot '{name_or_id}' in '{}'",
+                    self.name
+                ))
+            })
+    }
+}
+
+fn encode_l1(l1: &[u64]) -> Vec<u8> {
+    let mut b = vec![0u8; l1.len() * 8];
+    for (i, e) in l1.iter().enumerate() {
+        put64(&mut b, i * 8, *e);
+    }
+    b
+}
+
+impl Qcow2 {
+    /// The internal snapshots, in table order.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.lock().snapshots.clone()
+    }
+
+    /// Creates an internal snapshot of the current disk state.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        let mut m = self.quiesce();
+        m.ensure_writable()?;
+        if m.snapshots.iter().any(|s| s.name == name) && !name.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "Snapshot '{name}' already exists"
+            )));
+        }
+        let id = (1..)
+            .map(|n: u64| n.to_string())
+            .find(|id| !m.snapshots.iter().any(|s| &s.id == id))
+            .unwrap();
+        m.flush_all()?;
+        // The L1 copy, as QEMU writes it (flags included).
+        let l1 = m.l1.clone();
+        let l1_off = if l1.is_empty() {
+            0
+        } else {
+            m.alloc_clusters((l1.len() as u64 * 8).div_ceil(self.cs))?
+        };
+        m.flush_all()?;
+        if !l1.is_empty() {
+            m.write_file(&encode_l1(&l1), l1_off, "write snapshot L1 table")?;
+        }
+        let active_off = m.header.l1_table_offset;
+        let active_size = m.l1.len() as u32;
+        m.update_snapshot_refcount(active_off, active_size, 1)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let sn = Snapshot {
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            id,
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(m.header.size),
+            icount: Some(0),
+            extra_unknown: Vec::new(),
+        };
+        let mut list = m.snapshots.clone();
+        list.push(sn);
+        m.write_snapshot_table(list)
+    }
+
+    /// Reverts the disk to a snapshot (by ID or name).
+    pub fn snapshot_apply(&self, name_or_id: &str) -> Result<()> {
+        let (sn, cur_size) = {
+            let mut m = self.quiesce();
+            m.ensure_writable()?;
+            let i = m.find_snapshot(name_or_id)?;
+            m.flush_all()?;
+            (m.snapshots[i].clone(), m.header.size)
+        };
+        if let Some(size) = sn.disk_size {
+            if size != cur_size {
+                self.resize_unchecked(size)?;
+            }
+        }
+        let mut m = self.quiesce();
+        if sn.l1_size as usize > m.l1.len() {
+            m.grow_l1(sn.l1_size as u64)?;
+        }
+        let mut b = vec![0u8; sn.l1_size as usize * 8];
+        m.read_file(&mut b, sn.l1_table_offset, "read snapshot L1 table")?;
+        let mut new_l1: Vec<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        new_l1.resize(m.l1.len(), 0);
+        // Take the snapshot's references first, then drop the old tree's.
+        m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, 1)?;
+        let old_l1 = m.l1.clone();
+        let active_off = m.header.l1_table_offset;
+        m.write_file(&encode_l1(&new_l1), active_off, "write L1 table")?;
+        m.sync()?;
+        m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
+        m.l1 = new_l1;
+        m.rebuild_metadata_map();
+        // The old tree, no longer reachable from disk, loses its references.
+        let tmp = TempTree::write(&mut m, &old_l1)?;
+        m.update_snapshot_refcount(tmp.off, old_l1.len() as u32, -1)?;
+        tmp.free(&mut m)?;
+        let n = m.l1.len() as u32;
+        m.update_snapshot_refcount(active_off, n, 0)?;
+        m.rebuild_metadata_map();
+        Ok(())
+    }
+
+    /// Deletes a snapshot (by ID or name), releasing what only it held.
+    pub fn snapshot_delete(&self, name_or_id: &str) -> Result<()> {
+        let mut m = self.quiesce();
+        m.ensure_writable()?;
+        let i = m.find_snapshot(name_or_id)?;
+        m.flush_all()?;
+        let sn = m.snapshots[i].clone();
+        let mut list = m.snapshots.clone();
+        list.remove(i);
+        m.write_snapshot_table(list)?;
+        m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, -1)?;
+        if sn.l1_size > 0 {
+            m.update_refcount(sn.l1_table_offset, sn.l1_size as u64 * 8, -1)?;
+        }
+        let active_off = m.header.l1_table_offset;
+        let n = m.l1.len() as u32;
+        m.update_snapshot_refcount(active_off, n, 0)?;
+        m.rebuild_metadata_map();
+        m.flush_all()
+    }
+}
+
+/// An old active L1 parked in free clusters while its references are dropped.
+struct TempTree {
+    off: u64,
+    bytes: u64,
+}
+
+impl TempTree {
+    fn write(m: &mut Meta, l1: &[u64]) -> Result<TempTree> {
+        let bytes = (l1.len() as u64 * 8).max(8);
+        let off = m.alloc_clusters(bytes.div_ceil(m.cs))?;
+        m.flush_all()?;
+        m.write_file(&encode_l1(l1), off, "write L1 table")?;
+        Ok(TempTree { off, bytes })
+    }
+    fn free(self, m: &mut Meta) -> Result<()> {
+        m.update_refcount(self.off, self.bytes, -1)?;
+        m.flush_all()
+    }
+}
