@@ -37,7 +37,10 @@ pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
 pub fn compress(kind: u8, input: &[u8]) -> Option<Vec<u8>> {
     let out = match kind {
         0 => {
-            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+            // QEMU inflates with a 4 KiB window (-12 window bits): the
+            // stream must not refer further back than that.
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
             let mut out = vec![0u8; input.len()];
             match c.compress(input, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => {

@@ -74,6 +74,8 @@ pub struct Meta {
     pub lazy: bool,
     pub writable: bool,
     pub corrupt: bool,
+    /// Where the next compressed cluster may start (0: in a new cluster).
+    pub free_byte_offset: u64,
     /// Internal snapshots, as the snapshot table lists them.
     pub snapshots: Vec<crate::format::snapshot::Snapshot>,
     /// (offset, length) of the snapshot table.
@@ -360,6 +362,11 @@ impl Meta {
 
     /// Finds `n` consecutive free clusters at or after the free-cluster
     /// hint and advances the hint past them; no refcount is changed.
+    /// `find_free` for callers outside this file.
+    pub fn find_free_run(&mut self, n: u64) -> Result<u64> {
+        self.find_free(n)
+    }
+
     fn find_free(&mut self, n: u64) -> Result<u64> {
         let mut start = self.free_cluster_index;
         let mut i = start;

@@ -12,6 +12,7 @@ mod backing;
 mod cache;
 mod check;
 mod compress;
+mod compressed_write;
 mod create;
 mod meta;
 mod open;

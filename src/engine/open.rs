@@ -259,6 +259,7 @@ impl Qcow2 {
             corrupt: corrupt && opts.writable,
             inflight: HashSet::new(),
             reftable_moves: 0,
+            free_byte_offset: 0,
             snapshots,
             snapshot_table: snap_table,
         };
