@@ -1,1 +1,89 @@
-fn main() {}
+//! The `oxqcow` command: qemu-img compatible syntax over the oxqcow
+//! library. This file owns the command line (clap), dispatch to the
+//! per-command modules, and the error convention: every failure is one
+//! `oxqcow: <what>: <why>` message on stderr and exit status 1.
+
+mod convert;
+mod create;
+mod dump_header;
+mod info;
+mod map;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "oxqcow",
+    version,
+    about = "qcow2 image utility (qemu-img compatible syntax)",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new image
+    Create(create::Args),
+    /// Show information about an image
+    Info(info::Args),
+    /// Show the allocation map of an image
+    Map(map::Args),
+    /// Convert an image to another format
+    Convert(convert::Args),
+    /// Dump a qcow2 header and its extensions (like iotests' qcow2.py)
+    #[command(name = "dump-header")]
+    DumpHeader(dump_header::Args),
+}
+
+fn main() {
+    // Die quietly on a closed pipe (`oxqcow map x | head`), as C tools do.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    std::process::exit(0);
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    std::process::exit(1);
+                }
+                _ => {
+                    // clap's first paragraph, on one line.
+                    let text = e.to_string();
+                    let msg: Vec<&str> = text
+                        .lines()
+                        .take_while(|l| !l.trim().is_empty())
+                        .map(str::trim)
+                        .collect();
+                    let msg = msg.join(" ");
+                    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+                    eprintln!("oxqcow: {msg}");
+                    eprintln!("Try 'oxqcow --help' for more information");
+                    std::process::exit(1);
+                }
+            }
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::Create(a) => create::run(a),
+        Cmd::Info(a) => info::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Convert(a) => convert::run(a),
+        Cmd::DumpHeader(a) => dump_header::run(a),
+    };
+    if let Err(msg) = r {
+        eprintln!("oxqcow: {msg}");
+        std::process::exit(1);
+    }
+}

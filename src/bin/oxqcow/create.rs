@@ -1,0 +1,274 @@
+//! `oxqcow create`: new qcow2 images through `oxqcow::engine::create`, and
+//! raw files. Owns the qemu-img `create` option handling (-o, -b, -F, -u),
+//! taking the size from the backing file when none is given, and the
+//! `Formatting '…', fmt=… …` line in qemu-img 10's field order.
+
+use crate::util::virtual_size;
+use crate::util::{errmsg, ioerr, open_ro, parse_c_number, parse_img_size, resolve_backing};
+use crate::util::{split_opts, CliResult};
+use oxqcow::engine::{create, CreateOptions};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Quiet: do not print the "Formatting" line
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image format: qcow2 or raw
+    #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
+    fmt: String,
+    /// Format options, NAME=VALUE[,NAME=VALUE...] (may be repeated)
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Backing file
+    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Backing file format
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_fmt: Option<String>,
+    /// Do not open the backing file to check it
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Image file to create
+    filename: String,
+    /// Virtual size (with an optional k, M, G, T, P or E suffix)
+    size: Option<String>,
+}
+
+pub fn run(a: Args) -> CliResult<()> {
+    let file = a.filename.clone();
+    let size = a.size.as_deref().map(parse_img_size).transpose()?;
+    match a.fmt.as_str() {
+        "qcow2" => create_qcow2(&a, size).map_err(|e| format!("{file}: {e}")),
+        "raw" => create_raw_cmd(&a, size).map_err(|e| format!("{file}: {e}")),
+        other => Err(format!("{file}: Unknown file format '{other}'")),
+    }
+}
+
+/// Options given with -o: the last value of each key wins, as in QEMU.
+struct Given(HashMap<String, String>);
+
+impl Given {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(|s| s.as_str())
+    }
+}
+
+fn create_qcow2(a: &Args, size: Option<u64>) -> CliResult<()> {
+    let opts = split_opts(&a.options);
+    let mut co = CreateOptions::default();
+    let mut given = Given(HashMap::new());
+    let mut opt_size = None;
+    for (k, v) in &opts {
+        match k.as_str() {
+            "size" => {
+                opt_size = Some(parse_img_size(v).map_err(|_| {
+                    "Parameter 'size' expects a non-negative number below 2^64".to_string()
+                })?)
+            }
+            "refcount_bits" => {
+                let n = parse_c_number(v)
+                    .ok_or_else(|| "Parameter 'refcount_bits' expects a number".to_string())?;
+                co.set(k, &n.to_string()).map_err(|e| errmsg(&e))?;
+            }
+            // qemu-img knows only "compat".
+            "version" => return Err("Invalid parameter 'version'".into()),
+            "backing_file" | "backing_fmt" => {}
+            _ => co.set(k, v).map_err(|e| errmsg(&e))?,
+        }
+        given.0.insert(k.clone(), v.clone());
+    }
+    let size = match (size, opt_size) {
+        (Some(_), Some(_)) => return Err("The image size must be specified only once".into()),
+        (s, o) => s.or(o),
+    };
+    let backing = a
+        .backing
+        .clone()
+        .or_else(|| given.get("backing_file").map(String::from));
+    let backing_fmt = a
+        .backing_fmt
+        .clone()
+        .or_else(|| given.get("backing_fmt").map(String::from));
+    let size = match &backing {
+        Some(b) => check_backing(a, b, backing_fmt.as_deref(), size)?,
+        None => size,
+    };
+    let size = size.ok_or_else(|| "Image creation needs a size parameter".to_string())?;
+    co.size = size;
+    co.backing_file = backing.clone();
+    co.backing_fmt = backing_fmt.clone();
+    if !a.quiet {
+        println!("{}", formatting_line_qcow2(&a.filename, &co, &given));
+    }
+    create(Path::new(&a.filename), &co).map_err(|e| errmsg(&e))
+}
+
+/// Checks the backing file as qemu-img does (it must name its format, and
+/// unless -u it must open); returns the size to use.
+fn check_backing(
+    a: &Args,
+    backing: &str,
+    fmt: Option<&str>,
+    size: Option<u64>,
+) -> CliResult<Option<u64>> {
+    let path = resolve_backing(&a.filename, backing);
+    let path_s = path.display().to_string();
+    let Some(fmt) = fmt else {
+        let mut msg = "Backing file specified without backing format".to_string();
+        if !a.unsafe_backing {
+            if let Ok(f) = oxqcow::engine::probe(&path) {
+                msg.push_str(&format!("\nDetected format of {f}."));
+            }
+        }
+        return Err(msg);
+    };
+    if a.unsafe_backing {
+        return Ok(size);
+    }
+    let img = open_ro(&path_s, Some(fmt), true)
+        .map_err(|e| format!("{e}\nCould not open backing image."))?;
+    Ok(size.or(Some(virtual_size(&img))))
+}
+
+/// The line qemu-img 10 prints for a qcow2 image: defaults for the options
+/// it always shows, given values verbatim for the ones shown when set.
+fn formatting_line_qcow2(file: &str, co: &CreateOptions, given: &Given) -> String {
+    let mut s = format!("Formatting '{file}', fmt=qcow2");
+    let mut push = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
+    for k in ["encryption", "encrypt.format"] {
+        if let Some(v) = given.get(k) {
+            push(k, v);
+        }
+    }
+    push("cluster_size", &co.cluster_size.to_string());
+    push("extended_l2", given.get("extended_l2").unwrap_or("off"));
+    if let Some(v) = given.get("preallocation") {
+        push("preallocation", v);
+    }
+    push(
+        "compression_type",
+        given.get("compression_type").unwrap_or("zlib"),
+    );
+    push("size", &co.size.to_string());
+    if let Some(v) = given.get("compat") {
+        push("compat", v);
+    }
+    if let Some(b) = &co.backing_file {
+        push("backing_file", b);
+    }
+    if let Some(b) = &co.backing_fmt {
+        push("backing_fmt", b);
+    }
+    for k in ["data_file", "data_file_raw"] {
+        if let Some(v) = given.get(k) {
+            push(k, v);
+        }
+    }
+    push(
+        "lazy_refcounts",
+        given.get("lazy_refcounts").unwrap_or("off"),
+    );
+    push("refcount_bits", &co.refcount_bits.to_string());
+    s
+}
+
+fn create_raw_cmd(a: &Args, size: Option<u64>) -> CliResult<()> {
+    if a.backing.is_some() {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    let mut opt_size = None;
+    let mut prealloc: Option<String> = None;
+    let mut hint: Option<u64> = None;
+    for (k, v) in split_opts(&a.options) {
+        match k.as_str() {
+            "size" => {
+                opt_size = Some(parse_img_size(&v).map_err(|_| {
+                    "Parameter 'size' expects a non-negative number below 2^64".to_string()
+                })?)
+            }
+            "preallocation" => {
+                if !["off", "falloc", "full"].contains(&v.as_str()) {
+                    return Err(format!(
+                        "Parameter 'preallocation' does not accept value '{v}'"
+                    ));
+                }
+                prealloc = Some(v)
+            }
+            "extent_size_hint" => {
+                hint = Some(parse_img_size(&v).map_err(|_| {
+                    "Parameter 'extent_size_hint' expects a non-negative number below 2^64"
+                        .to_string()
+                })?)
+            }
+            "backing_file" => return Err("Backing file not supported for file format 'raw'".into()),
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    let size = match (size, opt_size) {
+        (Some(_), Some(_)) => return Err("The image size must be specified only once".into()),
+        (s, o) => s.or(o),
+    };
+    let size = size.ok_or_else(|| "Image creation needs a size parameter".to_string())?;
+    if !a.quiet {
+        let mut line = format!("Formatting '{}', fmt=raw size={size}", a.filename);
+        if let Some(p) = &prealloc {
+            line.push_str(&format!(" preallocation={p}"));
+        }
+        if let Some(h) = hint {
+            line.push_str(&format!(" extent_size_hint={h}"));
+        }
+        println!("{line}");
+    }
+    create_raw(
+        Path::new(&a.filename),
+        size,
+        prealloc.as_deref().unwrap_or("off"),
+    )
+}
+
+/// Creates (or truncates) a raw image of `size` bytes, rounded up to whole
+/// sectors. Like QEMU, the first block is written so that the file has
+/// one allocated block to probe alignment with; the rest stays sparse
+/// unless `prealloc` is falloc or full.
+pub fn create_raw(path: &Path, size: u64, prealloc: &str) -> CliResult<()> {
+    let name = path.display();
+    let size = size.div_ceil(512) * 512;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| format!("Could not create '{name}': {}", ioerr(&e)))?;
+    let werr = |e: std::io::Error| format!("Could not write to '{name}': {}", ioerr(&e));
+    f.set_len(size).map_err(werr)?;
+    match prealloc {
+        "falloc" if size > 0 => {
+            // SAFETY: posix_fallocate on a descriptor we own.
+            let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
+            if r != 0 {
+                return Err(werr(std::io::Error::from_raw_os_error(r)));
+            }
+        }
+        "full" => {
+            let zeros = vec![0u8; (1u64 << 20).min(size) as usize];
+            let mut pos = 0;
+            while pos < size {
+                let n = (size - pos).min(zeros.len() as u64) as usize;
+                f.write_all_at(&zeros[..n], pos).map_err(werr)?;
+                pos += n as u64;
+            }
+        }
+        _ if size > 0 => {
+            let n = size.min(4096) as usize;
+            f.write_all_at(&vec![0u8; n], 0).map_err(werr)?;
+        }
+        _ => {}
+    }
+    f.sync_all().map_err(werr)
+}

@@ -1,0 +1,422 @@
+//! `oxqcow info`: what `qemu-img info` shows about an image (and with
+//! --backing-chain, about every image below it), as human text or JSON
+//! with QEMU's keys and key order. Owns the snapshot table and bitmap
+//! directory decoding that only this report needs. Images are opened
+//! read-only and without their backing files.
+
+use crate::util::{dump_human, ioerr, open_ro, resolve_backing, size_to_str, virtual_size};
+use crate::util::{CliResult, Json, Obj};
+use oxqcow::format::header::Header;
+use oxqcow::format::{AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (probed when not given)
+    #[arg(short = 'f', value_name = "FMT")]
+    fmt: Option<String>,
+    /// Output format
+    #[arg(long = "output", value_name = "FMT", default_value = "human",
+          value_parser = ["human", "json"])]
+    output: String,
+    /// Show every image of the backing chain
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Accepted for compatibility (images are always opened read-only)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file
+    filename: String,
+}
+
+/// What one image contributes to the report.
+struct ImageReport {
+    json: Obj,
+    human: String,
+    /// The next image of the chain: resolved path and format, if named.
+    backing: Option<(String, Option<String>)>,
+}
+
+pub fn run(a: Args) -> CliResult<()> {
+    let _ = a.force_share;
+    let json = a.output == "json";
+    let mut reports = Vec::new();
+    let mut seen = HashSet::new();
+    let mut next = Some((a.filename.clone(), a.fmt.clone()));
+    while let Some((path, fmt)) = next.take() {
+        let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone().into());
+        if !seen.insert(key) {
+            return Err(format!("Backing file '{path}' creates an infinite loop."));
+        }
+        let r = image_report(&path, fmt.as_deref())?;
+        if a.backing_chain {
+            next = r.backing.clone();
+        }
+        reports.push(r);
+    }
+    let mut out = String::new();
+    if json {
+        if a.backing_chain {
+            let list = Json::List(reports.into_iter().map(|r| Json::Obj(r.json)).collect());
+            out = list.pretty();
+        } else if let Some(r) = reports.pop() {
+            out = Json::Obj(r.json).pretty();
+        }
+        out.push('\n');
+    } else {
+        let texts: Vec<String> = reports.into_iter().map(|r| r.human).collect();
+        out = texts.join("\n");
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
+    let img = open_ro(path, fmt, true)?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {}", ioerr(&e)))?;
+    // QEMU counts the file in whole sectors.
+    let file_len = meta.len().div_ceil(512) * 512;
+    let actual = img.allocated_file_size();
+    let vsize = virtual_size(&img);
+
+    let child_info = Obj::new()
+        .put_str("filename", path)
+        .put_str("format", "file")
+        .put_bool("dirty-flag", false)
+        .put_int("actual-size", actual)
+        .put_int("virtual-size", file_len)
+        .put(
+            "format-specific",
+            Json::Obj(
+                Obj::new()
+                    .put_str("type", "file")
+                    .put("data", Json::Obj(Obj::new())),
+            ),
+        )
+        .put("children", Json::List(vec![]));
+    let children = Json::List(vec![Json::Obj(
+        Obj::new()
+            .put_str("name", "file")
+            .put("info", Json::Obj(child_info)),
+    )]);
+
+    let mut human = String::new();
+    let _ = writeln!(human, "image: {path}");
+    let _ = writeln!(human, "file format: {}", img.format());
+    let _ = writeln!(
+        human,
+        "virtual size: {} ({vsize} bytes)",
+        size_to_str(vsize)
+    );
+    let _ = writeln!(human, "disk size: {}", size_to_str(actual));
+
+    let mut backing = None;
+    let json = match img.qcow2() {
+        None => Obj::new()
+            .put_str("filename", path)
+            .put_str("format", "raw")
+            .put_bool("dirty-flag", false)
+            .put_int("actual-size", actual)
+            .put_int("virtual-size", vsize)
+            .put("children", children),
+        Some(q) => {
+            let h = q.header();
+            let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
+            let cs = h.cluster_size();
+            let mut o = Obj::new()
+                .put_str("filename", path)
+                .put_str("format", "qcow2")
+                .put_bool("dirty-flag", dirty)
+                .put_int("actual-size", actual)
+                .put_int("virtual-size", vsize)
+                .put_int("cluster-size", cs);
+            let _ = writeln!(human, "cluster_size: {cs}");
+            if dirty {
+                human.push_str("cleanly shut down: no\n");
+            }
+            if let Some(b) = &h.backing_file {
+                let full = resolve_backing(path, b).display().to_string();
+                o = o
+                    .put_str("backing-filename", b)
+                    .put_str("full-backing-filename", &full);
+                if &full == b {
+                    let _ = writeln!(human, "backing file: {b}");
+                } else {
+                    let _ = writeln!(human, "backing file: {b} (actual path: {full})");
+                }
+                if let Some(f) = &h.backing_format {
+                    o = o.put_str("backing-filename-format", f);
+                    let _ = writeln!(human, "backing file format: {f}");
+                }
+                backing = Some((full, h.backing_format.clone()));
+            }
+            let file = File::open(path).map_err(|e| format!("{path}: {}", ioerr(&e)))?;
+            let snaps = read_snapshots(&file, &h, meta.len());
+            if !snaps.is_empty() {
+                human.push_str(&snapshot_table(&snaps));
+                let list = snaps.iter().map(|s| Json::Obj(s.json())).collect();
+                o = o.put("snapshots", Json::List(list));
+            }
+            let data = qcow2_specific(&file, &h, meta.len());
+            human.push_str("Format specific information:\n");
+            dump_human(&data, 4, &mut human);
+            o.put(
+                "format-specific",
+                Json::Obj(
+                    Obj::new()
+                        .put_str("type", "qcow2")
+                        .put("data", Json::Obj(data)),
+                ),
+            )
+            .put("children", children)
+        }
+    };
+    human.push_str("Child node '/file':\n");
+    let _ = writeln!(human, "    filename: {path}");
+    human.push_str("    protocol type: file\n");
+    let _ = writeln!(
+        human,
+        "    file length: {} ({file_len} bytes)",
+        size_to_str(file_len)
+    );
+    let _ = writeln!(human, "    disk size: {}", size_to_str(actual));
+    drop(img);
+    Ok(ImageReport {
+        json,
+        human,
+        backing,
+    })
+}
+
+/// The "format-specific" data of a qcow2 image, in QAPI field order.
+fn qcow2_specific(file: &File, h: &Header, file_len: u64) -> Obj {
+    if h.version < 3 {
+        return Obj::new()
+            .put_str("compat", "0.10")
+            .put_int("refcount-bits", h.refcount_bits() as u64)
+            .put_str("compression-type", compression_name(h.compression_type));
+    }
+    let mut o = Obj::new()
+        .put_str("compat", "1.1")
+        .put_bool("extended-l2", false)
+        .put_bool(
+            "lazy-refcounts",
+            h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+        )
+        .put_bool("corrupt", h.incompatible_features & INCOMPAT_CORRUPT != 0)
+        .put_int("refcount-bits", h.refcount_bits() as u64);
+    let bitmaps = read_bitmaps(file, h, file_len);
+    if !bitmaps.is_empty() {
+        o = o.put("bitmaps", Json::List(bitmaps));
+    }
+    o.put_str("compression-type", compression_name(h.compression_type))
+}
+
+fn compression_name(t: u8) -> &'static str {
+    if t == 1 {
+        "zstd"
+    } else {
+        "zlib"
+    }
+}
+
+/// Reads `len` bytes at `off`, or None when the file is too short.
+fn read_exact(file: &File, off: u64, len: u64, file_len: u64) -> Option<Vec<u8>> {
+    if off.checked_add(len)? > file_len {
+        return None;
+    }
+    let mut b = vec![0u8; len as usize];
+    file.read_exact_at(&mut b, off).ok()?;
+    Some(b)
+}
+
+fn be16(b: &[u8], o: usize) -> u16 {
+    u16::from_be_bytes([b[o], b[o + 1]])
+}
+fn be32(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]))
+}
+fn be64(b: &[u8], o: usize) -> u64 {
+    u64::from_be_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// One bitmap of the bitmap directory, as `qemu-img info` lists it.
+fn read_bitmaps(file: &File, h: &Header, file_len: u64) -> Vec<Json> {
+    let mut out = Vec::new();
+    let Some(ext) = &h.bitmaps_ext else {
+        return out;
+    };
+    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 || ext.len() < 24 {
+        return out;
+    }
+    let nb = be32(ext, 0) as u64;
+    let dir_size = be64(ext, 8);
+    let dir_off = be64(ext, 16);
+    if dir_size > 64 << 20 {
+        return out;
+    }
+    let Some(dir) = read_exact(file, dir_off, dir_size, file_len) else {
+        return out;
+    };
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        if pos + 24 > dir.len() {
+            break;
+        }
+        let e = &dir[pos..];
+        let flags = be32(e, 12);
+        let gran_bits = e[17] as u32;
+        let name_len = be16(e, 18) as usize;
+        let extra = be32(e, 20) as usize;
+        let name_start = 24 + extra;
+        if name_start + name_len > e.len() {
+            break;
+        }
+        let name = String::from_utf8_lossy(&e[name_start..name_start + name_len]).into_owned();
+        let mut fl = Vec::new();
+        if flags & 1 != 0 {
+            fl.push(Json::Str("in-use".into()));
+        }
+        if flags & 2 != 0 {
+            fl.push(Json::Str("auto".into()));
+        }
+        out.push(Json::Obj(
+            Obj::new()
+                .put_str("name", &name)
+                .put_int("granularity", 1u64.checked_shl(gran_bits).unwrap_or(0))
+                .put("flags", Json::List(fl)),
+        ));
+        pos += (name_start + name_len + 7) & !7;
+    }
+    out
+}
+
+/// One internal snapshot.
+struct Snap {
+    id: String,
+    name: String,
+    date_sec: u32,
+    date_nsec: u32,
+    vm_clock_nsec: u64,
+    vm_state_size: u64,
+    icount: Option<u64>,
+}
+
+impl Snap {
+    fn json(&self) -> Obj {
+        let mut o = Obj::new()
+            .put_str("id", &self.id)
+            .put_str("name", &self.name)
+            .put_int("vm-state-size", self.vm_state_size)
+            .put_int("date-sec", self.date_sec as u64)
+            .put_int("date-nsec", self.date_nsec as u64)
+            .put_int("vm-clock-sec", self.vm_clock_nsec / 1_000_000_000)
+            .put_int("vm-clock-nsec", self.vm_clock_nsec % 1_000_000_000);
+        if let Some(i) = self.icount {
+            o = o.put_int("icount", i);
+        }
+        o
+    }
+}
+
+/// Decodes the snapshot table; a damaged table yields what could be read.
+fn read_snapshots(file: &File, h: &Header, file_len: u64) -> Vec<Snap> {
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset;
+    for _ in 0..h.nb_snapshots.min(65536) {
+        let Some(e) = read_exact(file, off, 40, file_len) else {
+            break;
+        };
+        let id_len = be16(&e, 12) as u64;
+        let name_len = be16(&e, 14) as u64;
+        let extra = be32(&e, 36) as u64;
+        if extra > 1024 {
+            break;
+        }
+        let total = 40 + extra + id_len + name_len;
+        let Some(e) = read_exact(file, off, total, file_len) else {
+            break;
+        };
+        let x = 40usize;
+        let mut vm_state_size = be32(&e, 32) as u64;
+        if extra >= 8 {
+            vm_state_size = be64(&e, x);
+        }
+        let icount = if extra >= 24 {
+            Some(be64(&e, x + 16)).filter(|&v| v != u64::MAX)
+        } else {
+            None
+        };
+        let ids = 40 + extra as usize;
+        let idn = ids + id_len as usize;
+        out.push(Snap {
+            id: String::from_utf8_lossy(&e[ids..idn]).into_owned(),
+            name: String::from_utf8_lossy(&e[idn..idn + name_len as usize]).into_owned(),
+            date_sec: be32(&e, 16),
+            date_nsec: be32(&e, 20),
+            vm_clock_nsec: be64(&e, 24),
+            vm_state_size,
+            icount,
+        });
+        off += (total + 7) & !7;
+    }
+    out
+}
+
+/// The "Snapshot list:" table of qemu-img info.
+fn snapshot_table(snaps: &[Snap]) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    let _ = writeln!(
+        s,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snaps {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (sn.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            sn.id,
+            sn.name,
+            size_to_str(sn.vm_state_size),
+            local_time(sn.date_sec as i64),
+            clock,
+            icount
+        );
+    }
+    s
+}
+
+/// "YYYY-MM-DD HH:MM:SS" in local time.
+fn local_time(secs: i64) -> String {
+    // SAFETY: localtime_r writes into the zeroed struct we pass; the time
+    // value is a plain integer.
+    let tm = unsafe {
+        let t: libc::time_t = secs as libc::time_t;
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return String::new();
+        }
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
