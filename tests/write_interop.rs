@@ -298,10 +298,12 @@ fn copy_on_write_sources() {
     qemu_io(&mid, &["write -P 0x77 100000 70000"]);
     model[100000..170000].fill(0x77);
     let top = d.path("top.qcow2");
-    let mut o = CreateOptions::default();
-    o.size = 5 << 20;
-    o.backing_file = Some("mid.qcow2".into());
-    o.backing_fmt = Some("qcow2".into());
+    let o = CreateOptions {
+        size: 5 << 20,
+        backing_file: Some("mid.qcow2".into()),
+        backing_fmt: Some("qcow2".into()),
+        ..Default::default()
+    };
     oxqcow::engine::create(&top, &o).unwrap();
     model.resize(5 << 20, 0);
     {

@@ -107,7 +107,7 @@ impl Meta {
             if l2_off == 0 {
                 continue;
             }
-            if l2_off % cs != 0 {
+            if !l2_off.is_multiple_of(cs) {
                 (w.report)(&format!(
                     "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
@@ -197,7 +197,7 @@ impl Meta {
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 (w.report)(&format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
@@ -229,7 +229,7 @@ impl Meta {
         let ti = (c >> self.rb_bits) as usize;
         if ti < self.reftable.len() {
             let off = self.reftable[ti] & OFFSET_MASK;
-            if off != 0 && (off % self.cs != 0 || off >= file_len) {
+            if off != 0 && (!off.is_multiple_of(self.cs) || off >= file_len) {
                 return None;
             }
         }
@@ -319,7 +319,7 @@ impl Meta {
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = e & OFFSET_MASK;
-            if l2_off == 0 || l2_off % cs != 0 || l2_off + cs > w.file_len {
+            if l2_off == 0 || !l2_off.is_multiple_of(cs) || l2_off + cs > w.file_len {
                 continue;
             }
             let rc = self.refcount(l2_off / cs)?;

@@ -28,7 +28,7 @@ impl Meta {
             }
         }
         self.update_refcount(off, size, 1)?;
-        self.free_byte_offset = if (off + size) % cs == 0 {
+        self.free_byte_offset = if (off + size).is_multiple_of(cs) {
             0
         } else {
             off + size
@@ -44,7 +44,7 @@ impl Qcow2 {
     pub fn write_compressed(&self, data: &[u8], off: u64) -> Result<()> {
         let cs = self.cs;
         let size = self.size();
-        if off % cs != 0
+        if !off.is_multiple_of(cs)
             || !(data.len() as u64 == cs || off + data.len() as u64 == size)
             || data.is_empty()
         {

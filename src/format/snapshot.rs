@@ -54,7 +54,7 @@ impl Snapshot {
         out.extend_from_slice(&self.extra_unknown);
         out.extend_from_slice(self.id.as_bytes());
         out.extend_from_slice(self.name.as_bytes());
-        while (out.len() - start) % 8 != 0 {
+        while !(out.len() - start).is_multiple_of(8) {
             out.push(0);
         }
     }
