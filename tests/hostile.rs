@@ -321,7 +321,7 @@ fn last_byte_of_the_largest_image() {
         "qemu-io",
         &[
             "-c",
-            &format!("read -P 0x21 {} 1", end - 4),
+            &format!("read -P 0x21 {} 1", end - 1),
             &p.display().to_string(),
         ],
     );

@@ -10,8 +10,40 @@ use std::collections::HashMap;
 
 pub struct Slot {
     pub data: Vec<u8>,
-    pub dirty: bool,
+    /// Byte range changed since the last write-back.
+    dirty: Option<(usize, usize)>,
     last_use: u64,
+}
+
+/// Write-back granularity: whole 4 KiB blocks (safe for O_DIRECT), so a
+/// one-entry change does not rewrite a 2 MiB table.
+const WRITE_ALIGN: usize = 4096;
+
+impl Slot {
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.is_some()
+    }
+
+    /// Records that bytes [lo, hi) changed.
+    pub fn touch(&mut self, lo: usize, hi: usize) {
+        self.dirty = Some(match self.dirty {
+            Some((a, b)) => (a.min(lo), b.max(hi)),
+            None => (lo, hi),
+        });
+    }
+
+    pub fn touch_all(&mut self) {
+        self.dirty = Some((0, self.data.len()));
+    }
+
+    /// The changed bytes rounded out to write-back blocks.
+    pub fn dirty_range(&self) -> Option<(usize, usize)> {
+        self.dirty.map(|(lo, hi)| {
+            let lo = lo / WRITE_ALIGN * WRITE_ALIGN;
+            let hi = hi.div_ceil(WRITE_ALIGN) * WRITE_ALIGN;
+            (lo.min(self.data.len()), hi.min(self.data.len()))
+        })
+    }
 }
 
 pub struct TableCache {
@@ -48,11 +80,12 @@ impl TableCache {
     /// Inserts an entry. The caller must have made room with [`TableCache::victim`].
     pub fn insert(&mut self, offset: u64, data: Vec<u8>, dirty: bool) {
         self.tick += 1;
+        let len = data.len();
         self.slots.insert(
             offset,
             Slot {
                 data,
-                dirty,
+                dirty: dirty.then_some((0, len)),
                 last_use: self.tick,
             },
         );
@@ -65,8 +98,8 @@ impl TableCache {
         }
         self.slots
             .iter()
-            .min_by_key(|(_, s)| (s.dirty, s.last_use))
-            .map(|(&o, s)| (o, s.dirty))
+            .min_by_key(|(_, s)| (s.is_dirty(), s.last_use))
+            .map(|(&o, s)| (o, s.is_dirty()))
     }
 
     pub fn remove(&mut self, offset: u64) -> Option<Slot> {
@@ -78,7 +111,7 @@ impl TableCache {
         let mut v: Vec<u64> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.dirty)
+            .filter(|(_, s)| s.is_dirty())
             .map(|(&o, _)| o)
             .collect();
         v.sort_unstable();
@@ -86,12 +119,12 @@ impl TableCache {
     }
 
     pub fn has_dirty(&self) -> bool {
-        self.slots.values().any(|s| s.dirty)
+        self.slots.values().any(|s| s.is_dirty())
     }
 
     pub fn mark_clean(&mut self, offset: u64) {
         if let Some(s) = self.slots.get_mut(&offset) {
-            s.dirty = false;
+            s.dirty = None;
         }
     }
 }

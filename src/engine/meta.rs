@@ -53,6 +53,13 @@ impl MetaKind {
     }
 }
 
+/// Which cache a write-back concerns.
+#[derive(Clone, Copy)]
+enum Which {
+    L2,
+    Refblock,
+}
+
 pub struct Meta {
     pub file: Arc<dyn Storage>,
     pub name: String,
@@ -74,6 +81,12 @@ pub struct Meta {
     pub lazy: bool,
     pub writable: bool,
     pub corrupt: bool,
+    /// File length at the last sync: clusters at or past it read as
+    /// zeros after a crash until they are written and synced.
+    pub durable_end: u64,
+    /// Some L2 change made since the last sync points at data whose
+    /// absence after a crash would be visible (see `sync_before_l2`).
+    pub data_sync_needed: bool,
     /// Where the next compressed cluster may start (0: in a new cluster).
     pub free_byte_offset: u64,
     /// Internal snapshots, as the snapshot table lists them.
@@ -107,8 +120,10 @@ impl Meta {
         self.file.read_at(buf, off).map_err(|e| self.io(what, e))
     }
 
-    pub fn sync(&self) -> Result<()> {
-        self.file.sync().map_err(|e| self.io("sync", e))
+    pub fn sync(&mut self) -> Result<()> {
+        self.file.sync().map_err(|e| self.io("sync", e))?;
+        self.durable_end = self.file_len()?;
+        Ok(())
     }
 
     pub fn file_len(&self) -> Result<u64> {
@@ -253,13 +268,8 @@ impl Meta {
         if let Some((victim, dirty)) = self.l2_cache.victim() {
             if dirty {
                 // Rules 1 and 2 of the module comment, for one table.
-                self.sync()?;
-                if !self.lazy {
-                    self.write_refblocks()?;
-                    self.sync()?;
-                }
-                let data = self.l2_cache.get(victim).unwrap().data.clone();
-                self.write_file(&data, victim, "write L2 table")?;
+                self.sync_before_l2()?;
+                self.write_slot(Which::L2, victim)?;
             }
             self.l2_cache.remove(victim);
         }
@@ -288,8 +298,7 @@ impl Meta {
                 // A refcount block has no prerequisite: increments may always
                 // reach the disk first, and decrements are only applied to
                 // the cache once the dropped references are durable.
-                let data = self.rb_cache.get(victim).unwrap().data.clone();
-                self.write_file(&data, victim, "write refcount block")?;
+                self.write_slot(Which::Refblock, victim)?;
             }
             self.rb_cache.remove(victim);
         }
@@ -298,10 +307,39 @@ impl Meta {
 
     fn write_refblocks(&mut self) -> Result<()> {
         for off in self.rb_cache.dirty_offsets() {
-            let data = self.rb_cache.get(off).unwrap().data.clone();
-            self.write_file(&data, off, "write refcount block")?;
-            self.rb_cache.mark_clean(off);
+            self.write_slot(Which::Refblock, off)?;
         }
+        Ok(())
+    }
+
+    /// Writes the changed part of a cached table and marks it clean.
+    fn write_slot(&mut self, which: Which, off: u64) -> Result<()> {
+        let (cache, what) = match which {
+            Which::L2 => (&mut self.l2_cache, "write L2 table"),
+            Which::Refblock => (&mut self.rb_cache, "write refcount block"),
+        };
+        let slot = cache.get(off).unwrap();
+        if let Some((lo, hi)) = slot.dirty_range() {
+            self.file
+                .write_at(&slot.data[lo..hi], off + lo as u64)
+                .map_err(|e| Error::io(format!("{}: {what}", self.name), e))?;
+        }
+        cache.mark_clean(off);
+        Ok(())
+    }
+
+    /// Makes what an L2 write depends on durable: guest data (rule 1,
+    /// unless every new mapping points at never-written clusters over
+    /// guest zeros) and, without lazy refcounts, the refcount blocks
+    /// (rule 2). One sync serves both.
+    fn sync_before_l2(&mut self) -> Result<()> {
+        if !self.lazy {
+            self.write_refblocks()?;
+            self.sync()?;
+        } else if self.data_sync_needed {
+            self.sync()?;
+        }
+        self.data_sync_needed = false;
         Ok(())
     }
 
@@ -328,7 +366,8 @@ impl Meta {
         let rw = self.rw;
         let slot = self.rb_cache.get(block).unwrap();
         rw.set(&mut slot.data, idx, v);
-        slot.dirty = true;
+        let byte = (idx << rw.order >> 3) as usize;
+        slot.touch(byte, byte + (rw.bits() as usize).div_ceil(8));
         Ok(())
     }
 
@@ -550,7 +589,7 @@ impl Meta {
             let rw = self.rw;
             let slot = self.rb_cache.get(boff).unwrap();
             rw.set(&mut slot.data, c % per_block, 1);
-            slot.dirty = true;
+            slot.touch_all();
         }
         // Blocks before the table, the table before the header points at it.
         self.write_refblocks()?;
@@ -661,11 +700,21 @@ impl Meta {
     }
 
     /// Sets the raw L2 entry of `gc`; the table must come from `l2_for_write`.
+    /// Conservatively, the next L2 write-back waits for guest data to be durable.
     pub fn set_l2_entry(&mut self, l2_off: u64, gc: u64, raw: u64) {
+        self.data_sync_needed = true;
+        self.set_l2_entry_unordered(l2_off, gc, raw);
+    }
+
+    /// Sets an L2 entry that may reach the disk before the data it maps:
+    /// only for a never-written host cluster (at or past `durable_end`)
+    /// mapped over guest bytes that read as zeros, where a crash that
+    /// loses the data still shows zeros, the old contents.
+    pub fn set_l2_entry_unordered(&mut self, l2_off: u64, gc: u64, raw: u64) {
         let idx = (gc & (self.l2_entries() - 1)) as usize;
         let slot = self.l2_cache.get(l2_off).unwrap();
         put64(&mut slot.data, idx * 8, raw);
-        slot.dirty = true;
+        slot.touch(idx * 8, idx * 8 + 8);
     }
 
     /// Queues the release of whatever host storage an old L2 entry held.
@@ -702,15 +751,9 @@ impl Meta {
         }
         let tables_dirty = self.l2_cache.has_dirty() || !self.l1_dirty.is_empty();
         if tables_dirty {
-            self.sync()?; // rule 1
-            if !self.lazy {
-                self.write_refblocks()?;
-                self.sync()?; // rule 2
-            }
+            self.sync_before_l2()?; // rules 1 and 2
             for off in self.l2_cache.dirty_offsets() {
-                let data = self.l2_cache.get(off).unwrap().data.clone();
-                self.write_file(&data, off, "write L2 table")?;
-                self.l2_cache.mark_clean(off);
+                self.write_slot(Which::L2, off)?;
             }
             if !self.l1_dirty.is_empty() {
                 self.sync()?; // rule 3

@@ -540,8 +540,12 @@ impl Qcow2 {
         m.mark_dirty()?;
         for w in plan.iter().filter(|w| w.link) {
             let l2 = m.l2_for_write(w.gc)?;
-            // Re-read: the L2 table may just have been copied.
-            m.set_l2_entry(l2, w.gc, w.host | COPIED);
+            let over_zeros = matches!(w.source, CowSource::Zeros) && w.fresh;
+            if over_zeros && w.host >= m.durable_end {
+                m.set_l2_entry_unordered(l2, w.gc, w.host | COPIED);
+            } else {
+                m.set_l2_entry(l2, w.gc, w.host | COPIED);
+            }
             if w.fresh {
                 m.unref_entry(w.old_raw, false);
             }

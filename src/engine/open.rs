@@ -260,6 +260,8 @@ impl Qcow2 {
             inflight: HashSet::new(),
             reftable_moves: 0,
             free_byte_offset: 0,
+            durable_end: file_len,
+            data_sync_needed: false,
             snapshots,
             snapshot_table: snap_table,
         };

@@ -64,7 +64,7 @@ impl Meta {
                 if new != raw {
                     let slot = self.l2_cache.get(l2_off).unwrap();
                     put64(&mut slot.data, j * 8, new);
-                    slot.dirty = true;
+                    slot.touch(j * 8, j * 8 + 8);
                 }
             }
             if addend != 0 {
