@@ -3,9 +3,11 @@
 //! per-command modules, and the error convention: every failure is one
 //! `oxqcow: <what>: <why>` message on stderr and exit status 1.
 
+mod check;
 mod convert;
 mod create;
 mod dump_header;
+mod img_util;
 mod info;
 mod map;
 mod util;
@@ -37,6 +39,8 @@ enum Cmd {
     /// Dump a qcow2 header and its extensions (like iotests' qcow2.py)
     #[command(name = "dump-header")]
     DumpHeader(dump_header::Args),
+    /// Check an image for consistency (and repair it with -r)
+    Check(check::Args),
 }
 
 fn main() {
@@ -81,6 +85,7 @@ fn main() {
         Cmd::Map(a) => map::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::DumpHeader(a) => dump_header::run(a),
+        Cmd::Check(a) => check::run(a),
     };
     if let Err(msg) = r {
         eprintln!("oxqcow: {msg}");
