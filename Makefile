@@ -9,14 +9,32 @@ TARGET := target/release
 BUILD := build
 TESTDIR ?= $(BUILD)/tmp
 
-.PHONY: all lib tool test unit-tests fmt-check clippy doc-check demo install clean
+# The C side: tests, header check, install check (see README "C ABI").
+CC ?= cc
+CXX ?= c++
+CTEST := $(BUILD)/c-tests
+LIBLINK := $(BUILD)/lib
+C_WARN := -Wall -Wextra -Werror
+C_FLAGS := -std=c99 -D_GNU_SOURCE $(C_WARN) -O1 -g -Iinclude -Ic-tests
+CXX_FLAGS := -std=c++11 $(C_WARN) -O1 -g -Iinclude
+# liboxqcow.so's soname is liboxqcow.so.0: the tests find it through links in
+# $(LIBLINK) (rpath), so they run against target/release without installing.
+SO_LINK := -L$(LIBLINK) -loxqcow -Wl,-rpath,$(abspath $(LIBLINK))
+# What a static Rust library needs from the system (rustc --print native-static-libs).
+STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+C_TESTS := test_api test_errors test_031 test_036 test_features test_threads
+C_PROGS := $(addprefix $(CTEST)/,$(C_TESTS) test_static test_cxx)
+C_DEPS := include/block_int.h c-tests/harness.h c-tests/qcow2hdr.h
+
+.PHONY: all lib tool test unit-tests fmt-check clippy doc-check demo install clean \
+	c-tests header-check install-check
 
 all: lib tool
 
 lib tool:
 	$(CARGO) build --release
 
-test: all fmt-check clippy unit-tests doc-check
+test: all fmt-check clippy unit-tests doc-check header-check c-tests install-check
 	@echo "== all tests passed"
 
 unit-tests:
@@ -33,7 +51,47 @@ clippy:
 doc-check:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
 
-demo: all
+# ---- C tests ----------------------------------------------------------------------------
+
+$(LIBLINK)/liboxqcow.so.0: $(TARGET)/liboxqcow.so
+	@mkdir -p $(LIBLINK)
+	ln -sf $(abspath $(TARGET))/liboxqcow.so $(LIBLINK)/liboxqcow.so.0
+	ln -sf liboxqcow.so.0 $(LIBLINK)/liboxqcow.so
+
+$(TARGET)/liboxqcow.so $(TARGET)/liboxqcow.a: lib
+
+$(CTEST)/qcow2tool: c-tests/qcow2tool.c c-tests/qcow2hdr.h
+	@mkdir -p $(CTEST)
+	$(CC) $(C_FLAGS) -o $@ c-tests/qcow2tool.c
+
+$(CTEST)/test_%: c-tests/test_%.c $(C_DEPS) $(LIBLINK)/liboxqcow.so.0
+	@mkdir -p $(CTEST)
+	$(CC) $(C_FLAGS) -o $@ $< $(SO_LINK) -lpthread
+
+$(CTEST)/test_static: c-tests/test_static.c $(C_DEPS) $(TARGET)/liboxqcow.a
+	@mkdir -p $(CTEST)
+	$(CC) $(C_FLAGS) -o $@ $< $(TARGET)/liboxqcow.a $(STATIC_LIBS)
+
+$(CTEST)/test_cxx: c-tests/test_cxx.cc include/block_int.h $(LIBLINK)/liboxqcow.so.0
+	@mkdir -p $(CTEST)
+	$(CXX) $(CXX_FLAGS) -o $@ $< $(SO_LINK)
+
+# Runs every C test program; the last line is "N passed, N failed".
+c-tests: lib $(CTEST)/qcow2tool $(C_PROGS)
+	@rm -rf $(CTEST)/tmp && mkdir -p $(CTEST)/tmp
+	@OXQCOW_TEST_DIR=$(abspath $(CTEST)/tmp) QCOW2TOOL=$(abspath $(CTEST)/qcow2tool) \
+		c-tests/run.sh $(C_PROGS)
+
+# The committed header equals a fresh generation, compiles as C99 and C++,
+# and the library exports exactly what the header and the version script list.
+header-check: lib
+	@CARGO="$(CARGO)" CC="$(CC)" CXX="$(CXX)" BUILD="$(BUILD)" TARGET="$(TARGET)" c-tests/header-check.sh
+
+# `make install` into a temporary prefix, then a host built with pkg-config.
+install-check: all
+	@MAKE="$(MAKE)" CC="$(CC)" BUILD="$(BUILD)" c-tests/install-check.sh
+
+demo: all $(LIBLINK)/liboxqcow.so.0
 	@mkdir -p $(BUILD)/demo
 	@rm -f $(BUILD)/demo/*
 	@head -c 3000000 /dev/urandom > $(BUILD)/demo/data.raw
@@ -42,6 +100,9 @@ demo: all
 	$(TARGET)/oxqcow info $(BUILD)/demo/disk.qcow2
 	qemu-img check $(BUILD)/demo/disk.qcow2
 	qemu-img compare -f raw -F qcow2 $(BUILD)/demo/data.raw $(BUILD)/demo/disk.qcow2
+	$(CC) $(C_FLAGS) -o $(BUILD)/demo/demo_host examples/demo_host.c $(SO_LINK)
+	$(BUILD)/demo/demo_host $(BUILD)/demo/host.qcow2
+	qemu-img check $(BUILD)/demo/host.qcow2
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
