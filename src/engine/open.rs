@@ -55,6 +55,12 @@ impl Qcow2 {
     /// backing file names.
     pub fn open_storage(file: Arc<dyn Storage>, path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
         let name = path.display().to_string();
+        if opts.writable {
+            // What is visible now becomes durable, so that `durable_end`
+            // (see meta.rs, rule 1) describes the disk and not a page cache
+            // left by an earlier process.
+            file.sync().map_err(|e| Error::io("sync", e))?;
+        }
         let file_len = file.len().map_err(|e| Error::io("stat", e))?;
         let mut buf = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
         file.read_at(&mut buf, 0)
