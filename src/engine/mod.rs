@@ -797,11 +797,11 @@ impl Qcow2 {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         {
             let m = self.lock();
-            if new_size < m.header.size && m.header.nb_snapshots > 0 {
-                return Err(Error::Unsupported(format!(
-                    "{}: Can't shrink an image which has snapshots",
-                    self.name
-                )));
+            // QEMU 10: v3 snapshots keep their own size; v2 ones cannot.
+            if m.header.nb_snapshots > 0 && m.header.version < 3 {
+                return Err(Error::Unsupported(
+                    "Can't resize a v2 image which has snapshots".into(),
+                ));
             }
         }
         self.resize_unchecked(new_size)
