@@ -82,7 +82,7 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
             return Err(format!("Unknown driver '{f}'"));
         }
     }
-    Image::open(Path::new(path), fmt, opts).map_err(|e| {
+    let img = Image::open(Path::new(path), fmt, opts).map_err(|e| {
         let msg = errmsg(&e);
         let own = format!("Could not open '{path}': ");
         match msg.strip_prefix(&own) {
@@ -92,7 +92,13 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
             Some(_) => msg,
             None => format!("{own}{msg}"),
         }
-    })
+    })?;
+    if fmt.is_none() && opts.writable && matches!(img, Image::Raw(_)) {
+        eprintln!("WARNING: Image format was not specified for '{path}' and probing guessed raw.");
+        eprintln!("         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.");
+        eprintln!("         Specify the 'raw' format explicitly to remove the restrictions.");
+    }
+    Ok(img)
 }
 
 /// qemu-img's `-p` progress line, `    (12.34/100%)` rewritten with \r.
@@ -149,4 +155,58 @@ pub fn read_padded(img: &Image, buf: &mut [u8], off: u64) -> oxqcow::Result<()> 
     }
     buf[n..].fill(0);
     Ok(())
+}
+
+/// Parses a QemuOpts size parameter (`-o size=...`, resize's size) with
+/// QEMU's two error texts.
+pub fn parse_size_param(name: &str, v: &str) -> CliResult<u64> {
+    let range = || format!("Value '{v}' is out of range for parameter '{name}'");
+    let bad = || {
+        format!(
+            "Parameter '{name}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+        )
+    };
+    if v.trim_start().starts_with('-') {
+        return Err(range());
+    }
+    let t = v.trim_start();
+    let (digits, rest, radix) = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => {
+            let end = h.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(h.len());
+            (&h[..end], &h[end..], 16)
+        }
+        None => {
+            let end = t
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(t.len());
+            (&t[..end], &t[end..], 10)
+        }
+    };
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let shift = match rest {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(bad()),
+    };
+    if radix == 16 {
+        let n = u64::from_str_radix(digits, 16).map_err(|_| range())?;
+        return n.checked_mul(1u64 << shift).ok_or_else(range);
+    }
+    if digits.contains('.') {
+        let f: f64 = digits.parse().map_err(|_| bad())?;
+        let x = f * (1u64 << shift) as f64;
+        if x >= 18_446_744_073_709_550_592.0 {
+            return Err(range());
+        }
+        return Ok(x as u64);
+    }
+    let n: u64 = digits.parse().map_err(|_| range())?;
+    n.checked_mul(1u64 << shift).ok_or_else(range)
 }

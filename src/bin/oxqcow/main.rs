@@ -3,6 +3,7 @@
 //! per-command modules, and the error convention: every failure is one
 //! `oxqcow: <what>: <why>` message on stderr and exit status 1.
 
+mod amend;
 mod check;
 mod convert;
 mod create;
@@ -10,6 +11,7 @@ mod dump_header;
 mod img_util;
 mod info;
 mod map;
+mod resize;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +43,10 @@ enum Cmd {
     DumpHeader(dump_header::Args),
     /// Check an image for consistency (and repair it with -r)
     Check(check::Args),
+    /// Change format options of an existing image
+    Amend(amend::Args),
+    /// Change the virtual size of an image
+    Resize(resize::Args),
 }
 
 fn main() {
@@ -86,6 +92,8 @@ fn main() {
         Cmd::Convert(a) => convert::run(a),
         Cmd::DumpHeader(a) => dump_header::run(a),
         Cmd::Check(a) => check::run(a),
+        Cmd::Amend(a) => amend::run(a),
+        Cmd::Resize(a) => resize::run(a),
     };
     if let Err(msg) = r {
         eprintln!("oxqcow: {msg}");
