@@ -159,11 +159,7 @@ impl Qcow2 {
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
-        if m.snapshots.iter().any(|s| s.name == name) && !name.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "Snapshot '{name}' already exists"
-            )));
-        }
+        // Names need not be unique (qemu-img snapshot -c allows duplicates).
         let id = (1..)
             .map(|n: u64| n.to_string())
             .find(|id| !m.snapshots.iter().any(|s| &s.id == id))
