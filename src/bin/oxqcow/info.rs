@@ -420,3 +420,24 @@ fn local_time(secs: i64) -> String {
         tm.tm_sec
     )
 }
+
+/// The "Snapshot list:" table for snapshots the engine read (what
+/// `qemu-img snapshot -l` prints); empty when there are none.
+pub fn snapshot_list(list: &[oxqcow::format::snapshot::Snapshot]) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let snaps: Vec<Snap> = list
+        .iter()
+        .map(|s| Snap {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_nsec: s.vm_clock_nsec,
+            vm_state_size: s.vm_state_size,
+            icount: s.icount.filter(|&v| v != u64::MAX),
+        })
+        .collect();
+    snapshot_table(&snaps)
+}

@@ -11,7 +11,9 @@ mod dump_header;
 mod img_util;
 mod info;
 mod map;
+mod measure;
 mod resize;
+mod snapshot;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +49,10 @@ enum Cmd {
     Amend(amend::Args),
     /// Change the virtual size of an image
     Resize(resize::Args),
+    /// List, create, apply or delete internal snapshots
+    Snapshot(snapshot::Args),
+    /// Compute the size a new image would need
+    Measure(measure::Args),
 }
 
 fn main() {
@@ -94,6 +100,8 @@ fn main() {
         Cmd::Check(a) => check::run(a),
         Cmd::Amend(a) => amend::run(a),
         Cmd::Resize(a) => resize::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Measure(a) => measure::run(a),
     };
     if let Err(msg) = r {
         eprintln!("oxqcow: {msg}");
