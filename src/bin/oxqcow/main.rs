@@ -5,6 +5,7 @@
 
 mod amend;
 mod check;
+mod compare;
 mod convert;
 mod create;
 mod dump_header;
@@ -53,6 +54,8 @@ enum Cmd {
     Snapshot(snapshot::Args),
     /// Compute the size a new image would need
     Measure(measure::Args),
+    /// Compare the guest contents of two images
+    Compare(compare::Args),
 }
 
 fn main() {
@@ -102,6 +105,7 @@ fn main() {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
+        Cmd::Compare(a) => compare::run(a),
     };
     if let Err(msg) = r {
         eprintln!("oxqcow: {msg}");
