@@ -45,6 +45,24 @@ struct Case {
     seed: u64,
     /// Cache sizes in clusters (L2, refcount), to force evictions.
     caches: Option<(u64, u64)>,
+    /// Open with O_DIRECT.
+    direct: bool,
+}
+
+/// The same random operations with O_DIRECT (cache=none): unaligned
+/// requests go through aligned bounce buffers.
+#[test]
+fn random_ops_direct_io() {
+    random_ops(
+        &Case {
+            opts: "cluster_size=4096",
+            cs: 4096,
+            seed: 11,
+            caches: Some((4, 4)),
+            direct: true,
+        },
+        3_000,
+    );
 }
 
 fn random_ops(case: &Case, ops: usize) {
@@ -60,6 +78,7 @@ fn random_ops(case: &Case, ops: usize) {
     let open_opts = OpenOptions {
         l2_cache_size: case.caches.map(|c| c.0 * cs),
         refcount_cache_size: case.caches.map(|c| c.1 * cs),
+        direct: case.direct,
         ..rw()
     };
     let mut img = Image::open(&path, None, &open_opts).unwrap();
@@ -135,6 +154,7 @@ fn random_ops_64k() {
             cs: 65536,
             seed: 1,
             caches: None,
+            direct: false,
         },
         10_000,
     );
@@ -148,6 +168,7 @@ fn random_ops_512_refcount_1() {
             cs: 512,
             seed: 2,
             caches: None,
+            direct: false,
         },
         10_000,
     );
@@ -161,6 +182,7 @@ fn random_ops_4k_v2() {
             cs: 4096,
             seed: 3,
             caches: None,
+            direct: false,
         },
         10_000,
     );
@@ -174,6 +196,7 @@ fn random_ops_2m_refcount_64_lazy() {
             cs: 2 << 20,
             seed: 4,
             caches: None,
+            direct: false,
         },
         10_000,
     );
@@ -187,6 +210,7 @@ fn random_ops_1k_refcount_8() {
             cs: 1024,
             seed: 5,
             caches: None,
+            direct: false,
         },
         10_000,
     );
@@ -200,6 +224,7 @@ fn random_ops_tiny_caches() {
             cs: 512,
             seed: 6,
             caches: Some((2, 4)),
+            direct: false,
         },
         10_000,
     );
@@ -209,6 +234,7 @@ fn random_ops_tiny_caches() {
             cs: 4096,
             seed: 7,
             caches: Some((2, 4)),
+            direct: false,
         },
         10_000,
     );
