@@ -5,7 +5,7 @@
 //! a key wins), creation-only options are refused with qemu-img's hint,
 //! and the engine applies the rest.
 
-use crate::img_util::{open_image, parse_size_param, usage_error, Progress};
+use crate::img_util::{open_image, parse_size_param, usage_error, QProgress};
 use crate::util::{errmsg, parse_c_number, CliResult};
 use oxqcow::engine::AmendOptions;
 use oxqcow::{Image, OpenOptions};
@@ -193,10 +193,13 @@ pub fn run(a: Args) -> CliResult<()> {
             }
         }
     }
-    let mut progress = Progress::new(a.progress && !a.quiet);
+    let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
+    progress.add(0.0, 100);
     q.amend(&o).map_err(|e| errmsg(&e))?;
     img.close().map_err(|e| errmsg(&e))?;
-    progress.update(1, 1);
-    progress.finish();
+    // The amend job's own report, then qemu-img's final one.
+    progress.add(100.0, 100);
+    progress.add(100.0, 0);
+    progress.end();
     Ok(())
 }

@@ -210,3 +210,56 @@ pub fn parse_size_param(name: &str, v: &str) -> CliResult<u64> {
     let n: u64 = digits.parse().map_err(|_| range())?;
     n.checked_mul(1u64 << shift).ok_or_else(range)
 }
+
+/// qemu-img's progress accounting (qemu_progress_print): `add` moves the
+/// job by `delta` percent of `max` (max 0: set it to `delta`), clamped to
+/// 100; a line is printed at 0 and 100 and whenever the value moved by
+/// more than `min_skip` since the last line.
+pub struct QProgress {
+    on: bool,
+    current: f32,
+    last_print: f32,
+    min_skip: f32,
+}
+
+impl QProgress {
+    pub fn new(on: bool, min_skip: f32) -> QProgress {
+        QProgress {
+            on,
+            current: 0.0,
+            last_print: 0.0,
+            min_skip,
+        }
+    }
+
+    pub fn add(&mut self, delta: f32, max: i32) {
+        let mut cur = if max == 0 {
+            delta
+        } else {
+            self.current + delta / 100.0 * max as f32
+        };
+        if cur > 100.0 {
+            cur = 100.0;
+        }
+        self.current = cur;
+        if cur > self.last_print + self.min_skip
+            || cur < self.last_print - self.min_skip
+            || cur == 100.0
+            || cur == 0.0
+        {
+            self.last_print = cur;
+            if self.on {
+                let mut out = std::io::stdout().lock();
+                let _ = write!(out, "    ({:.2}/100%)\r", cur);
+                let _ = out.flush();
+            }
+        }
+    }
+
+    /// qemu_progress_end: a newline after the progress line.
+    pub fn end(&self) {
+        if self.on {
+            println!();
+        }
+    }
+}

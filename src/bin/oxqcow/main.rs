@@ -5,6 +5,7 @@
 
 mod amend;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -13,6 +14,7 @@ mod img_util;
 mod info;
 mod map;
 mod measure;
+mod rebase;
 mod resize;
 mod snapshot;
 mod util;
@@ -56,6 +58,10 @@ enum Cmd {
     Measure(measure::Args),
     /// Compare the guest contents of two images
     Compare(compare::Args),
+    /// Change the backing file of an image
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file
+    Commit(commit::Args),
 }
 
 fn main() {
@@ -106,6 +112,8 @@ fn main() {
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
         Cmd::Compare(a) => compare::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Commit(a) => commit::run(a),
     };
     if let Err(msg) = r {
         eprintln!("oxqcow: {msg}");

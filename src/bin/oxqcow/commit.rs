@@ -1,0 +1,149 @@
+//! `oxqcow commit`: qemu-img commit. Every range that the image (and,
+//! with -b, every layer above the chosen base) has allocated is written
+//! into the base: data as data, zero clusters as zeroes that unmap. The
+//! base grows to the image's size when it is smaller. Afterwards the image
+//! is emptied unless -d (or -b, which implies it) was given.
+
+use crate::img_util::{open_image, parse_cache_mode, QProgress};
+use crate::util::{errmsg, parse_img_size, resolve_backing, CliResult};
+use oxqcow::{BlockStatus, Image, OpenOptions};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Quiet operation
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Image format (probed when not given)
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    fmt: Option<String>,
+    /// Cache mode
+    #[arg(short = 't', long = "cache", value_name = "CACHE_MODE")]
+    cache: Option<String>,
+    /// Commit into this image of the backing chain (implies -d)
+    #[arg(short = 'b', long = "base", value_name = "BASE_IMG")]
+    base: Option<String>,
+    /// Do not empty the image afterwards
+    #[arg(short = 'd', long = "drop")]
+    drop: bool,
+    /// I/O rate limit (accepted, not enforced)
+    #[arg(short = 'r', long = "rate", value_name = "RATE")]
+    rate: Option<String>,
+    /// Image file
+    filename: String,
+}
+
+/// Bytes copied per step.
+const CHUNK: u64 = 2 << 20;
+
+pub fn run(a: Args) -> CliResult<()> {
+    if let Some(r) = &a.rate {
+        parse_img_size(r).map_err(|_| format!("Invalid rate limit specified: '{r}'."))?;
+    }
+    let cache = match &a.cache {
+        Some(c) => parse_cache_mode(c).ok_or_else(|| format!("Invalid cache option: {c}"))?,
+        None => Default::default(),
+    };
+    let opts = OpenOptions {
+        writable: true,
+        writethrough: cache.writethrough,
+        direct: cache.direct,
+        ..Default::default()
+    };
+    let top = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    // The chain below the image: (path, format) by depth, 1 = backing file.
+    let mut chain: Vec<(PathBuf, &'static str, u64)> = Vec::new();
+    let mut layer = top.backing();
+    while let Some(l) = layer {
+        chain.push((PathBuf::from(l.filename()), l.format(), l.size()));
+        layer = l.backing();
+    }
+    if chain.is_empty() {
+        return Err("Image does not have a backing file".into());
+    }
+    let depth = match &a.base {
+        None => 1,
+        Some(b) => {
+            let want = std::fs::canonicalize(resolve_backing(&a.filename, b))
+                .or_else(|_| std::fs::canonicalize(b));
+            let found = want.ok().and_then(|w| {
+                chain
+                    .iter()
+                    .position(|(p, _, _)| std::fs::canonicalize(p).ok().as_ref() == Some(&w))
+            });
+            match found {
+                Some(i) => i + 1,
+                None => {
+                    return Err(format!(
+                        "Did not find '{b}' in the backing chain of '{}'",
+                        a.filename
+                    ))
+                }
+            }
+        }
+    };
+    let drop_top = a.drop || a.base.is_some();
+    let (base_path, base_fmt, _) = chain[depth - 1].clone();
+    let base_name = base_path.display().to_string();
+    let base_opts = OpenOptions {
+        writable: true,
+        writethrough: cache.writethrough,
+        direct: cache.direct,
+        ..Default::default()
+    };
+    let base = open_image(&base_name, Some(base_fmt), &base_opts)?;
+    let size = top.size();
+    let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
+    progress.add(0.0, 100);
+    if base.size() < size {
+        base.resize(size).map_err(|e| {
+            format!(
+                "Top image {} is larger than base image {base_name}, and resize of base image failed: {}",
+                a.filename,
+                errmsg(&e)
+            )
+        })?;
+    }
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0u64;
+    while off < size {
+        let want = (size - off).min(CHUNK);
+        let (st, n) = top.block_status(off, want).map_err(|e| errmsg(&e))?;
+        let n = n.clamp(1, want);
+        let above = |d: u32| (d as usize) < depth;
+        match st {
+            BlockStatus::Data { depth: d, .. } if above(d) => {
+                let b = &mut buf[..n as usize];
+                top.read_at(b, off).map_err(|e| errmsg(&e))?;
+                base.write_at(b, off).map_err(|e| errmsg(&e))?;
+            }
+            // Past the end of a shorter layer above the base the image
+            // reads zeros that this layer "has": QEMU commits them too.
+            BlockStatus::Zero { depth: d } | BlockStatus::Unallocated { depth: d }
+                if above(d) && (matches!(st, BlockStatus::Zero { .. }) || d > 0) =>
+            {
+                base.write_zeroes(off, n, true).map_err(|e| errmsg(&e))?;
+            }
+            _ => {}
+        }
+        off += n;
+        progress.add(n as f32 * 100.0 / size as f32, 100);
+    }
+    base.close().map_err(|e| errmsg(&e))?;
+    drop(base);
+    if !drop_top {
+        if let Image::Qcow2(q) = &top {
+            q.make_empty().map_err(|e| errmsg(&e))?;
+        }
+    }
+    top.close().map_err(|e| errmsg(&e))?;
+    progress.add(100.0, 0);
+    progress.end();
+    if !a.quiet {
+        println!("Image committed.");
+    }
+    Ok(())
+}
