@@ -133,13 +133,6 @@ impl Progress {
             self.print(pct);
         }
     }
-
-    pub fn finish(&self) {
-        if self.on {
-            self.print(100.0);
-            println!();
-        }
-    }
 }
 
 /// Reads guest bytes, zero-filling what lies past the end of the image.

@@ -4,6 +4,7 @@
 //! `oxqcow: <what>: <why>` message on stderr and exit status 1.
 
 mod amend;
+mod bench;
 mod check;
 mod commit;
 mod compare;
@@ -62,6 +63,8 @@ enum Cmd {
     Rebase(rebase::Args),
     /// Write an image's data into its backing file
     Commit(commit::Args),
+    /// Run a simple I/O benchmark on an image
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -114,6 +117,7 @@ fn main() {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     if let Err(msg) = r {
         eprintln!("oxqcow: {msg}");
