@@ -157,13 +157,36 @@ impl Qcow2 {
 
     /// Creates an internal snapshot of the current disk state.
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.snapshot_create_with(None, name, None, 0).map(|_| ())
+    }
+
+    /// Creates an internal snapshot with the caller's ID (None or "": the
+    /// next free number), date (None: now) and VM clock, as QEMU's
+    /// qcow2_snapshot_create takes them from a QEMUSnapshotInfo. An ID
+    /// already in use is refused. Returns the new table entry.
+    pub fn snapshot_create_with(
+        &self,
+        id: Option<&str>,
+        name: &str,
+        date: Option<(u32, u32)>,
+        vm_clock_nsec: u64,
+    ) -> Result<Snapshot> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
         // Names need not be unique (qemu-img snapshot -c allows duplicates).
-        let id = (1..)
-            .map(|n: u64| n.to_string())
-            .find(|id| !m.snapshots.iter().any(|s| &s.id == id))
-            .unwrap();
+        let id = match id.filter(|i| !i.is_empty()) {
+            Some(i) if m.snapshots.iter().any(|s| s.id == i) => {
+                return Err(Error::InvalidArgument(format!(
+                    "Snapshot ID '{i}' already exists in '{}'",
+                    self.name
+                )))
+            }
+            Some(i) => i.to_string(),
+            None => (1..)
+                .map(|n: u64| n.to_string())
+                .find(|id| !m.snapshots.iter().any(|s| &s.id == id))
+                .unwrap(),
+        };
         m.flush_all()?;
         // The L1 copy, as QEMU writes it (flags included).
         let l1 = m.l1.clone();
@@ -179,25 +202,29 @@ impl Qcow2 {
         let active_off = m.header.l1_table_offset;
         let active_size = m.l1.len() as u32;
         m.update_snapshot_refcount(active_off, active_size, 1)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let (date_sec, date_nsec) = date.unwrap_or_else(|| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            (now.as_secs() as u32, now.subsec_nanos())
+        });
         let sn = Snapshot {
             l1_table_offset: l1_off,
             l1_size: l1.len() as u32,
             id,
             name: name.to_string(),
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
             vm_state_size: 0,
             disk_size: Some(m.header.size),
             icount: Some(0),
             extra_unknown: Vec::new(),
         };
         let mut list = m.snapshots.clone();
-        list.push(sn);
-        m.write_snapshot_table(list)
+        list.push(sn.clone());
+        m.write_snapshot_table(list)?;
+        Ok(sn)
     }
 
     /// Reverts the disk to a snapshot (by ID or name).
