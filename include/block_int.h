@@ -182,6 +182,12 @@ typedef struct {
    * One-line description, or NULL.
    */
   const char *help;
+  /**
+   * Set by set_option_parameter(), set_option_parameter_int() and
+   * parse_option_parameters() (QEMU 1.7's flag): bdrv_amend_options()
+   * changes only the options that have it. Driver lists have it false.
+   */
+  bool assigned;
 } QEMUOptionParameter;
 
 /**
@@ -271,24 +277,25 @@ typedef struct {
 typedef int BdrvCheckMode;
 
 /**
- * An internal snapshot, as the snapshot members of BlockDriver would
- * report it. Those members are NULL in this version.
+ * An internal snapshot (QEMU 1.x's QEMUSnapshotInfo): what
+ * bdrv_snapshot_list() reports and what bdrv_snapshot_create() takes.
  */
 typedef struct {
   /**
-   * Unique snapshot ID (NUL-terminated).
+   * Unique snapshot ID (NUL-terminated). "" in bdrv_snapshot_create()
+   * picks the next free number, as QEMU does, and writes it back.
    */
   char id_str[128];
   /**
-   * User-chosen name (NUL-terminated).
+   * User-chosen name (NUL-terminated; names need not be unique).
    */
   char name[256];
   /**
-   * Size of the saved VM state.
+   * Size of the saved VM state (always 0 here: no VM state is stored).
    */
-  uint32_t vm_state_size;
+  uint64_t vm_state_size;
   /**
-   * UTC date of the snapshot, seconds.
+   * UTC date of the snapshot, seconds since the epoch.
    */
   uint32_t date_sec;
   /**
@@ -383,8 +390,7 @@ typedef struct {
    */
   int (*bdrv_get_info)(BlockDriverState *bs, BlockDriverInfo *bdi);
   /**
-   * As bdrv_check(); returns -ENOTSUP until check/repair is implemented
-   * (NULL for raw).
+   * As bdrv_check() (NULL for raw).
    */
   int (*bdrv_check)(BlockDriverState *bs, BdrvCheckResult *result, BdrvCheckMode fix);
   /**
@@ -398,27 +404,37 @@ typedef struct {
                                   const char *backing_file,
                                   const char *backing_fmt);
   /**
-   * qemu-img amend. NULL: not implemented yet.
+   * As bdrv_write_compressed(): one whole cluster (NULL for raw).
+   */
+  int (*bdrv_write_compressed)(BlockDriverState *bs,
+                               int64_t sector_num,
+                               const uint8_t *buf,
+                               int nb_sectors);
+  /**
+   * As bdrv_amend_options(): qemu-img amend with the `assigned` entries
+   * of an option list (QEMU 1.7's member; NULL for raw).
    */
   int (*bdrv_amend_options)(BlockDriverState *bs, QEMUOptionParameter *options);
   /**
-   * Creates an internal snapshot. NULL: not implemented yet.
+   * As bdrv_snapshot_create() (NULL for raw).
    */
   int (*bdrv_snapshot_create)(BlockDriverState *bs, QEMUSnapshotInfo *sn_info);
   /**
-   * Reverts to an internal snapshot. NULL: not implemented yet.
+   * As bdrv_snapshot_goto() (NULL for raw).
    */
   int (*bdrv_snapshot_goto)(BlockDriverState *bs, const char *snapshot_id);
   /**
-   * Deletes an internal snapshot. NULL: not implemented yet.
+   * As bdrv_snapshot_delete() (NULL for raw).
    */
   int (*bdrv_snapshot_delete)(BlockDriverState *bs, const char *snapshot_id);
   /**
-   * Lists internal snapshots. NULL: not implemented yet.
+   * As bdrv_snapshot_list(); free the array with bdrv_snapshot_list_free()
+   * or free() (NULL for raw).
    */
   int (*bdrv_snapshot_list)(BlockDriverState *bs, QEMUSnapshotInfo **psn_info);
   /**
-   * Opens an internal snapshot read-only. NULL: not implemented yet.
+   * Opens an internal snapshot read-only. NULL: not implemented (read a
+   * snapshot by applying it to a copy of the image).
    */
   int (*bdrv_snapshot_load_tmp)(BlockDriverState *bs, const char *snapshot_name);
   /**
@@ -428,6 +444,14 @@ typedef struct {
    */
   QEMUOptionParameter *create_options;
 } BlockDriver;
+
+/**
+ * Receives one line of the library's report output (bdrv_check()'s
+ * findings, the repair a read-write open of a dirty image does, warnings)
+ * without a trailing newline; `msg` is valid only during the call.
+ * Installed with bdrv_set_log_callback().
+ */
+typedef void (*BdrvLogFunc)(const char *msg, void *opaque);
 
 /**
  * Free leaked clusters.
@@ -464,16 +488,15 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2;
- * bdrv_amend_options and the bdrv_snapshot_* members are NULL (not
- * implemented yet).
+ * The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2.
+ * Every member is set except bdrv_snapshot_load_tmp (NULL).
  */
 extern BlockDriver bdrv_qcow2;
 
 /**
  * The raw driver: guest bytes are file bytes. Format-specific members
- * (get_info, check, make_empty, change_backing_file, amend, snapshots)
- * are NULL.
+ * (get_info, check, make_empty, change_backing_file, write_compressed,
+ * amend, snapshots) are NULL.
  */
 extern BlockDriver bdrv_raw;
 
@@ -514,9 +537,17 @@ int bdrv_open(BlockDriverState *bs, const char *filename, int flags, BlockDriver
 
 /**
  * Like bdrv_open(), with runtime options as a comma-separated string
- * (NULL or "" for none): `lazy-refcounts=on|off`, `l2-cache-size=SIZE`,
- * `refcount-cache-size=SIZE` (QEMU's qcow2 runtime option names; sizes
- * take the suffixes k, M, G).
+ * (NULL or "" for none), QEMU's qcow2 runtime option names:
+ * - `lazy-refcounts=on|off` overrides the image's lazy-refcounts bit for
+ *   this open only (the header is not changed; use bdrv_amend() for
+ *   that). With on, refcount updates are deferred and the dirty bit is
+ *   set on disk before the first allocation; on needs a compat=1.1 image
+ *   (-EINVAL "Lazy refcounts require a qcow2 image with at least qemu 1.1
+ *   compatibility level", as QEMU). BlockDriverInfo.flags reports what is
+ *   in effect.
+ * - `l2-cache-size=SIZE`, `refcount-cache-size=SIZE` (suffixes k, M, G).
+ *
+ * Unknown names give -EINVAL ("Invalid parameter 'name'").
  *
  * # Safety
  * As for bdrv_open(); `options` is NULL or a NUL-terminated string.
@@ -596,6 +627,26 @@ int bdrv_read(BlockDriverState *bs, int64_t sector_num, uint8_t *buf, int nb_sec
  * `bs` is a live handle (or NULL); `buf` is valid for nb_sectors * 512 bytes.
  */
 int bdrv_write(BlockDriverState *bs, int64_t sector_num, const uint8_t *buf, int nb_sectors);
+
+/**
+ * Writes one cluster compressed (QEMU's bdrv_write_compressed, what
+ * `qemu-img convert -c` uses): `sector_num` must start a cluster and
+ * `nb_sectors` cover exactly one cluster, or end at the end of the image
+ * for its last, partial cluster (the rest is padded with zeros). The
+ * cluster is compressed with the image's compression type (zlib or zstd)
+ * and packed byte-wise with its neighbours, as QEMU packs it; data that
+ * does not shrink is written uncompressed. `nb_sectors` 0 does nothing.
+ * Returns 0, -EINVAL (misaligned or not one cluster, NULL buffer), -EIO
+ * (past the end), -EACCES (read-only), -ENOTSUP (raw images) or another
+ * negative errno.
+ *
+ * # Safety
+ * `bs` is a live handle (or NULL); `buf` is valid for nb_sectors * 512 bytes.
+ */
+int bdrv_write_compressed(BlockDriverState *bs,
+                          int64_t sector_num,
+                          const uint8_t *buf,
+                          int nb_sectors);
 
 /**
  * Writes cached metadata and syncs the image file to stable storage.
@@ -692,16 +743,6 @@ int64_t bdrv_get_allocated_file_size(BlockDriverState *bs);
 int bdrv_get_info(BlockDriverState *bs, BlockDriverInfo *bdi);
 
 /**
- * Checks the image's metadata and, with BDRV_FIX_LEAKS / BDRV_FIX_ERRORS,
- * repairs it. Not implemented yet: zeroes `*res` and returns -ENOTSUP
- * (use `qemu-img check` meanwhile).
- *
- * # Safety
- * `bs` is NULL or a live handle; `res` is NULL or valid for writing.
- */
-int bdrv_check(BlockDriverState *bs, BdrvCheckResult *res, BdrvCheckMode fix);
-
-/**
  * Drops every cluster of the image: afterwards it reads as its backing
  * file (or zeros), as an overlay does after `qemu-img commit`. Returns 0,
  * -ENOTSUP for raw images, -EACCES on a read-only handle, or another
@@ -778,6 +819,97 @@ const char *bdrv_version(void);
 int bdrv_create(BlockDriver *drv, const char *filename, QEMUOptionParameter *options);
 
 /**
+ * Sends the library's report lines to `cb` (with `opaque` passed back)
+ * instead of stderr; NULL restores the default, one line per message on
+ * stderr, as QEMU prints them. The lines are those QEMU prints: what
+ * bdrv_check() finds and repairs ("ERROR cluster 5 refcount=0
+ * reference=1", "Rebuilding refcount structure", "Repairing cluster 1
+ * refcount=1 reference=0", "Leaked cluster 9 refcount=1 reference=0",
+ * ...), the same lines for the repair a read-write bdrv_open() of a dirty
+ * image does, "qcow2: Marking image as corrupt: ..." and warnings from
+ * closing.
+ *
+ * The setting is process-wide (not per handle or thread). `cb` may be
+ * called from any thread that calls into the library, while the library
+ * holds the image's internal lock: it must not call back into the library
+ * for the same handle. Each message is one line without a trailing
+ * newline, valid only during the call.
+ *
+ * # Safety
+ * `cb` is NULL or a function that may be called with `opaque` from any
+ * thread until it is replaced.
+ */
+void bdrv_set_log_callback(BdrvLogFunc cb, void *opaque);
+
+/**
+ * Checks the image's metadata as `qemu-img check` does and, with
+ * BDRV_FIX_LEAKS and/or BDRV_FIX_ERRORS in `fix`, repairs it (including a
+ * rebuild of a broken refcount structure with BDRV_FIX_ERRORS). Fills
+ * `*res` with QEMU's counters: corruptions and leaks still present (a
+ * repaired one counts in corruptions_fixed / leaks_fixed instead),
+ * check_errors, image_end_offset and the cluster statistics in `bfi`.
+ * Report lines (QEMU's wording) go to the log callback, stderr by default
+ * (see bdrv_set_log_callback()). A repair that leaves no corruption and
+ * no check error clears the dirty and corrupt bits.
+ *
+ * Returns 0 when the check ran, whatever it found (look at `*res`, as
+ * qemu-img does: corruptions give exit 2, leaks 3, check_errors 1); or
+ * -EINVAL (NULL `res`, unknown bits in `fix`), -ENOTSUP (raw image),
+ * -EACCES (`fix` != 0 on a read-only handle: open with BDRV_O_RDWR, and
+ * BDRV_O_CHECK to get a dirty or corrupt image as it is rather than
+ * repaired or refused at open), -EIO when the check itself failed (e.g.
+ * "ERROR need to rebuild refcount structures" with only BDRV_FIX_LEAKS;
+ * `*res` is then zeroed), or another negative errno.
+ *
+ * A second call with `fix` = 0 after a repair is qemu-img's "Double
+ * checking the fixed image now...".
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `res` is NULL or valid for writing.
+ */
+int bdrv_check(BlockDriverState *bs, BdrvCheckResult *res, BdrvCheckMode fix);
+
+/**
+ * Changes options of the open image like `qemu-img amend -o OPTIONS`:
+ * `compat` (0.10 / v2 or 1.1 / v3; a downgrade turns zero clusters into
+ * data and clears the dirty bit and unknown compatible and autoclear
+ * bits), `lazy_refcounts` (on/off), `refcount_bits`, `size`, and
+ * `backing_file` / `backing_fmt` when unchanged. Creation-only options
+ * (`cluster_size`, `encryption`, `preallocation`, ...) are refused. The
+ * handle must be read-write. Returns 0, or -EINVAL with qemu-img 10's
+ * message in bdrv_last_error() (e.g. "Lazy refcounts only supported with
+ * compatibility level 1.1 and above (use compat=1.1 or greater)",
+ * "Unknown compatibility level 0.42", or for a creation-only option the
+ * two lines "Invalid parameter 'cluster_size'" and "This option is only
+ * supported for image creation"), -ENOTSUP (what the format cannot do,
+ * e.g. "Internal snapshots prevent downgrade of image"; raw images),
+ * -EACCES (read-only handle) or another negative errno.
+ *
+ * A dirty image is repaired before it is amended, as by qemu-img amend:
+ * a read-write bdrv_open() already did that; on a handle opened with
+ * BDRV_O_CHECK bdrv_amend() does it (report lines to the log callback).
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `options` NULL or a C string.
+ */
+int bdrv_amend(BlockDriverState *bs, const char *options);
+
+/**
+ * bdrv_amend() with an option list, as QEMU 1.7's `bdrv_amend_options`:
+ * only the entries marked `assigned` (those set by set_option_parameter(),
+ * set_option_parameter_int() or parse_option_parameters()) change the
+ * image; a string option assigned NULL keeps its current value. Typical
+ * use: `parse_option_parameters("compat=0.10", bdrv_qcow2.create_options,
+ * NULL)`, then this, then free_option_parameters(). Returns as
+ * bdrv_amend().
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `options` NULL or a list ending at a
+ * NULL name.
+ */
+int bdrv_amend_options(BlockDriverState *bs, QEMUOptionParameter *options);
+
+/**
  * The driver named `format_name` ("qcow2" or "raw"), or NULL.
  *
  * # Safety
@@ -796,8 +928,9 @@ QEMUOptionParameter *get_option_parameter(QEMUOptionParameter *list, const char 
 /**
  * Sets option `name` from text: "on"/"off" (or NULL for on) for
  * OPT_FLAG, a number for OPT_NUMBER, a size with an optional k/M/G/T/P/E
- * suffix for OPT_SIZE, a string (copied) for OPT_STRING. Returns 0 or
- * -EINVAL (unknown option, bad value; see bdrv_last_error()).
+ * suffix for OPT_SIZE, a string (copied) for OPT_STRING, and marks it
+ * `assigned`. Returns 0 or -EINVAL (unknown option, bad value; see
+ * bdrv_last_error()).
  *
  * # Safety
  * `list` is NULL or a valid list whose string values are NULL or
@@ -806,8 +939,9 @@ QEMUOptionParameter *get_option_parameter(QEMUOptionParameter *list, const char 
 int set_option_parameter(QEMUOptionParameter *list, const char *name, const char *value);
 
 /**
- * Sets a numeric option (OPT_FLAG, OPT_NUMBER, OPT_SIZE) to `value`.
- * Returns 0 or -EINVAL (unknown option, or a string option).
+ * Sets a numeric option (OPT_FLAG, OPT_NUMBER, OPT_SIZE) to `value` and
+ * marks it `assigned`. Returns 0 or -EINVAL (unknown option, or a string
+ * option).
  *
  * # Safety
  * `list` is NULL or a valid list; `name` NULL or a C string.
@@ -828,7 +962,8 @@ QEMUOptionParameter *append_option_parameters(QEMUOptionParameter *dest, QEMUOpt
 /**
  * Parses a qemu-img `-o` string ("compat=1.1,lazy_refcounts" — a bare
  * name turns a flag on; ",," is a literal comma) into `dest`, or, when
- * `dest` is NULL, into a new copy of `list`. Returns the filled list
+ * `dest` is NULL, into a new copy of `list`; the options it sets are
+ * marked `assigned`. Returns the filled list
  * (free it with free_option_parameters()) or NULL on error (unknown option
  * or bad value; see bdrv_last_error()); a copy made here is freed on error.
  *
@@ -857,6 +992,67 @@ void free_option_parameters(QEMUOptionParameter *list);
  * `list` is NULL or a valid list.
  */
 void print_option_help(QEMUOptionParameter *list);
+
+/**
+ * Creates an internal snapshot of the current disk contents, as QEMU's
+ * qcow2 driver does from `*sn_info`: `id_str` "" picks the next free
+ * numeric ID (written back into `sn_info->id_str`), another ID must not
+ * be in use yet (-EEXIST); `name` is stored as given (names need not be
+ * unique); `date_sec` / `date_nsec` are stored as given, except that both
+ * 0 means "now"; `vm_clock_nsec` is stored; `vm_state_size` must be 0
+ * (-ENOTSUP: this library stores no VM state). The handle must be
+ * read-write. Returns 0 or a negative errno (-ENOTSUP for raw images,
+ * -EFBIG past 65536 snapshots).
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `sn_info` is NULL or valid for reading
+ * and writing.
+ */
+int bdrv_snapshot_create(BlockDriverState *bs, QEMUSnapshotInfo *sn_info);
+
+/**
+ * Reverts the disk to the snapshot `snapshot_id` (an ID, or else a name),
+ * as `qemu-img snapshot -a`. The handle must be read-write. Returns 0,
+ * -ENOENT (no such snapshot), -ENOTSUP (raw), -EACCES (read-only) or
+ * another negative errno.
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `snapshot_id` NULL or a C string.
+ */
+int bdrv_snapshot_goto(BlockDriverState *bs, const char *snapshot_id);
+
+/**
+ * Deletes the snapshot `snapshot_id` (an ID, or else a name), freeing the
+ * clusters only it used, as `qemu-img snapshot -d`. Returns as
+ * bdrv_snapshot_goto().
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `snapshot_id` NULL or a C string.
+ */
+int bdrv_snapshot_delete(BlockDriverState *bs, const char *snapshot_id);
+
+/**
+ * Lists the internal snapshots in table order: stores a malloc()ed array
+ * of them in `*psn_info` and returns their number. With no snapshots it
+ * returns 0 and stores NULL (as QEMU's qcow2 driver). Free the array with
+ * bdrv_snapshot_list_free() or free() (QEMU's callers used g_free(); the
+ * array holds no pointers). Works on read-only handles. Returns a
+ * negative errno (-ENOTSUP for raw images) and leaves `*psn_info` NULL
+ * on failure.
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `psn_info` NULL or valid for writing.
+ */
+int bdrv_snapshot_list(BlockDriverState *bs, QEMUSnapshotInfo **psn_info);
+
+/**
+ * Frees an array from bdrv_snapshot_list() (the same as free()). NULL is
+ * ignored.
+ *
+ * # Safety
+ * `sn_info` is NULL or an array from bdrv_snapshot_list() not freed yet.
+ */
+void bdrv_snapshot_list_free(QEMUSnapshotInfo *sn_info);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -82,9 +82,17 @@ pub unsafe extern "C" fn bdrv_open(
 }
 
 /// Like bdrv_open(), with runtime options as a comma-separated string
-/// (NULL or "" for none): `lazy-refcounts=on|off`, `l2-cache-size=SIZE`,
-/// `refcount-cache-size=SIZE` (QEMU's qcow2 runtime option names; sizes
-/// take the suffixes k, M, G).
+/// (NULL or "" for none), QEMU's qcow2 runtime option names:
+/// - `lazy-refcounts=on|off` overrides the image's lazy-refcounts bit for
+///   this open only (the header is not changed; use bdrv_amend() for
+///   that). With on, refcount updates are deferred and the dirty bit is
+///   set on disk before the first allocation; on needs a compat=1.1 image
+///   (-EINVAL "Lazy refcounts require a qcow2 image with at least qemu 1.1
+///   compatibility level", as QEMU). BlockDriverInfo.flags reports what is
+///   in effect.
+/// - `l2-cache-size=SIZE`, `refcount-cache-size=SIZE` (suffixes k, M, G).
+///
+/// Unknown names give -EINVAL ("Invalid parameter 'name'").
 ///
 /// # Safety
 /// As for bdrv_open(); `options` is NULL or a NUL-terminated string.
@@ -555,6 +563,55 @@ pub unsafe extern "C" fn bdrv_write(
     })
 }
 
+/// Writes one cluster compressed (QEMU's bdrv_write_compressed, what
+/// `qemu-img convert -c` uses): `sector_num` must start a cluster and
+/// `nb_sectors` cover exactly one cluster, or end at the end of the image
+/// for its last, partial cluster (the rest is padded with zeros). The
+/// cluster is compressed with the image's compression type (zlib or zstd)
+/// and packed byte-wise with its neighbours, as QEMU packs it; data that
+/// does not shrink is written uncompressed. `nb_sectors` 0 does nothing.
+/// Returns 0, -EINVAL (misaligned or not one cluster, NULL buffer), -EIO
+/// (past the end), -EACCES (read-only), -ENOTSUP (raw images) or another
+/// negative errno.
+///
+/// # Safety
+/// `bs` is a live handle (or NULL); `buf` is valid for nb_sectors * 512 bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bdrv_write_compressed(
+    bs: *mut BlockDriverState,
+    sector_num: i64,
+    buf: *const u8,
+    nb_sectors: c_int,
+) -> c_int {
+    guard_int("bdrv_write_compressed", || {
+        const F: &str = "bdrv_write_compressed";
+        let r = (|| {
+            let (off, len) = sectors(F, sector_num, nb_sectors as i64)?;
+            // SAFETY: forwarded caller contract.
+            let bs = unsafe { handle(bs, F) }?;
+            bs.with_writable(F, |img| {
+                let Some(q) = img.image.qcow2() else {
+                    return Err(fail(
+                        libc::ENOTSUP,
+                        format!("{F}: not supported for raw images"),
+                    ));
+                };
+                let off = check_request(&img.image, F, off, len)?;
+                if len == 0 {
+                    return Ok(0);
+                }
+                if buf.is_null() {
+                    return Err(fail(libc::EINVAL, format!("{F}: buf is NULL")));
+                }
+                // SAFETY: the caller guarantees `buf` is valid for `len` bytes.
+                let data = unsafe { std::slice::from_raw_parts(buf, len as usize) };
+                engine(q.write_compressed(data, off)).map(|_| 0)
+            })
+        })();
+        ret(r)
+    })
+}
+
 /// Writes cached metadata and syncs the image file to stable storage.
 /// With BDRV_O_NO_FLUSH it returns 0 at once. Returns 0 or a negative errno.
 ///
@@ -841,42 +898,6 @@ pub unsafe extern "C" fn bdrv_get_info(
             // SAFETY: `bdi` is non-NULL and valid for writing by contract.
             unsafe { bdi.write(info) };
             Ok(0)
-        })();
-        ret(r)
-    })
-}
-
-/// Checks the image's metadata and, with BDRV_FIX_LEAKS / BDRV_FIX_ERRORS,
-/// repairs it. Not implemented yet: zeroes `*res` and returns -ENOTSUP
-/// (use `qemu-img check` meanwhile).
-///
-/// # Safety
-/// `bs` is NULL or a live handle; `res` is NULL or valid for writing.
-#[no_mangle]
-pub unsafe extern "C" fn bdrv_check(
-    bs: *mut BlockDriverState,
-    res: *mut BdrvCheckResult,
-    fix: BdrvCheckMode,
-) -> c_int {
-    guard_int("bdrv_check", || {
-        const F: &str = "bdrv_check";
-        let r = (|| {
-            // SAFETY: forwarded caller contract.
-            let bs = unsafe { handle(bs, F) }?;
-            if res.is_null() {
-                return Err(fail(libc::EINVAL, format!("{F}: res is NULL")));
-            }
-            if fix & !(BDRV_FIX_LEAKS | BDRV_FIX_ERRORS) != 0 {
-                return Err(fail(libc::EINVAL, format!("{F}: invalid check mode {fix}")));
-            }
-            // SAFETY: `res` is non-NULL and valid for writing by contract.
-            unsafe { res.write(BdrvCheckResult::default()) };
-            bs.with_image(F, |_| {
-                Err(fail(
-                    libc::ENOTSUP,
-                    format!("{F}: consistency check and repair are not implemented in oxqcow yet; use 'qemu-img check'"),
-                ))
-            })
         })();
         ret(r)
     })

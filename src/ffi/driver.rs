@@ -2,14 +2,17 @@
 //! names with synchronous semantics, and their creation option lists.
 //!
 //! Most members point at the public `bdrv_*` entry points, which work on
-//! either format; only probe, open and create are per driver. Members for
-//! features that later work adds (amend, internal snapshots) are NULL, and
-//! `bdrv_check` reports -ENOTSUP until the checker lands.
+//! either format; only probe, open and create are per driver. The qcow2
+//! table fills every member but `bdrv_snapshot_load_tmp`; the raw table
+//! leaves the format-specific ones (info, check, make_empty, backing file,
+//! compressed writes, amend, snapshots) NULL.
 
 use super::api::*;
+use super::check::*;
 use super::errors::{fail, guard_int};
 use super::handle::*;
 use super::options::list_entries;
+use super::snapshot::*;
 use super::types::*;
 use crate::engine::{self, CreateOptions};
 use crate::format::QCOW_MAGIC;
@@ -122,8 +125,7 @@ pub struct BlockDriver {
     /// As bdrv_get_info() (NULL for raw).
     pub bdrv_get_info:
         Option<unsafe extern "C" fn(bs: *mut BlockDriverState, bdi: *mut BlockDriverInfo) -> c_int>,
-    /// As bdrv_check(); returns -ENOTSUP until check/repair is implemented
-    /// (NULL for raw).
+    /// As bdrv_check() (NULL for raw).
     pub bdrv_check: Option<
         unsafe extern "C" fn(
             bs: *mut BlockDriverState,
@@ -141,30 +143,42 @@ pub struct BlockDriver {
             backing_fmt: *const c_char,
         ) -> c_int,
     >,
-    /// qemu-img amend. NULL: not implemented yet.
+    /// As bdrv_write_compressed(): one whole cluster (NULL for raw).
+    pub bdrv_write_compressed: Option<
+        unsafe extern "C" fn(
+            bs: *mut BlockDriverState,
+            sector_num: i64,
+            buf: *const u8,
+            nb_sectors: c_int,
+        ) -> c_int,
+    >,
+    /// As bdrv_amend_options(): qemu-img amend with the `assigned` entries
+    /// of an option list (QEMU 1.7's member; NULL for raw).
     pub bdrv_amend_options: Option<
         unsafe extern "C" fn(bs: *mut BlockDriverState, options: *mut QEMUOptionParameter) -> c_int,
     >,
-    /// Creates an internal snapshot. NULL: not implemented yet.
+    /// As bdrv_snapshot_create() (NULL for raw).
     pub bdrv_snapshot_create: Option<
         unsafe extern "C" fn(bs: *mut BlockDriverState, sn_info: *mut QEMUSnapshotInfo) -> c_int,
     >,
-    /// Reverts to an internal snapshot. NULL: not implemented yet.
+    /// As bdrv_snapshot_goto() (NULL for raw).
     pub bdrv_snapshot_goto: Option<
         unsafe extern "C" fn(bs: *mut BlockDriverState, snapshot_id: *const c_char) -> c_int,
     >,
-    /// Deletes an internal snapshot. NULL: not implemented yet.
+    /// As bdrv_snapshot_delete() (NULL for raw).
     pub bdrv_snapshot_delete: Option<
         unsafe extern "C" fn(bs: *mut BlockDriverState, snapshot_id: *const c_char) -> c_int,
     >,
-    /// Lists internal snapshots. NULL: not implemented yet.
+    /// As bdrv_snapshot_list(); free the array with bdrv_snapshot_list_free()
+    /// or free() (NULL for raw).
     pub bdrv_snapshot_list: Option<
         unsafe extern "C" fn(
             bs: *mut BlockDriverState,
             psn_info: *mut *mut QEMUSnapshotInfo,
         ) -> c_int,
     >,
-    /// Opens an internal snapshot read-only. NULL: not implemented yet.
+    /// Opens an internal snapshot read-only. NULL: not implemented (read a
+    /// snapshot by applying it to a copy of the image).
     pub bdrv_snapshot_load_tmp: Option<
         unsafe extern "C" fn(bs: *mut BlockDriverState, snapshot_name: *const c_char) -> c_int,
     >,
@@ -185,6 +199,7 @@ const fn opt(
         r#type: ty,
         value: QEMUOptionValue { n },
         help: help.as_ptr(),
+        assigned: false,
     }
 }
 
@@ -194,6 +209,7 @@ const fn opt_end() -> QEMUOptionParameter {
         r#type: 0,
         value: QEMUOptionValue { n: 0 },
         help: null(),
+        assigned: false,
     }
 }
 
@@ -272,9 +288,8 @@ static mut QCOW2_CREATE_OPTIONS: [QEMUOptionParameter; 14] = [
 static mut RAW_CREATE_OPTIONS: [QEMUOptionParameter; 2] =
     [opt(c"size", OPT_SIZE, 0, c"Virtual disk size"), opt_end()];
 
-/// The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2;
-/// bdrv_amend_options and the bdrv_snapshot_* members are NULL (not
-/// implemented yet).
+/// The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2.
+/// Every member is set except bdrv_snapshot_load_tmp (NULL).
 #[no_mangle]
 pub static mut bdrv_qcow2: BlockDriver = BlockDriver {
     format_name: c"qcow2".as_ptr(),
@@ -298,18 +313,19 @@ pub static mut bdrv_qcow2: BlockDriver = BlockDriver {
     bdrv_check: Some(bdrv_check),
     bdrv_make_empty: Some(bdrv_make_empty),
     bdrv_change_backing_file: Some(bdrv_change_backing_file),
-    bdrv_amend_options: None,
-    bdrv_snapshot_create: None,
-    bdrv_snapshot_goto: None,
-    bdrv_snapshot_delete: None,
-    bdrv_snapshot_list: None,
+    bdrv_write_compressed: Some(bdrv_write_compressed),
+    bdrv_amend_options: Some(bdrv_amend_options),
+    bdrv_snapshot_create: Some(bdrv_snapshot_create),
+    bdrv_snapshot_goto: Some(bdrv_snapshot_goto),
+    bdrv_snapshot_delete: Some(bdrv_snapshot_delete),
+    bdrv_snapshot_list: Some(bdrv_snapshot_list),
     bdrv_snapshot_load_tmp: None,
     create_options: &raw mut QCOW2_CREATE_OPTIONS as *mut QEMUOptionParameter,
 };
 
 /// The raw driver: guest bytes are file bytes. Format-specific members
-/// (get_info, check, make_empty, change_backing_file, amend, snapshots)
-/// are NULL.
+/// (get_info, check, make_empty, change_backing_file, write_compressed,
+/// amend, snapshots) are NULL.
 #[no_mangle]
 pub static mut bdrv_raw: BlockDriver = BlockDriver {
     format_name: c"raw".as_ptr(),
@@ -333,6 +349,7 @@ pub static mut bdrv_raw: BlockDriver = BlockDriver {
     bdrv_check: None,
     bdrv_make_empty: None,
     bdrv_change_backing_file: None,
+    bdrv_write_compressed: None,
     bdrv_amend_options: None,
     bdrv_snapshot_create: None,
     bdrv_snapshot_goto: None,

@@ -89,6 +89,53 @@ pub(crate) unsafe fn list_entries(
     Ok(out)
 }
 
+/// Reads an entry's `assigned` flag as a byte, so that a C `bool` holding
+/// something other than 0 or 1 cannot be undefined behaviour.
+///
+/// # Safety
+/// `p` points to a readable entry.
+unsafe fn entry_assigned(p: *const QEMUOptionParameter) -> bool {
+    // SAFETY: readable by contract; a bool field is one byte.
+    unsafe { std::ptr::addr_of!((*p).assigned).cast::<u8>().read() != 0 }
+}
+
+/// The entries of a list marked `assigned`, as a qemu-img `-o` string
+/// (QEMU 1.7's amend looks at those only): flags become on/off, numbers
+/// and sizes decimal; a string option whose value is NULL keeps the
+/// image's current value ("preserve default" in QEMU) and is left out.
+/// A string value containing ',' cannot be expressed and gives -EINVAL.
+///
+/// # Safety
+/// `list` is NULL or a valid list whose names and strings are C strings.
+pub(crate) unsafe fn assigned_as_opts(
+    list: *const QEMUOptionParameter,
+    func: &str,
+) -> CResult<String> {
+    // SAFETY: forwarded caller contract.
+    let entries = unsafe { list_entries(list, func) }?;
+    let mut out = Vec::new();
+    for (i, (name, ty, value)) in entries.into_iter().enumerate() {
+        // SAFETY: i indexes an entry of the valid list (list_entries read
+        // them all, so `list` is not NULL here).
+        if !unsafe { entry_assigned(list.add(i)) } {
+            continue;
+        }
+        let Some(value) = value else { continue };
+        let text = match ty {
+            OPT_FLAG => if value == "0" { "off" } else { "on" }.to_string(),
+            _ => value,
+        };
+        if text.contains(',') {
+            return Err(fail(
+                libc::EINVAL,
+                format!("{func}: the value of option '{name}' contains ','"),
+            ));
+        }
+        out.push(format!("{name}={text}"));
+    }
+    Ok(out.join(","))
+}
+
 /// Finds the entry called `name`, or NULL (also for a NULL list or name).
 ///
 /// # Safety
@@ -175,7 +222,10 @@ unsafe fn set_one(
                 return Err(fail(libc::ENOMEM, format!("{func}: out of memory")));
             }
             // SAFETY: OPT_STRING entry of a list whose strings are malloc()ed.
-            unsafe { replace_string(p, s) };
+            unsafe {
+                replace_string(p, s);
+                (*p).assigned = true;
+            }
             return Ok(0);
         }
         (OPT_NUMBER | OPT_SIZE | OPT_STRING, None) => {
@@ -192,7 +242,10 @@ unsafe fn set_one(
         }
     };
     // SAFETY: a numeric entry of a valid list.
-    unsafe { (*p).value.n = n };
+    unsafe {
+        (*p).value.n = n;
+        (*p).assigned = true;
+    }
     Ok(0)
 }
 
@@ -210,8 +263,9 @@ fn parse_number(v: &str) -> Option<u64> {
 
 /// Sets option `name` from text: "on"/"off" (or NULL for on) for
 /// OPT_FLAG, a number for OPT_NUMBER, a size with an optional k/M/G/T/P/E
-/// suffix for OPT_SIZE, a string (copied) for OPT_STRING. Returns 0 or
-/// -EINVAL (unknown option, bad value; see bdrv_last_error()).
+/// suffix for OPT_SIZE, a string (copied) for OPT_STRING, and marks it
+/// `assigned`. Returns 0 or -EINVAL (unknown option, bad value; see
+/// bdrv_last_error()).
 ///
 /// # Safety
 /// `list` is NULL or a valid list whose string values are NULL or
@@ -243,8 +297,9 @@ pub unsafe extern "C" fn set_option_parameter(
     })
 }
 
-/// Sets a numeric option (OPT_FLAG, OPT_NUMBER, OPT_SIZE) to `value`.
-/// Returns 0 or -EINVAL (unknown option, or a string option).
+/// Sets a numeric option (OPT_FLAG, OPT_NUMBER, OPT_SIZE) to `value` and
+/// marks it `assigned`. Returns 0 or -EINVAL (unknown option, or a string
+/// option).
 ///
 /// # Safety
 /// `list` is NULL or a valid list; `name` NULL or a C string.
@@ -271,7 +326,10 @@ pub unsafe extern "C" fn set_option_parameter_int(
             match unsafe { entry_type(p) } {
                 OPT_FLAG | OPT_NUMBER | OPT_SIZE => {
                     // SAFETY: a numeric entry of a valid list.
-                    unsafe { (*p).value.n = value };
+                    unsafe {
+                        (*p).value.n = value;
+                        (*p).assigned = true;
+                    }
                     Ok(0)
                 }
                 _ => Err(fail(
@@ -364,6 +422,7 @@ unsafe fn append(
             r#type: 0,
             value: QEMUOptionValue { n: 0 },
             help: std::ptr::null(),
+            assigned: false,
         })
     };
     Ok(out)
@@ -371,7 +430,8 @@ unsafe fn append(
 
 /// Parses a qemu-img `-o` string ("compat=1.1,lazy_refcounts" — a bare
 /// name turns a flag on; ",," is a literal comma) into `dest`, or, when
-/// `dest` is NULL, into a new copy of `list`. Returns the filled list
+/// `dest` is NULL, into a new copy of `list`; the options it sets are
+/// marked `assigned`. Returns the filled list
 /// (free it with free_option_parameters()) or NULL on error (unknown option
 /// or bad value; see bdrv_last_error()); a copy made here is freed on error.
 ///

@@ -6,6 +6,7 @@
 //! enums: a C caller can pass any integer, and a Rust enum holding a value
 //! outside its variants would be undefined behaviour.
 
+use std::ffi::c_void;
 use std::os::raw::{c_char, c_int};
 
 // ---- open flags (QEMU's BDRV_O_*) ---------------------------------------------------------
@@ -101,6 +102,10 @@ pub struct QEMUOptionParameter {
     pub value: QEMUOptionValue,
     /// One-line description, or NULL.
     pub help: *const c_char,
+    /// Set by set_option_parameter(), set_option_parameter_int() and
+    /// parse_option_parameters() (QEMU 1.7's flag): bdrv_amend_options()
+    /// changes only the options that have it. Driver lists have it false.
+    pub assigned: bool,
 }
 
 // ---- info and check results --------------------------------------------------------------
@@ -155,24 +160,31 @@ pub struct BdrvCheckResult {
     pub bfi: BlockFragInfo,
 }
 
-/// An internal snapshot, as the snapshot members of BlockDriver would
-/// report it. Those members are NULL in this version.
+/// An internal snapshot (QEMU 1.x's QEMUSnapshotInfo): what
+/// bdrv_snapshot_list() reports and what bdrv_snapshot_create() takes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct QEMUSnapshotInfo {
-    /// Unique snapshot ID (NUL-terminated).
+    /// Unique snapshot ID (NUL-terminated). "" in bdrv_snapshot_create()
+    /// picks the next free number, as QEMU does, and writes it back.
     pub id_str: [c_char; 128],
-    /// User-chosen name (NUL-terminated).
+    /// User-chosen name (NUL-terminated; names need not be unique).
     pub name: [c_char; 256],
-    /// Size of the saved VM state.
-    pub vm_state_size: u32,
-    /// UTC date of the snapshot, seconds.
+    /// Size of the saved VM state (always 0 here: no VM state is stored).
+    pub vm_state_size: u64,
+    /// UTC date of the snapshot, seconds since the epoch.
     pub date_sec: u32,
     /// UTC date of the snapshot, nanoseconds.
     pub date_nsec: u32,
     /// VM clock relative to boot, nanoseconds.
     pub vm_clock_nsec: u64,
 }
+
+/// Receives one line of the library's report output (bdrv_check()'s
+/// findings, the repair a read-write open of a dirty image does, warnings)
+/// without a trailing newline; `msg` is valid only during the call.
+/// Installed with bdrv_set_log_callback().
+pub type BdrvLogFunc = Option<unsafe extern "C" fn(msg: *const c_char, opaque: *mut c_void)>;
 
 // ---- creation option names (QEMU's BLOCK_OPT_*) ------------------------------------------
 //
