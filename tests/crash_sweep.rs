@@ -940,11 +940,9 @@ macro_rules! sweeps {
 sweeps! {
     alloc_writeback: alloc, Writeback, false;
     // Engine bug, see bug_lazy_unordered_l2_entry_past_eof_is_unrepairable.
-    #[ignore = "engine bug since 749b6ac: lazy unordered L2 entries can point past the end of the file after a crash"]
     alloc_writeback_lazy: alloc, Writeback, true;
     alloc_writethrough: alloc, Writethrough, false;
     // Engine bug, see bug_lazy_unordered_l2_entry_past_eof_is_unrepairable.
-    #[ignore = "engine bug since 749b6ac: lazy unordered L2 entries can point past the end of the file after a crash"]
     alloc_writethrough_lazy: alloc, Writethrough, true;
     overwrite_writeback: overwrite, Writeback, false;
     overwrite_writeback_lazy: overwrite, Writeback, true;
@@ -962,22 +960,17 @@ sweeps! {
     cow_writeback_lazy: cow, Writeback, true;
     cow_writethrough: cow, Writethrough, false;
     // Engine bug, see bug_lazy_unordered_l2_entry_past_eof_is_unrepairable.
-    #[ignore = "engine bug since 749b6ac: lazy unordered L2 entries can point past the end of the file after a crash"]
     cow_writethrough_lazy: cow, Writethrough, true;
     cow_discard_writeback: cow_discard, Writeback, false;
     cow_discard_writethrough: cow_discard, Writethrough, false;
     // Engine bug, see bug_lazy_discard_new_l2_table_leaves_clean_image_corrupt.
-    #[ignore = "engine bug: a discard that allocates an L2 table does not mark a lazy-refcounts image dirty"]
     cow_discard_writeback_lazy: cow_discard, Writeback, true;
-    #[ignore = "engine bug: a discard that allocates an L2 table does not mark a lazy-refcounts image dirty"]
     cow_discard_writethrough_lazy: cow_discard, Writethrough, true;
     l2_growth_writeback: l2_growth, Writeback, false;
     // Engine bug, see bug_lazy_unordered_l2_entry_past_eof_is_unrepairable.
-    #[ignore = "engine bug since 749b6ac: lazy unordered L2 entries can point past the end of the file after a crash"]
     l2_growth_writeback_lazy: l2_growth, Writeback, true;
     l2_growth_writethrough: l2_growth, Writethrough, false;
     // Engine bug, see bug_lazy_unordered_l2_entry_past_eof_is_unrepairable.
-    #[ignore = "engine bug since 749b6ac: lazy unordered L2 entries can point past the end of the file after a crash"]
     l2_growth_writethrough_lazy: l2_growth, Writethrough, true;
     reftable_growth_writeback: reftable_growth, Writeback, false;
     reftable_growth_writeback_lazy: reftable_growth, Writeback, true;
@@ -1109,7 +1102,6 @@ fn crash_after(name: &str, backing: bool, f: impl Fn(&Qcow2)) -> (i32, String, b
 /// it. QEMU flushes the refcount cache before it uses a new L2 table
 /// (l2_allocate), lazy refcounts or not.
 #[test]
-#[ignore = "engine bug: discard allocating an L2 table does not mark a lazy image dirty"]
 fn bug_lazy_discard_new_l2_table_leaves_clean_image_corrupt() {
     let (code, out, dirty) = crash_after("bug-discard", true, |img| {
         img.discard(4 * M, 64 * K).unwrap();
@@ -1131,7 +1123,6 @@ fn bug_lazy_discard_new_l2_table_leaves_clean_image_corrupt() {
 /// cluster 3. QEMU's qcow2_grow_l1_table flushes the refcount cache before
 /// it writes the new table.
 #[test]
-#[ignore = "engine bug: growing L1 does not write refcounts or mark a lazy image dirty"]
 fn bug_lazy_resize_grow_l1_leaves_clean_image_corrupt() {
     let (code, out, dirty) = crash_after("bug-resize", false, |img| {
         img.resize(64 * M).unwrap();
@@ -1164,7 +1155,6 @@ fn bug_lazy_resize_grow_l1_leaves_clean_image_corrupt() {
 /// linked), then write 64 KiB at 64 KiB and flush. Cut right after that
 /// flush's L2 write, with the appending data write lost.
 #[test]
-#[ignore = "engine bug: lazy unordered L2 entries can point past the end of the file after a crash"]
 fn bug_lazy_unordered_l2_entry_past_eof_is_unrepairable() {
     let d = Scratch::new("bug-unordered");
     let path = d.path("img.qcow2");

@@ -81,12 +81,16 @@ pub struct Meta {
     pub lazy: bool,
     pub writable: bool,
     pub corrupt: bool,
-    /// File length at the last sync: clusters at or past it read as
-    /// zeros after a crash until they are written and synced.
+    /// File length at the last sync.
     pub durable_end: u64,
+    /// End of everything ever allocated (so possibly written): the file
+    /// past it is a hole that reads as zeros, durably so below `durable_end`.
+    pub written_end: u64,
     /// Some L2 change made since the last sync points at data whose
     /// absence after a crash would be visible (see `sync_before_l2`).
     pub data_sync_needed: bool,
+    /// File length before `reserve_zero_tail` first extended it.
+    pub extended_from: Option<u64>,
     /// Where the next compressed cluster may start (0: in a new cluster).
     pub free_byte_offset: u64,
     /// Internal snapshots, as the snapshot table lists them.
@@ -427,7 +431,18 @@ impl Meta {
     }
 
     /// Allocates `n` consecutive clusters with refcount 1.
+    ///
+    /// With lazy refcounts the new refcounts may never reach the disk
+    /// before a crash, so the dirty bit is on disk before the first
+    /// allocation (whatever it is for: data, L2 table, L1 table).
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.mark_dirty()?;
+        let off = self.alloc_clusters_inner(n)?;
+        self.written_end = self.written_end.max(off + n * self.cs);
+        Ok(off)
+    }
+
+    fn alloc_clusters_inner(&mut self, n: u64) -> Result<u64> {
         'search: loop {
             let off = self.find_free(n)?;
             let first = off / self.cs;
@@ -688,6 +703,10 @@ impl Meta {
             vec![0u8; self.cs as usize]
         };
         let new = self.alloc_clusters(1)?;
+        // As QEMU's l2_allocate(): the refcount of a new L2 table is made
+        // durable at once, lazy refcounts or not.
+        self.write_refblocks()?;
+        self.sync()?;
         self.evict_l2_if_full()?;
         self.l2_cache.insert(new, data, true);
         self.metadata.insert(new / self.cs, MetaKind::ActiveL2);
@@ -707,9 +726,10 @@ impl Meta {
     }
 
     /// Sets an L2 entry that may reach the disk before the data it maps:
-    /// only for a never-written host cluster (at or past `durable_end`)
-    /// mapped over guest bytes that read as zeros, where a crash that
-    /// loses the data still shows zeros, the old contents.
+    /// only for a never-written host cluster inside the durable file length
+    /// (see [`Meta::reserve_zero_tail`]) mapped over guest bytes that read
+    /// as zeros, where a crash that loses the data still shows zeros, the
+    /// old contents, and the entry still points inside the file.
     pub fn set_l2_entry_unordered(&mut self, l2_off: u64, gc: u64, raw: u64) {
         let idx = (gc & (self.l2_entries() - 1)) as usize;
         let slot = self.l2_cache.get(l2_off).unwrap();
@@ -723,6 +743,44 @@ impl Meta {
             let len = if len == 0 { self.cs } else { len };
             self.pending_unref.push((off, len, punch));
         }
+    }
+
+    /// Makes sure [off, end) lies inside the durable file length, extending
+    /// the file (sparse, so it reads as zeros) by a generous step when it
+    /// does not: one sync per step instead of one per allocating write.
+    pub fn reserve_zero_tail(&mut self, end: u64) -> Result<()> {
+        if end <= self.durable_end {
+            return Ok(());
+        }
+        let step = (8u64 << 20).max(16 * self.cs);
+        let new_len = end.div_ceil(step) * step;
+        let cur = self.file_len()?;
+        if new_len > cur {
+            self.file
+                .set_len(new_len)
+                .map_err(|e| self.io("extend file", e))?;
+            if self.extended_from.is_none() {
+                self.extended_from = Some(cur);
+            }
+        }
+        self.sync()
+    }
+
+    /// Gives back the zero tail [`Meta::reserve_zero_tail`] added: the file
+    /// ends at its last used cluster again (never shorter than it was).
+    pub fn trim_zero_tail(&mut self) -> Result<()> {
+        let Some(orig) = self.extended_from.take() else {
+            return Ok(());
+        };
+        let used_end = (self.last_used_cluster()? + 1) * self.cs;
+        let keep = orig.max(used_end);
+        if keep < self.file_len()? {
+            self.file
+                .set_len(keep)
+                .map_err(|e| self.io("truncate file", e))?;
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// With lazy refcounts, puts the dirty bit on disk before the first

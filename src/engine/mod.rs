@@ -101,6 +101,8 @@ struct ClusterWrite {
     fresh: bool,
     /// The whole cluster is written (head and tail filled from `source`).
     fill: bool,
+    /// A never-written cluster inside the durable file length (reads zeros).
+    zero_host: bool,
 }
 
 /// An open qcow2 image. Send + Sync: share it between threads freely.
@@ -424,6 +426,7 @@ impl Qcow2 {
                 source: CowSource::Zeros,
                 fresh: false,
                 fill: false,
+                zero_host: false,
             };
             match m.decode(raw) {
                 L2Entry::Normal { host, copied } => {
@@ -454,11 +457,23 @@ impl Qcow2 {
             plan.push(w);
         }
         if need_alloc > 0 {
+            // As QEMU does: the L2 table (new, or a copy of a shared one)
+            // is allocated before the data clusters it will map.
+            m.l2_for_write(first)?;
+            let never_written = m.written_end;
             let mut host = m.alloc_clusters(need_alloc)?;
+            // A run that was never written can have its L2 entries written
+            // before its data (rule 1's exception) once the file durably
+            // covers it. Only worth it when every write is flushed at once.
+            let zero_run = host >= never_written && self.writethrough && m.lazy;
+            if zero_run {
+                m.reserve_zero_tail(host + need_alloc * cs)?;
+            }
             for w in plan.iter_mut().filter(|w| w.host == 0) {
                 w.host = host;
                 w.fresh = true;
                 w.fill = true;
+                w.zero_host = zero_run;
                 host += cs;
             }
         }
@@ -540,8 +555,7 @@ impl Qcow2 {
         m.mark_dirty()?;
         for w in plan.iter().filter(|w| w.link) {
             let l2 = m.l2_for_write(w.gc)?;
-            let over_zeros = matches!(w.source, CowSource::Zeros) && w.fresh;
-            if over_zeros && w.host >= m.durable_end {
+            if matches!(w.source, CowSource::Zeros) && w.zero_host {
                 m.set_l2_entry_unordered(l2, w.gc, w.host | COPIED);
             } else {
                 m.set_l2_entry(l2, w.gc, w.host | COPIED);
@@ -927,6 +941,7 @@ impl Qcow2 {
             return Ok(());
         }
         m.flush_all()?;
+        m.trim_zero_tail()?;
         if m.is_dirty() && !m.corrupt {
             m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
             m.write_header()?;

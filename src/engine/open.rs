@@ -267,6 +267,8 @@ impl Qcow2 {
             reftable_moves: 0,
             free_byte_offset: 0,
             durable_end: file_len,
+            written_end: file_len,
+            extended_from: None,
             data_sync_needed: false,
             snapshots,
             snapshot_table: snap_table,
