@@ -3,16 +3,22 @@
 //! Owns target creation from the -o options, the chunked copy that skips
 //! ranges block status reports as zero or unallocated and all-zero blocks
 //! of the -S size (so the target stays sparse), and qemu-img's `-p`
-//! progress line.
+//! progress line. With -n the target exists already: it is not created
+//! and its zero ranges are written as zeroes (unmapping). With -c every
+//! target cluster holding data is written compressed, one whole cluster per
+//! call. -m runs that many workers (reads in parallel; writes in order
+//! unless -W allows them out of order).
 
 use crate::create::create_raw;
 use crate::util::CliResult;
 use crate::util::{errmsg, file_extent, open_ro, parse_img_size, split_opts, virtual_size};
 use oxqcow::engine::{create, CreateOptions};
+use oxqcow::format::entries::L2Entry;
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,9 +41,24 @@ pub struct Args {
     /// written (0 writes everything)
     #[arg(short = 'S', value_name = "SPARSE_SIZE")]
     sparse: Option<String>,
-    /// Compress the output (not supported)
-    #[arg(short = 'c')]
+    /// Compress the output (qcow2 targets)
+    #[arg(short = 'c', long = "compress")]
     compress: bool,
+    /// The target exists: do not create it
+    #[arg(short = 'n', long = "no-create")]
+    no_create: bool,
+    /// Parallel workers (1 to 16, default 8)
+    #[arg(short = 'm', long = "parallel", value_name = "NUM_COROUTINES")]
+    parallel: Option<String>,
+    /// Allow writes out of order
+    #[arg(short = 'W', long = "oob-writes")]
+    oob_writes: bool,
+    /// Target cache mode (accepted, ignored)
+    #[arg(short = 't', long = "target-cache", value_name = "TGT_CACHE")]
+    target_cache: Option<String>,
+    /// Source cache mode (accepted, ignored)
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
     /// Accepted for compatibility (the source is always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -51,48 +72,92 @@ pub struct Args {
 const CHUNK: u64 = 2 << 20;
 
 pub fn run(a: Args) -> CliResult<()> {
-    let _ = a.force_share;
+    let _ = (a.force_share, &a.target_cache, &a.source_cache);
+    let workers = match &a.parallel {
+        None => 8,
+        Some(m) => {
+            let n: i64 = crate::util::parse_c_number(m)
+                .map(|v| v as i64)
+                .or_else(|| m.trim().parse().ok())
+                .ok_or_else(|| format!("Invalid number of coroutines specified: '{m}'."))?;
+            if !(1..=16).contains(&n) {
+                return Err(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+                );
+            }
+            n as usize
+        }
+    };
     let sparse = match &a.sparse {
         None => 4096,
         Some(s) => {
             let bad = || {
                 "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).".to_string()
             };
-            let v = parse_img_size(s).map_err(|_| bad())?;
+            let v = parse_img_size(s)
+                .map_err(|_| format!("Invalid buffer size for sparse output specified: '{s}'."))?;
             if v % 512 != 0 || v > 16 << 20 {
                 return Err(bad());
             }
             v
         }
     };
+    if a.no_create && !a.options.is_empty() {
+        return Err("-o has no effect when skipping image creation".into());
+    }
     if !["raw", "qcow2"].contains(&a.out_fmt.as_str()) {
         return Err(format!("Unknown file format '{}'", a.out_fmt));
     }
-    if a.compress {
+    if a.compress && a.out_fmt != "qcow2" {
         return Err("Compression not supported for this file format".into());
     }
     let src = open_ro(&a.source, a.fmt.as_deref(), false)?;
     let size = virtual_size(&src);
     let dst_name = a.destination.clone();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
-    create_target(&a, size).map_err(fail)?;
+    if !a.no_create {
+        create_target(&a, size).map_err(fail)?;
+    }
     let opts = OpenOptions {
         writable: true,
         ..Default::default()
     };
-    let dst =
-        Image::open(Path::new(&a.destination), Some(&a.out_fmt), &opts).map_err(|e| errmsg(&e))?;
+    let dst = if a.no_create {
+        crate::img_util::open_image(&a.destination, Some(&a.out_fmt), &opts)?
+    } else {
+        Image::open(Path::new(&a.destination), Some(&a.out_fmt), &opts).map_err(|e| errmsg(&e))?
+    };
+    if a.no_create && dst.size() < size {
+        return Err("output file is smaller than input file".into());
+    }
     // A raw source's holes can be skipped without reading them.
     let src_file = match &src {
         Image::Raw(_) => File::open(&a.source).ok(),
         Image::Qcow2(_) => None,
     };
-    let mut progress = Progress::new(a.progress && !a.quiet);
-    let r = copy(&src, &dst, src_file.as_ref(), size, sparse, &mut progress);
+    let cluster = match (&dst, a.compress) {
+        (Image::Qcow2(q), true) => Some(q.cluster_size()),
+        _ => None,
+    };
+    let job = Job {
+        src: &src,
+        dst: &dst,
+        src_file: src_file.as_ref(),
+        size,
+        sparse,
+        zero_init: !a.no_create,
+        cluster,
+        ordered: !a.oob_writes,
+    };
+    let progress = Mutex::new(Progress::new(a.progress && !a.quiet));
+    let r = job.run(workers, &progress);
     let closed = dst.close().map_err(|e| errmsg(&e));
     r?;
     closed?;
-    progress.finish();
+    progress
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .finish();
     Ok(())
 }
 
@@ -131,82 +196,247 @@ fn create_target(a: &Args, size: u64) -> CliResult<()> {
     create(path, &co).map_err(|e| errmsg(&e))
 }
 
-fn copy(
-    src: &Image,
-    dst: &Image,
-    src_file: Option<&File>,
+/// One conversion: what to copy where, and how.
+struct Job<'a> {
+    src: &'a Image,
+    dst: &'a Image,
+    src_file: Option<&'a File>,
     size: u64,
     sparse: u64,
-    progress: &mut Progress,
-) -> CliResult<()> {
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        // Zero ranges are skipped whole; data is copied a chunk at a time.
-        let want = size - pos;
-        let (st, mut n) = src.block_status(pos, want).map_err(|e| {
-            format!(
-                "error while reading block status at byte {pos}: {}",
-                errmsg(&e)
-            )
-        })?;
-        n = n.clamp(1, want);
-        let mut zero = matches!(
-            st,
-            BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. }
-        );
-        if let (Some(f), false) = (src_file, zero) {
-            let (is_data, len) = file_extent(f, pos, n);
-            n = len.clamp(1, n);
-            zero = !is_data;
+    /// The target reads as zeros already (freshly created).
+    zero_init: bool,
+    /// Compressed output: the target's cluster size.
+    cluster: Option<u64>,
+    /// Writes happen in guest order (no -W).
+    ordered: bool,
+}
+
+/// What the workers share.
+struct Shared {
+    next_chunk: u64,
+    /// The chunk whose turn it is to write (ordered mode).
+    turn: u64,
+    done: u64,
+    error: Option<String>,
+}
+
+impl Job<'_> {
+    fn run(&self, workers: usize, progress: &Mutex<Progress>) -> CliResult<()> {
+        let chunks = self.size.div_ceil(CHUNK);
+        let shared = Mutex::new(Shared {
+            next_chunk: 0,
+            turn: 0,
+            done: 0,
+            error: None,
+        });
+        let cond = Condvar::new();
+        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = || {
+            let mut buf = vec![0u8; CHUNK as usize];
+            loop {
+                let i = {
+                    let mut sh = lock();
+                    if sh.error.is_some() || sh.next_chunk >= chunks {
+                        return;
+                    }
+                    sh.next_chunk += 1;
+                    sh.next_chunk - 1
+                };
+                let r = self.chunk(i, &mut buf, &shared, &cond);
+                let mut sh = lock();
+                match r {
+                    Ok(()) => {
+                        sh.done += 1;
+                        let pos = ((sh.done) * CHUNK).min(self.size);
+                        progress
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .update(pos, self.size);
+                    }
+                    Err(e) => {
+                        sh.error.get_or_insert(e);
+                    }
+                }
+                cond.notify_all();
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 0..workers.min(chunks.max(1) as usize) {
+                s.spawn(worker);
+            }
+        });
+        match shared.into_inner().unwrap_or_else(|e| e.into_inner()).error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        if !zero || sparse == 0 {
-            n = n.min(CHUNK);
-            let b = &mut buf[..n as usize];
+    }
+
+    /// Reads chunk `i` and writes it (in its turn when ordered).
+    fn chunk(
+        &self,
+        i: u64,
+        buf: &mut [u8],
+        shared: &Mutex<Shared>,
+        cond: &Condvar,
+    ) -> CliResult<()> {
+        let start = i * CHUNK;
+        let end = (start + CHUNK).min(self.size);
+        let pieces = self.read_chunk(start, end, buf)?;
+        if self.ordered {
+            let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
+            while sh.turn != i && sh.error.is_none() {
+                sh = cond.wait(sh).unwrap_or_else(|e| e.into_inner());
+            }
+            if let Some(e) = &sh.error {
+                return Err(e.clone());
+            }
+            drop(sh);
+            let r = self.write_chunk(start, &pieces, buf);
+            let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
+            sh.turn += 1;
+            cond.notify_all();
+            r
+        } else {
+            self.write_chunk(start, &pieces, buf)
+        }
+    }
+
+    /// Fills `buf` with [start, end) of the source; returns the pieces as
+    /// (offset, length, has data), zero pieces left unread.
+    fn read_chunk(&self, start: u64, end: u64, buf: &mut [u8]) -> CliResult<Vec<(u64, u64, bool)>> {
+        let mut pieces = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let want = end - pos;
+            let (st, mut n) = self.src.block_status(pos, want).map_err(|e| {
+                format!(
+                    "error while reading block status at byte {pos}: {}",
+                    errmsg(&e)
+                )
+            })?;
+            n = n.clamp(1, want);
+            let mut zero = matches!(
+                st,
+                BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. }
+            );
+            if let (Some(f), false) = (self.src_file, zero) {
+                let (is_data, len) = file_extent(f, pos, n);
+                n = len.clamp(1, n);
+                zero = !is_data;
+            }
+            let b = &mut buf[(pos - start) as usize..(pos - start + n) as usize];
             if zero {
                 b.fill(0);
             } else {
-                src.read_at(b, pos)
+                self.src
+                    .read_at(b, pos)
                     .map_err(|e| format!("error while reading at byte {pos}: {}", errmsg(&e)))?;
             }
-            write_nonzero(dst, b, pos, sparse)
+            pieces.push((pos, n, !zero));
+            pos += n;
+        }
+        Ok(pieces)
+    }
+
+    fn write_chunk(&self, start: u64, pieces: &[(u64, u64, bool)], buf: &[u8]) -> CliResult<()> {
+        let at = |pos: u64, n: u64| &buf[(pos - start) as usize..(pos - start + n) as usize];
+        if let Some(cs) = self.cluster {
+            // Whole target clusters, compressed when they hold data.
+            let end = pieces.last().map(|p| p.0 + p.1).unwrap_or(start);
+            let mut c = start;
+            while c < end {
+                let n = cs.min(end - c);
+                let b = at(c, n);
+                if b.iter().any(|&x| x != 0) {
+                    let q = self.dst.qcow2().expect("compressed output is qcow2");
+                    // QEMU compresses only into clusters without a host cluster.
+                    let taken = match q.l2_entry_at(c) {
+                        Ok(L2Entry::Unallocated) | Ok(L2Entry::Zero { host: 0, .. }) => false,
+                        Ok(_) => true,
+                        Err(e) => {
+                            return Err(format!("error while writing at byte {c}: {}", errmsg(&e)))
+                        }
+                    };
+                    if taken {
+                        return Err(format!(
+                            "error while writing at byte {c}: {}",
+                            crate::img_util::strerror(libc::EIO)
+                        ));
+                    }
+                    q.write_compressed(b, c)
+                        .map_err(|e| format!("error while writing at byte {c}: {}", errmsg(&e)))?;
+                } else if !self.zero_init {
+                    self.zero(c, n)?;
+                }
+                c += n;
+            }
+            return Ok(());
+        }
+        for &(pos, n, data) in pieces {
+            if !data && self.sparse != 0 {
+                if !self.zero_init {
+                    self.zero(pos, n)?;
+                }
+                continue;
+            }
+            write_nonzero(self.dst, at(pos, n), pos, self.sparse, self.zero_init)
                 .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
         }
-        pos += n;
-        progress.update(pos, size);
+        Ok(())
     }
-    Ok(())
+
+    fn zero(&self, pos: u64, n: u64) -> CliResult<()> {
+        self.dst
+            .write_zeroes(pos, n, true)
+            .map_err(|e| format!("error while writing at byte {pos}: {}", errmsg(&e)))
+    }
 }
 
 /// Writes `b` at `pos`, leaving out every all-zero block of `sparse` bytes
-/// (aligned to guest offsets); `sparse` 0 writes everything.
-fn write_nonzero(dst: &Image, b: &[u8], pos: u64, sparse: u64) -> CliResult<()> {
+/// (aligned to guest offsets), or writing it as zeroes when the target
+/// does not read as zeros already; `sparse` 0 writes everything.
+fn write_nonzero(dst: &Image, b: &[u8], pos: u64, sparse: u64, zero_init: bool) -> CliResult<()> {
     let write = |from: usize, to: usize| {
         dst.write_at(&b[from..to], pos + from as u64)
             .map_err(|e| errmsg(&e))
     };
+    let zero = |from: usize, to: usize| {
+        if zero_init {
+            Ok(())
+        } else {
+            dst.write_zeroes(pos + from as u64, (to - from) as u64, true)
+                .map_err(|e| errmsg(&e))
+        }
+    };
     if sparse == 0 {
         return write(0, b.len());
     }
-    let mut run_start: Option<usize> = None;
+    // Runs of data blocks and of zero blocks, each written in one request.
+    let mut run: Option<(usize, bool)> = None;
     let mut i = 0usize;
     while i < b.len() {
         let abs = pos + i as u64;
         let blk_end = ((abs / sparse + 1) * sparse - pos) as usize;
         let end = blk_end.min(b.len());
         let is_zero = b[i..end].iter().all(|&x| x == 0);
-        match (is_zero, run_start) {
-            (false, None) => run_start = Some(i),
-            (true, Some(s)) => {
-                write(s, i)?;
-                run_start = None;
+        match run {
+            Some((s, z)) if z != is_zero => {
+                if z {
+                    zero(s, i)?;
+                } else {
+                    write(s, i)?;
+                }
+                run = Some((i, is_zero));
             }
+            None => run = Some((i, is_zero)),
             _ => {}
         }
         i = end;
     }
-    if let Some(s) = run_start {
-        write(s, b.len())?;
+    match run {
+        Some((s, true)) => zero(s, b.len())?,
+        Some((s, false)) => write(s, b.len())?,
+        None => {}
     }
     Ok(())
 }
