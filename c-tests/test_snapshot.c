@@ -1,0 +1,282 @@
+/*
+ * test_snapshot: internal snapshots through bdrv_snapshot_create / _goto /
+ * _delete / _list, against QEMU both ways:
+ *   - snapshots the library makes are listed by `qemu-img snapshot -l` and
+ *     `qemu-img info --output=json` with the ID, name, date and VM clock
+ *     given in QEMUSnapshotInfo, and `qemu-img snapshot -a` on a copy
+ *     brings back exactly the contents they captured; our goto and
+ *     QEMU's give the same contents and a clean image;
+ *   - snapshots qemu-img makes are listed by bdrv_snapshot_list with
+ *     QEMU's IDs, names and dates, applied by bdrv_snapshot_goto (by name
+ *     and by ID) and deleted by bdrv_snapshot_delete, with the same
+ *     contents as qemu-img's -a / -d on a copy and no leak in
+ *     `qemu-img check`;
+ * plus QEMU 1.x's rules: an empty id_str picks the next free number and is
+ * written back, a used ID gives -EEXIST, names may repeat, a missing
+ * snapshot gives -ENOENT, no snapshots lists 0 and NULL.
+ */
+#include "harness.h"
+
+#include <time.h>
+
+#define MiB (1024 * 1024)
+#define KiB 1024
+#define SIZE (4 * MiB)
+
+static void model_write(BlockDriverState *bs, unsigned char *model, int64_t off, int len, uint64_t seed)
+{
+    unsigned char *buf = malloc((size_t)len);
+    h_fill(buf, (size_t)len, seed);
+    CHECK_INT(bdrv_pwrite(bs, off, buf, len), len);
+    memcpy(model + off, buf, (size_t)len);
+    free(buf);
+}
+
+static void read_compare(BlockDriverState *bs, const unsigned char *model)
+{
+    unsigned char *buf = malloc(SIZE);
+    CHECK_INT(bdrv_pread(bs, 0, buf, SIZE), SIZE);
+    CHECK_MEM(buf, model, SIZE);
+    free(buf);
+}
+
+/* qemu-img's view of an image equals `model`, and qemu-img check is happy. */
+static void qemu_sees(const char *img, const unsigned char *model)
+{
+    h_verify_image(img, model, SIZE);
+}
+
+/* The value of `key` in the snapshot object with ID `id` of
+ * `qemu-img info --output=json` (a number, or -1). */
+static long long snap_field(const char *json, const char *id, const char *key)
+{
+    char pat[256];
+    snprintf(pat, sizeof(pat), "\"id\": \"%s\"", id);
+    const char *p = json ? strstr(json, pat) : NULL;
+    if (!p) {
+        return -1;
+    }
+    const char *start = p, *end = strchr(p, '}');
+    while (start > json && *start != '{') {
+        start--;
+    }
+    snprintf(pat, sizeof(pat), "\"%s\": ", key);
+    const char *k = strstr(start, pat);
+    if (!k || (end && k > end)) {
+        return -1;
+    }
+    return strtoll(k + strlen(pat), NULL, 0);
+}
+
+static void test_ours_read_by_qemu(void)
+{
+    printf("=== snapshots made by the library, read by qemu-img ===\n");
+    char img[4096], qa[4096], qb[4096];
+    snprintf(img, sizeof(img), "%s", h_path("snap-ours.qcow2"));
+    snprintf(qa, sizeof(qa), "%s", h_path("snap-ours-a.qcow2"));
+    snprintf(qb, sizeof(qb), "%s", h_path("snap-ours-b.qcow2"));
+    unsigned char *m0 = calloc(1, SIZE), *m1 = malloc(SIZE), *m2 = malloc(SIZE), *m3 = malloc(SIZE);
+    CHECK_INT(bdrv_img_create(img, "qcow2", NULL, NULL, "compat=1.1", SIZE, 0), 0);
+    BlockDriverState *bs = bdrv_new("snap");
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR | BDRV_O_CACHE_WB, NULL), 0);
+
+    QEMUSnapshotInfo *list = (QEMUSnapshotInfo *)1;
+    CHECK_INT(bdrv_snapshot_list(bs, &list), 0); /* none yet: 0 and NULL */
+    CHECK(list == NULL);
+
+    model_write(bs, m0, 0, 1 * MiB, 1);
+    memcpy(m1, m0, SIZE);
+    QEMUSnapshotInfo sn;
+    memset(&sn, 0, sizeof(sn));
+    strcpy(sn.name, "first");
+    sn.date_sec = 1234567890;
+    sn.date_nsec = 123000;
+    sn.vm_clock_nsec = 1500000000ull;
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), 0);
+    CHECK_STR(sn.id_str, "1"); /* picked and written back */
+
+    model_write(bs, m0, 512 * KiB, 1 * MiB, 2);
+    memcpy(m2, m0, SIZE);
+    memset(&sn, 0, sizeof(sn));
+    strcpy(sn.id_str, "snapid7");
+    strcpy(sn.name, "second");
+    time_t before = time(NULL);
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), 0); /* date 0: now */
+    CHECK(sn.date_sec >= (uint32_t)before - 1 && sn.date_sec <= (uint32_t)time(NULL) + 1);
+    CHECK_STR(sn.id_str, "snapid7");
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), -EEXIST); /* the ID is taken */
+    CHECK(strstr(bdrv_last_error(), "snapid7") != NULL);
+
+    /* Names may repeat (qemu-img snapshot -c allows it); the ID is new. */
+    memset(&sn, 0, sizeof(sn));
+    strcpy(sn.name, "first");
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), 0);
+    CHECK_STR(sn.id_str, "2");
+    CHECK_INT(bdrv_snapshot_delete(bs, "2"), 0);
+
+    model_write(bs, m0, 3 * MiB, 1 * MiB, 3);
+    memcpy(m3, m0, SIZE);
+
+    int n = bdrv_snapshot_list(bs, &list);
+    CHECK_INT(n, 2);
+    if (n == 2) {
+        CHECK_STR(list[0].id_str, "1");
+        CHECK_STR(list[0].name, "first");
+        CHECK_INT(list[0].date_sec, 1234567890);
+        CHECK_INT(list[0].date_nsec, 123000);
+        CHECK_INT(list[0].vm_clock_nsec, 1500000000ll);
+        CHECK_INT(list[0].vm_state_size, 0);
+        CHECK_STR(list[1].id_str, "snapid7");
+        CHECK_STR(list[1].name, "second");
+    }
+    bdrv_snapshot_list_free(list);
+    bdrv_close(bs);
+    qemu_sees(img, m3);
+
+    /* qemu-img lists them with our ID, name, date and VM clock. */
+    char *l = h_capture("TZ=UTC qemu-img snapshot -l '%s'", img);
+    CHECK(l && strstr(l, "first") && strstr(l, "2009-02-13 23:31:30") && strstr(l, "0000:00:01.500"));
+    CHECK(l && strstr(l, "snapid7") && strstr(l, "second"));
+    free(l);
+    char *json = h_capture("qemu-img info --output=json '%s'", img);
+    CHECK_INT(snap_field(json, "1", "date-sec"), 1234567890);
+    CHECK_INT(snap_field(json, "1", "date-nsec"), 123000);
+    CHECK_INT(snap_field(json, "1", "vm-clock-sec"), 1);
+    CHECK_INT(snap_field(json, "1", "vm-clock-nsec"), 500000000);
+    CHECK_INT(snap_field(json, "1", "vm-state-size"), 0);
+    CHECK(snap_field(json, "snapid7", "date-sec") >= (long long)before - 1);
+    free(json);
+
+    /* qemu-img snapshot -a on copies brings back what each captured. */
+    CHECK_INT(h_copy(img, qa), 0);
+    CHECK_INT(h_copy(img, qb), 0);
+    CHECK_INT(h_sh("qemu-img snapshot -a first '%s'", qa), 0);
+    CHECK_INT(h_sh("qemu-img snapshot -a snapid7 '%s'", qb), 0);
+    qemu_sees(qa, m1);
+    qemu_sees(qb, m2);
+
+    /* Our goto gives the same: by name, then by ID. */
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_snapshot_goto(bs, "first"), 0);
+    read_compare(bs, m1);
+    bdrv_close(bs);
+    qemu_sees(img, m1);
+    CHECK_INT(h_sh("qemu-img compare -q '%s' '%s'", img, qa), 0);
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_snapshot_goto(bs, "snapid7"), 0);
+    read_compare(bs, m2);
+    /* Writes after a goto leave the snapshots alone. */
+    memcpy(m0, m2, SIZE);
+    model_write(bs, m0, 2 * MiB, 64 * KiB, 9);
+    CHECK_INT(bdrv_snapshot_goto(bs, "1"), 0);
+    read_compare(bs, m1);
+    /* Delete by ID: the snapshot is gone for qemu-img too, no leak. */
+    CHECK_INT(bdrv_snapshot_delete(bs, "1"), 0);
+    CHECK_INT(bdrv_snapshot_goto(bs, "first"), -ENOENT);
+    CHECK_INT(bdrv_snapshot_delete(bs, "1"), -ENOENT);
+    bdrv_delete(bs);
+    qemu_sees(img, m1);
+    l = h_capture("qemu-img snapshot -l '%s'", img);
+    CHECK(l && !strstr(l, "first") && strstr(l, "snapid7"));
+    free(l);
+    CHECK_INT(h_sh("qemu-img snapshot -a snapid7 '%s'", img), 0);
+    qemu_sees(img, m2);
+    free(m0);
+    free(m1);
+    free(m2);
+    free(m3);
+}
+
+static void test_qemu_applied_by_us(void)
+{
+    printf("=== snapshots made by qemu-img, used through the library ===\n");
+    char img[4096], qa[4096], qd[4096];
+    snprintf(img, sizeof(img), "%s", h_path("snap-qemu.qcow2"));
+    snprintf(qa, sizeof(qa), "%s", h_path("snap-qemu-a.qcow2"));
+    snprintf(qd, sizeof(qd), "%s", h_path("snap-qemu-d.qcow2"));
+    unsigned char *m1 = calloc(1, SIZE), *m2 = calloc(1, SIZE), *m3 = calloc(1, SIZE);
+    CHECK_INT(h_sh("qemu-img create -q -f qcow2 '%s' 4M", img), 0);
+    CHECK_INT(h_sh("qemu-io -c 'write -P 0x11 0 1M' '%s' >/dev/null", img), 0);
+    memset(m1, 0x11, MiB);
+    CHECK_INT(h_sh("qemu-img snapshot -c qsnap '%s'", img), 0);
+    CHECK_INT(h_sh("qemu-io -c 'write -P 0x22 512k 1M' '%s' >/dev/null", img), 0);
+    memcpy(m2, m1, SIZE);
+    memset(m2 + 512 * KiB, 0x22, MiB);
+    CHECK_INT(h_sh("qemu-img snapshot -c qsnap2 '%s'", img), 0);
+    CHECK_INT(h_sh("qemu-io -c 'write -P 0x33 0 64k' '%s' >/dev/null", img), 0);
+    memcpy(m3, m2, SIZE);
+    memset(m3, 0x33, 64 * KiB);
+    char *json = h_capture("qemu-img info --output=json '%s'", img);
+
+    BlockDriverState *bs = bdrv_new("snap");
+    CHECK_INT(bdrv_open(bs, img, 0, NULL), 0);
+    QEMUSnapshotInfo *list = NULL;
+    int n = bdrv_snapshot_list(bs, &list); /* read-only handles list too */
+    CHECK_INT(n, 2);
+    if (n == 2) {
+        CHECK_STR(list[0].id_str, "1");
+        CHECK_STR(list[0].name, "qsnap");
+        CHECK_STR(list[1].id_str, "2");
+        CHECK_STR(list[1].name, "qsnap2");
+        CHECK_INT(list[0].date_sec, snap_field(json, "1", "date-sec"));
+        CHECK_INT(list[0].date_nsec, snap_field(json, "1", "date-nsec"));
+        CHECK_INT(list[1].date_sec, snap_field(json, "2", "date-sec"));
+        CHECK_INT(list[1].vm_state_size, 0);
+    }
+    free(list); /* free() works as well as bdrv_snapshot_list_free() */
+    free(json);
+    read_compare(bs, m3);
+    CHECK_INT(bdrv_snapshot_goto(bs, "qsnap"), -EACCES);
+    bdrv_close(bs);
+
+    CHECK_INT(h_copy(img, qa), 0);
+    CHECK_INT(h_sh("qemu-img snapshot -a qsnap '%s'", qa), 0);
+
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_snapshot_goto(bs, "qsnap"), 0); /* by name */
+    read_compare(bs, m1);
+    bdrv_close(bs);
+    qemu_sees(img, m1);
+    CHECK_INT(h_sh("qemu-img compare -q '%s' '%s'", img, qa), 0);
+
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_snapshot_goto(bs, "2"), 0); /* by ID */
+    read_compare(bs, m2);
+    bdrv_close(bs);
+    qemu_sees(img, m2);
+
+    CHECK_INT(h_copy(img, qd), 0);
+    CHECK_INT(h_sh("qemu-img snapshot -d qsnap '%s'", qd), 0);
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_snapshot_delete(bs, "qsnap"), 0);
+    CHECK_INT(bdrv_snapshot_list(bs, &list), 1);
+    CHECK_STR(list ? list[0].name : NULL, "qsnap2");
+    bdrv_snapshot_list_free(list);
+    bdrv_delete(bs);
+    qemu_sees(img, m2);
+    CHECK_INT(h_sh("qemu-img compare -q '%s' '%s'", img, qd), 0);
+    char *l = h_capture("qemu-img snapshot -l '%s'", img);
+    CHECK(l && !strstr(l, "qsnap ") && strstr(l, "qsnap2"));
+    free(l);
+    /* The same freed clusters: the file ends where QEMU's copy ends. */
+    char *a = h_capture("qemu-img check --output=json '%s'", img);
+    char *b = h_capture("qemu-img check --output=json '%s'", qd);
+    CHECK_INT(h_json_int(a, "image-end-offset"), h_json_int(b, "image-end-offset"));
+    CHECK_INT(h_json_int(a, "leaks"), -1);
+    free(a);
+    free(b);
+
+    /* The driver members are the entry points. */
+    CHECK(bdrv_qcow2.bdrv_snapshot_list == bdrv_snapshot_list);
+    free(m1);
+    free(m2);
+    free(m3);
+}
+
+int main(void)
+{
+    h_start("test_snapshot");
+    test_ours_read_by_qemu();
+    test_qemu_applied_by_us();
+    return h_finish();
+}
