@@ -36,7 +36,10 @@ int main(void)
     BlockDriverInfo bdi;
     BdrvCheckResult res;
     QEMUOptionParameter *l = bdrv_qcow2.create_options;
-    (void)opt; (void)flags; (void)bdi; (void)res; (void)l;
+    QEMUSnapshotInfo sn;
+    BdrvLogFunc log = 0;
+    (void)opt; (void)flags; (void)bdi; (void)res; (void)l; (void)sn;
+    bdrv_set_log_callback(log, 0);
     bdrv_delete(bs);
     return (int)BDRV_SECTOR_SIZE + BLOCK_FLAG_LAZY_REFCOUNTS + BDRV_FIX_LEAKS + OPT_STRING;
 }

@@ -31,7 +31,8 @@ int main()
     CHECK(std::string(BLOCK_OPT_COMPAT_LEVEL) == "compat");
     CHECK(BDRV_SECTOR_SIZE == 512);
     CHECK(std::string(bdrv_qcow2.format_name) == "qcow2");
-    CHECK(bdrv_qcow2.bdrv_amend_options == nullptr);
+    CHECK(bdrv_qcow2.bdrv_amend_options == bdrv_amend_options);
+    CHECK(bdrv_qcow2.bdrv_snapshot_load_tmp == nullptr);
 
     CHECK(bdrv_img_create(img.c_str(), "qcow2", nullptr, nullptr, "compat=1.1", 1 << 20,
                           BLOCK_FLAG_LAZY_REFCOUNTS) == 0);
@@ -45,7 +46,14 @@ int main()
     CHECK(bdrv_pread(bs, 1000, r.data(), static_cast<int>(r.size())) == 70000);
     CHECK(w == r);
     BdrvCheckResult res;
-    CHECK(bdrv_check(bs, &res, BDRV_FIX_LEAKS | BDRV_FIX_ERRORS) == -ENOTSUP);
+    CHECK(bdrv_check(bs, &res, BDRV_FIX_LEAKS | BDRV_FIX_ERRORS) == 0);
+    CHECK(res.corruptions == 0 && res.leaks == 0 && res.bfi.allocated_clusters == 2);
+    QEMUSnapshotInfo sn = QEMUSnapshotInfo();
+    std::snprintf(sn.name, sizeof(sn.name), "cxx");
+    CHECK(bdrv_snapshot_create(bs, &sn) == 0 && std::string(sn.id_str) == "1");
+    QEMUSnapshotInfo *list = nullptr;
+    CHECK(bdrv_snapshot_list(bs, &list) == 1 && std::string(list[0].name) == "cxx");
+    bdrv_snapshot_list_free(list);
     QEMUOptionParameter *opts = parse_option_parameters("size=1M", bdrv_qcow2.create_options, nullptr);
     CHECK(opts != nullptr && get_option_parameter(opts, BLOCK_OPT_SIZE)->value.n == (1u << 20));
     free_option_parameters(opts);

@@ -2,8 +2,9 @@
  * test_errors: every error path of the ABI gives a defined negative errno
  * and a message in bdrv_last_error(): NULL pointers, negative counts, I/O
  * past the end, writes on read-only handles, use after close, bad flags,
- * bad option strings, unsupported creation flags. bdrv_last_error() is per
- * thread. Images touched here are checked with qemu-img afterwards.
+ * bad option strings, unsupported creation flags, qcow2-only calls on raw
+ * images (check, amend, snapshots, compressed writes). bdrv_last_error() is
+ * per thread. Images touched here are checked with qemu-img afterwards.
  */
 #include "harness.h"
 
@@ -48,6 +49,16 @@ static void test_null_and_closed(void)
     CHECK_INT(bdrv_get_allocated_file_size(NULL), -EINVAL);
     CHECK_ERR(bdrv_get_info(NULL, &bdi), EINVAL, "bs is NULL");
     CHECK_ERR(bdrv_check(NULL, &res, 0), EINVAL, "bs is NULL");
+    QEMUSnapshotInfo sn;
+    QEMUSnapshotInfo *list = &sn;
+    memset(&sn, 0, sizeof(sn));
+    CHECK_ERR(bdrv_amend(NULL, ""), EINVAL, "bs is NULL");
+    CHECK_ERR(bdrv_amend_options(NULL, NULL), EINVAL, "bs is NULL");
+    CHECK_ERR(bdrv_snapshot_create(NULL, &sn), EINVAL, "bs is NULL");
+    CHECK_ERR(bdrv_snapshot_goto(NULL, "1"), EINVAL, "bs is NULL");
+    CHECK_ERR(bdrv_snapshot_delete(NULL, "1"), EINVAL, "bs is NULL");
+    CHECK_ERR(bdrv_snapshot_list(NULL, &list), EINVAL, "bs is NULL");
+    CHECK_ERR(bdrv_write_compressed(NULL, 0, buf, 128), EINVAL, "bs is NULL");
     CHECK_ERR(bdrv_make_empty(NULL), EINVAL, "bs is NULL");
     CHECK_ERR(bdrv_change_backing_file(NULL, "a", "raw"), EINVAL, "bs is NULL");
     CHECK_ERR(bdrv_open(NULL, "x", 0, NULL), EINVAL, "bs is NULL");
@@ -67,6 +78,13 @@ static void test_null_and_closed(void)
     CHECK_INT(bdrv_getlength(bs), -ENOMEDIUM);
     CHECK_ERR(bdrv_get_info(bs, &bdi), ENOMEDIUM, "no image is open");
     CHECK_ERR(bdrv_check(bs, &res, 0), ENOMEDIUM, "no image is open");
+    CHECK_ERR(bdrv_amend(bs, "compat=1.1"), ENOMEDIUM, "no image is open");
+    CHECK_ERR(bdrv_snapshot_create(bs, &sn), ENOMEDIUM, "no image is open");
+    CHECK_ERR(bdrv_snapshot_goto(bs, "1"), ENOMEDIUM, "no image is open");
+    CHECK_ERR(bdrv_snapshot_delete(bs, "1"), ENOMEDIUM, "no image is open");
+    CHECK_ERR(bdrv_snapshot_list(bs, &list), ENOMEDIUM, "no image is open");
+    CHECK(list == NULL);
+    CHECK_ERR(bdrv_write_compressed(bs, 0, buf, 128), ENOMEDIUM, "no image is open");
     CHECK_ERR(bdrv_is_allocated(bs, 0, 1, &pnum), ENOMEDIUM, "no image is open");
     CHECK_INT(bdrv_is_read_only(bs), -ENOMEDIUM);
     CHECK(bdrv_get_format_name(bs) == NULL);
@@ -121,7 +139,22 @@ static void test_requests(void)
     CHECK_ERR(bdrv_check(bs, NULL, 0), EINVAL, "res is NULL");
     BdrvCheckResult res;
     CHECK_ERR(bdrv_check(bs, &res, 4), EINVAL, "invalid check mode");
-    CHECK_ERR(bdrv_check(bs, &res, BDRV_FIX_LEAKS), ENOTSUP, "not implemented");
+    CHECK_INT(bdrv_check(bs, &res, BDRV_FIX_LEAKS), 0);
+    CHECK_INT(res.leaks + res.corruptions + res.check_errors, 0);
+    QEMUSnapshotInfo sn;
+    memset(&sn, 0, sizeof(sn));
+    CHECK_ERR(bdrv_snapshot_create(bs, NULL), EINVAL, "sn_info is NULL");
+    sn.vm_state_size = 4096;
+    CHECK_ERR(bdrv_snapshot_create(bs, &sn), ENOTSUP, "VM state is not supported");
+    CHECK_ERR(bdrv_snapshot_goto(bs, NULL), EINVAL, "snapshot_id is NULL");
+    CHECK_ERR(bdrv_snapshot_goto(bs, "nope"), ENOENT, "Could not find snapshot 'nope'");
+    CHECK_ERR(bdrv_snapshot_delete(bs, "nope"), ENOENT, "Could not find snapshot 'nope'");
+    CHECK_ERR(bdrv_snapshot_list(bs, NULL), EINVAL, "psn_info is NULL");
+    CHECK_ERR(bdrv_write_compressed(bs, 0, NULL, 128), EINVAL, "buf is NULL");
+    CHECK_ERR(bdrv_write_compressed(bs, 0, buf, -1), EINVAL, "invalid sector request");
+    CHECK_ERR(bdrv_write_compressed(bs, 1, buf, 1), EINVAL, "exactly one cluster");
+    CHECK_ERR(bdrv_write_compressed(bs, MiB / 512, buf, 128), EIO, "past the end");
+    CHECK_ERR(bdrv_amend(bs, "bogus=1"), EINVAL, "Invalid parameter 'bogus'");
     CHECK_ERR(bdrv_change_backing_file(bs, "b", "a-format-name-too-long"), EINVAL, "too long");
 
     /* The last error stays until the next failure. */
@@ -144,10 +177,36 @@ static void test_requests(void)
     CHECK_ERR(bdrv_truncate(bs, 2 * MiB), EACCES, "read-only");
     CHECK_ERR(bdrv_make_empty(bs), EACCES, "read-only");
     CHECK_ERR(bdrv_change_backing_file(bs, NULL, NULL), EACCES, "read-only");
+    CHECK_ERR(bdrv_write_compressed(bs, 0, buf, 128), EACCES, "read-only");
+    CHECK_ERR(bdrv_amend(bs, "lazy_refcounts=on"), EACCES, "read-only");
+    CHECK_ERR(bdrv_check(bs, &res, BDRV_FIX_ERRORS), EACCES, "read-only");
+    CHECK_INT(bdrv_check(bs, &res, 0), 0);
+    memset(&sn, 0, sizeof(sn));
+    CHECK_ERR(bdrv_snapshot_create(bs, &sn), EACCES, "read-only");
+    CHECK_ERR(bdrv_snapshot_goto(bs, "1"), EACCES, "read-only");
+    CHECK_ERR(bdrv_snapshot_delete(bs, "1"), EACCES, "read-only");
+    QEMUSnapshotInfo *list = &sn;
+    CHECK_INT(bdrv_snapshot_list(bs, &list), 0); /* listing works read-only */
+    CHECK(list == NULL);
     CHECK_INT(bdrv_pread(bs, 0, buf, 8192), 8192);
     CHECK_MEM(buf, zero, 8192);
     CHECK_INT(bdrv_getlength(bs), MiB);
     CHECK_INT(bdrv_flush(bs), 0);
+    bdrv_close(bs);
+
+    /* qcow2-only calls on a raw image. */
+    const char *raw = h_path("errors.raw");
+    CHECK_INT(bdrv_img_create(raw, "raw", NULL, NULL, NULL, MiB, 0), 0);
+    CHECK_INT(bdrv_open(bs, raw, BDRV_O_RDWR, NULL), 0);
+    CHECK_ERR(bdrv_check(bs, &res, 0), ENOTSUP, "not supported for raw images");
+    CHECK_ERR(bdrv_amend(bs, "size=2M"), ENOTSUP, "not supported for raw images");
+    CHECK_ERR(bdrv_snapshot_create(bs, &sn), ENOTSUP, "not supported for raw images");
+    CHECK_ERR(bdrv_snapshot_goto(bs, "1"), ENOTSUP, "not supported for raw images");
+    CHECK_ERR(bdrv_snapshot_delete(bs, "1"), ENOTSUP, "not supported for raw images");
+    CHECK_ERR(bdrv_snapshot_list(bs, &list), ENOTSUP, "not supported for raw images");
+    CHECK_ERR(bdrv_write_compressed(bs, 0, buf, 128), ENOTSUP, "not supported for raw images");
+    CHECK(bdrv_raw.bdrv_check == NULL && bdrv_raw.bdrv_write_compressed == NULL);
+    CHECK(bdrv_raw.bdrv_snapshot_create == NULL && bdrv_raw.bdrv_snapshot_list == NULL);
     bdrv_close(bs);
 
     /* Unknown open flags and drivers. */
