@@ -325,7 +325,7 @@ static void test_corrupt_bit(void)
     const char *img = image_with_data(1);
     CHECK_INT(h_sh("'%s' '%s' set-feature-bit incompatible 1", h_tool(), img), 0);
     BlockDriverState *bs = bdrv_new("check");
-    CHECK(bdrv_open(bs, img, BDRV_O_RDWR, NULL) < 0);
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), -EACCES);
     CHECK(strstr(bdrv_last_error(), "qcow2: Image is corrupt; cannot be opened read/write") != NULL);
     CHECK_INT(bdrv_open(bs, img, 0, NULL), 0); /* read-only works */
     bdrv_delete(bs);
