@@ -277,7 +277,7 @@ pub fn run(a: Args) -> CliResult<()> {
             }
             let remaining = count - st.submitted;
             if flush_interval > 0
-                && remaining % flush_interval == 0
+                && remaining.is_multiple_of(flush_interval)
                 && st.flushed_at != Some(remaining)
             {
                 st.flushed_at = Some(remaining);

@@ -160,16 +160,7 @@ pub fn run(a: Args) -> CliResult<()> {
             })?,
             None => new_buf[..len].fill(0),
         }
-        copy_differences(
-            &a,
-            q,
-            &old_buf[..len],
-            &new_buf[..len],
-            off2,
-            cs,
-            size,
-            old_zero,
-        )?;
+        copy_differences(&a, q, &old_buf[..len], &new_buf[..len], off2, old_zero)?;
         off = off2 + n2;
         progress.add(step, 100);
     }
@@ -278,10 +269,9 @@ fn copy_differences(
     old: &[u8],
     new: &[u8],
     off: u64,
-    cs: u64,
-    size: u64,
     old_zero: bool,
 ) -> CliResult<()> {
+    let (cs, size) = (q.cluster_size(), q.size());
     let end = off + old.len() as u64;
     let mut c = off / cs * cs;
     let mut run: Option<u64> = None;

@@ -81,7 +81,7 @@ pub fn run(a: Args) -> CliResult<()> {
                     "Preallocation mode '{prealloc}' is not supported by oxqcow's qcow2 resize"
                 ));
             }
-            if new % 512 != 0 {
+            if !new.is_multiple_of(512) {
                 return Err("The new size must be a multiple of 512".into());
             }
             let h = q.header();
