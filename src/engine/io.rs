@@ -1,0 +1,429 @@
+//! The data path: mapping guest ranges to the host, reads (with backing
+//! files and compressed clusters), and writes with copy-on-write.
+//!
+//! A write claims its guest clusters, plans under the metadata lock
+//! (allocating new clusters), does the data I/O without the lock, and takes
+//! the lock again to link the new clusters into L2 (see the module comment
+//! of `engine` for the locking contract and `meta.rs` for the ordering).
+
+use super::meta::Meta;
+use super::{decompress, Qcow2, MAX_CHUNK};
+use crate::error::{Error, Result};
+use crate::format::entries::{L2Entry, COPIED};
+use std::sync::atomic::Ordering;
+
+/// How a run of guest clusters maps to the host (one L2 table at most).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Run {
+    Data(u64),
+    Zero,
+    Unallocated,
+    Compressed { offset: u64, len: u64 },
+}
+
+/// Where the old contents of a cluster come from when a write covers only
+/// part of it.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum CowSource {
+    Zeros,
+    Backing,
+    Host(u64),
+    Compressed { offset: u64, len: u64 },
+}
+
+/// The plan for one guest cluster of a write.
+pub(super) struct ClusterWrite {
+    gc: u64,
+    /// Byte range of the cluster the request covers.
+    start: u64,
+    end: u64,
+    host: u64,
+    /// Needs a new L2 entry (new cluster, or a zero-flagged one made data).
+    link: bool,
+    old_raw: u64,
+    source: CowSource,
+    /// The host cluster is freshly allocated (release it if the write fails).
+    fresh: bool,
+    /// The whole cluster is written (head and tail filled from `source`).
+    fill: bool,
+    /// A never-written cluster inside the durable file length (reads zeros).
+    zero_host: bool,
+}
+
+impl Qcow2 {
+    // ---- mapping -------------------------------------------------------------------
+
+    /// Maps the longest run starting at `off` (inside one L2 table) whose
+    /// clusters share a kind and, for data, are contiguous on the host.
+    pub(super) fn map_run(&self, m: &mut Meta, off: u64, max: u64) -> Result<(Run, u64)> {
+        let cs = self.cs;
+        let gc = off >> self.cb;
+        let in_cluster = off & (cs - 1);
+        let table_end = ((gc >> m.l2_bits) + 1) << (m.l2_bits + self.cb);
+        let limit = max.min(table_end - off);
+        let first = self.classify(m, gc)?;
+        let mut len = (cs - in_cluster).min(limit);
+        if let Run::Compressed { .. } = first {
+            return Ok((first, len));
+        }
+        let mut next = gc + 1;
+        while len < limit {
+            let r = self.classify(m, next)?;
+            let same = match (first, r) {
+                (Run::Data(a), Run::Data(b)) => b == a + (next - gc) * cs,
+                (Run::Zero, Run::Zero) | (Run::Unallocated, Run::Unallocated) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            len = (len + cs).min(limit);
+            next += 1;
+        }
+        Ok((first, len))
+    }
+
+    pub(super) fn classify(&self, m: &mut Meta, gc: u64) -> Result<Run> {
+        let raw = m.l2_entry(gc)?;
+        let end = self.file_end.load(Ordering::Acquire);
+        Ok(match m.decode(raw) {
+            L2Entry::Unallocated => Run::Unallocated,
+            L2Entry::Zero { .. } => Run::Zero,
+            L2Entry::Normal { host, .. } => {
+                if host >= end || host & (self.cs - 1) != 0 {
+                    return Err(m.signal_corruption(&format!(
+                        "Data cluster offset {host:#x} for guest cluster {gc} is invalid (past the end of the file or unaligned)"
+                    )));
+                }
+                Run::Data(host)
+            }
+            L2Entry::Compressed { offset, len } => {
+                if offset >= end {
+                    return Err(m.signal_corruption(&format!(
+                        "Compressed cluster at {offset:#x} for guest cluster {gc} points past the end of the file"
+                    )));
+                }
+                Run::Compressed {
+                    offset,
+                    len: len.min(end - offset),
+                }
+            }
+        })
+    }
+
+    // ---- read ------------------------------------------------------------------------
+
+    /// Reads guest bytes at any offset and length inside the image.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let cur = off + pos as u64;
+            let (run, len) = {
+                let mut m = self.lock();
+                self.map_run(&mut m, cur, (buf.len() - pos) as u64)?
+            };
+            let out = &mut buf[pos..pos + len as usize];
+            match run {
+                Run::Data(host) => {
+                    let h = host + (cur & (self.cs - 1));
+                    self.file
+                        .read_at(out, h)
+                        .map_err(|e| Error::io(format!("{}: read", self.name), e))?;
+                }
+                Run::Zero => out.fill(0),
+                Run::Unallocated => self.read_backing(out, cur)?,
+                Run::Compressed { offset, len: clen } => {
+                    let data = self.read_compressed(offset, clen)?;
+                    let s = (cur & (self.cs - 1)) as usize;
+                    out.copy_from_slice(&data[s..s + out.len()]);
+                }
+            }
+            pos += len as usize;
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_backing(&self, out: &mut [u8], off: u64) -> Result<()> {
+        match &self.backing {
+            None => out.fill(0),
+            Some(b) => {
+                let bsize = b.size();
+                let n = if off >= bsize {
+                    0
+                } else {
+                    (bsize - off).min(out.len() as u64) as usize
+                };
+                if n > 0 {
+                    b.read(&mut out[..n], off)?;
+                }
+                out[n..].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut input = vec![0u8; len as usize];
+        self.file
+            .read_at(&mut input, offset)
+            .map_err(|e| Error::io(format!("{}: read compressed cluster", self.name), e))?;
+        let mut out = vec![0u8; self.cs as usize];
+        decompress(self.compression_type, &input, &mut out)
+            .map_err(|e| e.context(&format!("{}: cluster at {offset:#x}", self.name)))?;
+        Ok(out)
+    }
+
+    /// Fills `out` with the current contents of guest bytes [off, off+len)
+    /// of one cluster, from where the cluster's old data lives.
+    pub(super) fn read_source(
+        &self,
+        src: CowSource,
+        gc: u64,
+        start: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let off = (gc << self.cb) + start;
+        match src {
+            CowSource::Zeros => out.fill(0),
+            CowSource::Backing => self.read_backing(out, off)?,
+            CowSource::Host(h) => self
+                .file
+                .read_at(out, h + start)
+                .map_err(|e| Error::io(format!("{}: read for copy-on-write", self.name), e))?,
+            CowSource::Compressed { offset, len } => {
+                let d = self.read_compressed(offset, len)?;
+                out.copy_from_slice(&d[start as usize..start as usize + out.len()]);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- write -----------------------------------------------------------------------
+
+    /// Writes guest bytes at any offset and length inside the image.
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.lock().ensure_writable()?;
+        let mut pos = 0u64;
+        let len = buf.len() as u64;
+        while pos < len {
+            let cur = off + pos;
+            let n = self.chunk_len(cur, len - pos);
+            self.write_chunk(&buf[pos as usize..(pos + n) as usize], cur)?;
+            pos += n;
+        }
+        if self.writethrough {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Length of the next chunk: inside one L2 table and at most MAX_CHUNK.
+    pub(super) fn chunk_len(&self, off: u64, remaining: u64) -> u64 {
+        let l2_span = 1u64 << (2 * self.cb - 3);
+        let table_end = (off / l2_span + 1) * l2_span;
+        remaining.min(table_end - off).min(MAX_CHUNK)
+    }
+
+    pub(super) fn write_chunk(&self, data: &[u8], off: u64) -> Result<()> {
+        let cs = self.cs;
+        let first = off >> self.cb;
+        let last = (off + data.len() as u64 - 1) >> self.cb;
+        let mut m = self.claim(first, last);
+        let plan = self.plan_write(&mut m, first, last, off, data.len() as u64);
+        let mut plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(&mut m, first, last);
+                return Err(e);
+            }
+        };
+        drop(m);
+        let io = self.write_data(&mut plan, data, off);
+        let mut m = self.lock();
+        let r = match io {
+            Ok(()) => self.link(&mut m, &plan),
+            Err(e) => {
+                for p in plan.iter().filter(|p| p.fresh) {
+                    m.pending_unref.push((p.host, cs, false));
+                }
+                Err(e)
+            }
+        };
+        self.release(&mut m, first, last);
+        r
+    }
+
+    pub(super) fn plan_write(
+        &self,
+        m: &mut Meta,
+        first: u64,
+        last: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<ClusterWrite>> {
+        let cs = self.cs;
+        let mut plan = Vec::with_capacity((last - first + 1) as usize);
+        let mut need_alloc = 0;
+        for gc in first..=last {
+            let cstart = gc << self.cb;
+            let start = off.max(cstart) - cstart;
+            let end = (off + len).min(cstart + cs) - cstart;
+            let raw = m.l2_entry(gc)?;
+            let mut w = ClusterWrite {
+                gc,
+                start,
+                end,
+                host: 0,
+                link: true,
+                old_raw: raw,
+                source: CowSource::Zeros,
+                fresh: false,
+                fill: false,
+                zero_host: false,
+            };
+            match m.decode(raw) {
+                L2Entry::Normal { host, copied } => {
+                    if copied || m.refcount(host / cs)? == 1 {
+                        w.host = host;
+                        w.link = !copied;
+                    } else {
+                        w.source = CowSource::Host(host);
+                    }
+                }
+                L2Entry::Zero { host, copied } if host != 0 && copied => {
+                    w.host = host;
+                    w.fill = true;
+                }
+                L2Entry::Zero { .. } => {}
+                L2Entry::Unallocated => {
+                    if self.backing.is_some() {
+                        w.source = CowSource::Backing;
+                    }
+                }
+                L2Entry::Compressed { offset, len } => {
+                    w.source = CowSource::Compressed { offset, len };
+                }
+            }
+            if w.host == 0 {
+                need_alloc += 1;
+            }
+            plan.push(w);
+        }
+        if need_alloc > 0 {
+            // As QEMU does: the L2 table (new, or a copy of a shared one)
+            // is allocated before the data clusters it will map.
+            m.l2_for_write(first)?;
+            let never_written = m.written_end;
+            let mut host = m.alloc_clusters(need_alloc)?;
+            // A run that was never written can have its L2 entries written
+            // before its data (rule 1's exception) once the file durably
+            // covers it. Only worth it when every write is flushed at once.
+            let zero_run = host >= never_written && self.writethrough && m.lazy;
+            if zero_run {
+                m.reserve_zero_tail(host + need_alloc * cs)?;
+            }
+            for w in plan.iter_mut().filter(|w| w.host == 0) {
+                w.host = host;
+                w.fresh = true;
+                w.fill = true;
+                w.zero_host = zero_run;
+                host += cs;
+            }
+        }
+        for w in &plan {
+            let (s, e) = if w.fill { (0, cs) } else { (w.start, w.end) };
+            m.check_overlap(w.host + s, e - s)?;
+        }
+        Ok(plan)
+    }
+
+    /// Writes the data (with copy-on-write fill) for a planned chunk,
+    /// merging host-contiguous clusters into one write.
+    pub(super) fn write_data(
+        &self,
+        plan: &mut [ClusterWrite],
+        data: &[u8],
+        off: u64,
+    ) -> Result<()> {
+        let cs = self.cs;
+        let mut i = 0;
+        while i < plan.len() {
+            // Extend a group of host-contiguous clusters.
+            let mut j = i + 1;
+            while j < plan.len() && plan[j].host == plan[j - 1].host + cs {
+                j += 1;
+            }
+            let group = &plan[i..j];
+            let whole = |w: &ClusterWrite| w.fill;
+            let g_start = if whole(&group[0]) { 0 } else { group[0].start };
+            let last = &group[group.len() - 1];
+            let g_end = if whole(last) { cs } else { last.end };
+            let host0 = group[0].host + g_start;
+            let total = (group.len() as u64 - 1) * cs + g_end - g_start;
+            let data_start = (group[0].gc << self.cb) + group[0].start;
+            let data_len = (last.gc << self.cb) + last.end - data_start;
+            let doff = (data_start - off) as usize;
+            if g_start == group[0].start && g_end == last.end {
+                // No fill needed: write the caller's bytes directly.
+                self.pwrite(&data[doff..doff + data_len as usize], host0)?;
+            } else {
+                let mut buf = vec![0u8; total as usize];
+                for (k, w) in group.iter().enumerate() {
+                    let base = (k as u64 * cs) as i64 - g_start as i64;
+                    if whole(w) {
+                        let b0 = base as usize;
+                        if w.start > 0 {
+                            self.read_source(
+                                w.source,
+                                w.gc,
+                                0,
+                                &mut buf[b0..b0 + w.start as usize],
+                            )?;
+                        }
+                        if w.end < cs {
+                            let s = b0 + w.end as usize;
+                            self.read_source(w.source, w.gc, w.end, &mut buf[s..b0 + cs as usize])?;
+                        }
+                    }
+                }
+                let s = (data_start - (group[0].gc << self.cb) - g_start) as usize;
+                buf[s..s + data_len as usize]
+                    .copy_from_slice(&data[doff..doff + data_len as usize]);
+                self.pwrite(&buf, host0)?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    pub(super) fn pwrite(&self, buf: &[u8], host: u64) -> Result<()> {
+        self.file
+            .write_at(buf, host)
+            .map_err(|e| Error::io(format!("{}: write", self.name), e))?;
+        self.file_end
+            .fetch_max(host + buf.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Points the L2 entries of a written chunk at their clusters.
+    pub(super) fn link(&self, m: &mut Meta, plan: &[ClusterWrite]) -> Result<()> {
+        if !plan.iter().any(|w| w.link) {
+            return Ok(());
+        }
+        m.mark_dirty()?;
+        for w in plan.iter().filter(|w| w.link) {
+            let l2 = m.l2_for_write(w.gc)?;
+            if matches!(w.source, CowSource::Zeros) && w.zero_host {
+                m.set_l2_entry_unordered(l2, w.gc, w.host | COPIED);
+            } else {
+                m.set_l2_entry(l2, w.gc, w.host | COPIED);
+            }
+            if w.fresh {
+                m.unref_entry(w.old_raw, false);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! Zero writes and discard: whole clusters change their L2 entries (zero
+//! flag, or unmapped), partial clusters are written with zeros, and freed
+//! host clusters go through the deferred-unreference queue.
+
+use super::{BlockStatus, Qcow2};
+use crate::error::Result;
+use crate::format::entries::{L2Entry, COPIED, ZERO};
+
+impl Qcow2 {
+    // ---- zeroes and discard -----------------------------------------------------------
+
+    /// Makes a guest range read as zeros. With `unmap`, whole clusters give
+    /// their host storage back; without it, allocated clusters stay
+    /// allocated (QEMU's preallocated zero clusters).
+    pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_range(off, len)?;
+        self.lock().ensure_writable()?;
+        let cs = self.cs;
+        let end = off + len;
+        let a = off.div_ceil(cs) * cs;
+        let b = (end / cs * cs).max(a);
+        // A partial last cluster at the end of the image counts as whole.
+        let b = if end == self.size() && end > b && a < end {
+            end
+        } else {
+            b
+        };
+        if a >= b {
+            self.zero_partial(off, len)?;
+        } else {
+            if off < a {
+                self.zero_partial(off, a - off)?;
+            }
+            self.zero_clusters(a, b, unmap)?;
+            if b < end {
+                self.zero_partial(b, end - b)?;
+            }
+        }
+        if self.writethrough {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn zero_partial(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (st, n) = self.block_status(off, len)?;
+        if n >= len
+            && matches!(
+                st,
+                BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. }
+            )
+        {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len as usize];
+        let mut pos = 0;
+        while pos < len {
+            let n = self.chunk_len(off + pos, len - pos);
+            self.write_chunk(&zeros[pos as usize..(pos + n) as usize], off + pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn zero_clusters(&self, a: u64, b: u64, unmap: bool) -> Result<()> {
+        if self.version < 3 {
+            if unmap && self.backing.is_none() {
+                return self.unmap_range(a, b, true, true);
+            }
+            return self.zero_partial_forced(a, b - a);
+        }
+        let mut pos = a;
+        while pos < b {
+            let n = self.chunk_len(pos, b - pos);
+            let first = pos >> self.cb;
+            let last = (pos + n - 1) >> self.cb;
+            let mut m = self.claim(first, last);
+            let r = (|| -> Result<()> {
+                m.mark_dirty()?;
+                for gc in first..=last {
+                    let raw = m.l2_entry(gc)?;
+                    let new = match m.decode(raw) {
+                        L2Entry::Normal { host, copied: true } if !unmap => host | COPIED | ZERO,
+                        L2Entry::Zero { host, copied: true } if !unmap => host | COPIED | ZERO,
+                        L2Entry::Zero { host: 0, .. } => continue,
+                        _ => ZERO,
+                    };
+                    let l2 = m.l2_for_write(gc)?;
+                    m.set_l2_entry(l2, gc, new);
+                    if new == ZERO {
+                        m.unref_entry(raw, unmap);
+                    }
+                }
+                Ok(())
+            })();
+            self.release(&mut m, first, last);
+            r?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn zero_partial_forced(&self, off: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; self.chunk_len(off, len).min(len) as usize];
+        let mut pos = 0;
+        while pos < len {
+            let n = self.chunk_len(off + pos, len - pos).min(zeros.len() as u64);
+            self.write_chunk(&zeros[..n as usize], off + pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters of a guest range: their host clusters are
+    /// freed. Afterwards a v3 image reads zeros there; a v2 image reads the
+    /// backing file (or zeros without one), as QEMU does. Partial clusters
+    /// at either end are left alone, except a partial last cluster of the
+    /// image.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        self.lock().ensure_writable()?;
+        let cs = self.cs;
+        let end = off + len;
+        let a = off.div_ceil(cs) * cs;
+        let mut b = end / cs * cs;
+        if end == self.size() && end > b {
+            b = end;
+        }
+        if a < b {
+            self.unmap_range(a, b, false, true)?;
+        }
+        if self.writethrough {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Drops the mapping of whole clusters in [a, b). `full` sets entries to
+    /// 0 (unallocated); otherwise QEMU's discard rule applies.
+    pub(super) fn unmap_range(&self, a: u64, b: u64, full: bool, punch: bool) -> Result<()> {
+        let mut pos = a;
+        while pos < b {
+            let n = self.chunk_len(pos, b - pos);
+            let first = pos >> self.cb;
+            let last = (pos + n - 1) >> self.cb;
+            let mut m = self.claim(first, last);
+            let r = (|| -> Result<()> {
+                for gc in first..=last {
+                    let raw = m.l2_entry(gc)?;
+                    let e = m.decode(raw);
+                    let allocated =
+                        !matches!(e, L2Entry::Unallocated | L2Entry::Zero { host: 0, .. });
+                    let new = if full {
+                        0
+                    } else if self.backing.is_some() || allocated {
+                        if self.version >= 3 {
+                            ZERO
+                        } else {
+                            0
+                        }
+                    } else {
+                        raw
+                    };
+                    if new == raw {
+                        continue;
+                    }
+                    let l2 = m.l2_for_write(gc)?;
+                    m.set_l2_entry(l2, gc, new);
+                    m.unref_entry(raw, punch);
+                }
+                Ok(())
+            })();
+            self.release(&mut m, first, last);
+            r?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
