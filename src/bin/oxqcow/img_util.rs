@@ -79,7 +79,7 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
     }
     if let Some(f) = fmt {
         if f != "qcow2" && f != "raw" {
-            return Err(format!("Unknown driver '{f}'"));
+            return Err(format!("Could not open '{path}': Unknown driver '{f}'"));
         }
     }
     let img = Image::open(Path::new(path), fmt, opts).map_err(|e| {
