@@ -76,6 +76,31 @@ impl AmendOptions {
     }
 }
 
+impl super::meta::Meta {
+    /// True when an (inactive) L1 tree maps any cluster with the zero flag.
+    fn tree_has_zero_clusters(&mut self, l1_off: u64, l1_size: u32) -> Result<bool> {
+        let mut b = vec![0u8; l1_size as usize * 8];
+        self.read_file(&mut b, l1_off, "read snapshot L1 table")?;
+        for e in b.chunks_exact(8) {
+            let l2 = u64::from_be_bytes(e.try_into().unwrap()) & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let mut t = vec![0u8; self.cs as usize];
+            self.read_file(&mut t, l2, "read L2 table")?;
+            if t.chunks_exact(8).any(|x| {
+                matches!(
+                    self.decode(u64::from_be_bytes(x.try_into().unwrap())),
+                    L2Entry::Zero { .. }
+                )
+            }) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 impl Qcow2 {
     /// Applies `qemu-img amend` options to an open, writable image.
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
@@ -157,13 +182,31 @@ impl Qcow2 {
 
     fn downgrade(&self) -> Result<()> {
         {
-            let m = self.lock();
-            let h = &m.header;
-            if h.nb_snapshots > 0 {
+            let mut m = self.lock();
+            // As QEMU: snapshots of another disk size, or with VM state
+            // that needs the 64-bit field, cannot be described by v2.
+            let size = m.header.size;
+            let bad = m.snapshots.iter().any(|s| {
+                s.disk_size.is_some_and(|d| d != size) || s.vm_state_size > u32::MAX as u64
+            });
+            if bad {
                 return Err(Error::Unsupported(
                     "Internal snapshots prevent downgrade of image".into(),
                 ));
             }
+            let snaps: Vec<(u64, u32)> = m
+                .snapshots
+                .iter()
+                .map(|s| (s.l1_table_offset, s.l1_size))
+                .collect();
+            for (off, n) in snaps {
+                if m.tree_has_zero_clusters(off, n)? {
+                    return Err(Error::Unsupported(
+                        "Cannot downgrade: an internal snapshot holds zero clusters, which oxqcow cannot expand inside snapshots".into(),
+                    ));
+                }
+            }
+            let h = &m.header;
             let other = h.incompatible_features & !INCOMPAT_DIRTY;
             if other != 0 {
                 return Err(Error::Unsupported(format!(

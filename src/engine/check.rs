@@ -72,7 +72,7 @@ impl Refs {
             (w.report)(&format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             ));
-            w.res.check_errors += 1;
+            w.res.corruptions += 1;
             return;
         }
         for c in first..=last {
@@ -244,10 +244,8 @@ impl Meta {
         fix: u32,
         highest: &mut u64,
     ) -> Result<()> {
-        let n = refs
-            .counts
-            .len()
-            .max(self.stored_extent(w.file_len) as usize) as u64;
+        // As QEMU: only clusters inside the file are compared.
+        let n = refs.counts.len() as u64;
         for c in 0..n {
             let Some(stored) = self.stored_refcount(c, w.file_len) else {
                 (w.report)(&format!("ERROR cluster {c}: cannot read its refcount"));
@@ -301,17 +299,6 @@ impl Meta {
         Ok(())
     }
 
-    /// Number of clusters the refcount table can describe with existing blocks.
-    fn stored_extent(&self, file_len: u64) -> u64 {
-        let last = self
-            .reftable
-            .iter()
-            .rposition(|&e| e & OFFSET_MASK != 0)
-            .map(|i| i as u64 + 1)
-            .unwrap_or(0);
-        (last << self.rb_bits).min(file_len.div_ceil(self.cs) + (1 << 20))
-    }
-
     /// Checks that COPIED flags say "refcount is exactly 1".
     fn check_oflag_copied(&mut self, w: &mut Walk<'_, '_>, fix: u32) -> Result<()> {
         let cs = self.cs;
@@ -344,7 +331,7 @@ impl Meta {
                     L2Entry::Zero { host, copied } if host != 0 => (host, copied),
                     _ => continue,
                 };
-                if host % cs != 0 || host / cs >= w.file_len.div_ceil(cs) {
+                if !host.is_multiple_of(cs) {
                     continue;
                 }
                 let rc = self.refcount(host / cs)?;
