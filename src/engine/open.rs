@@ -293,6 +293,8 @@ impl Qcow2 {
             writable: opts.writable,
             writethrough: opts.writethrough,
             closed: AtomicBool::new(!opts.writable),
+            flushes: Default::default(),
+            flush_done: Condvar::new(),
         };
         if dirty && opts.writable && !opts.check_mode {
             // Lazy refcounts left the image dirty: repair before first use,
