@@ -27,14 +27,15 @@ C_PROGS := $(addprefix $(CTEST)/,$(C_TESTS) test_static test_cxx)
 C_DEPS := include/block_int.h c-tests/harness.h c-tests/qcow2hdr.h
 
 .PHONY: all lib tool test unit-tests fmt-check clippy doc-check demo install clean \
-	c-tests header-check install-check
+	c-tests header-check install-check nbdkit-plugin preload nbd-tests preload-tests
 
-all: lib tool
+all: lib tool nbdkit-plugin preload
 
 lib tool:
 	$(CARGO) build --release
 
-test: all fmt-check clippy unit-tests doc-check header-check c-tests install-check
+test: all fmt-check clippy unit-tests doc-check header-check c-tests install-check \
+	nbd-tests preload-tests
 	@echo "== all tests passed"
 
 unit-tests:
@@ -91,6 +92,44 @@ header-check: lib
 install-check: all
 	@MAKE="$(MAKE)" CC="$(CC)" BUILD="$(BUILD)" c-tests/install-check.sh
 
+# ---- C hosts: the nbdkit plugin and the LD_PRELOAD shim ------------------------------
+# Built on the public C ABI only (README "nbdkit plugin", "LD_PRELOAD shim"). Both sit
+# next to liboxqcow.so.0 in $(LIBLINK) with the layout `make install` gives them, so
+# the same relative rpath ($$ORIGIN) finds the library in the tree and installed.
+
+NBDKIT_PLUGIN := $(LIBLINK)/nbdkit/plugins/nbdkit-oxqcow-plugin.so
+PRELOAD_SO := $(LIBLINK)/liboxqcow-preload.so
+NBDKIT_PLUGINDIR ?= $(PREFIX)/lib/nbdkit/plugins
+HOST_CFLAGS := -std=gnu11 -D_GNU_SOURCE $(C_WARN) -O2 -g -fPIC -Iinclude
+PRELOAD_SRC := preload/core.c preload/io.c preload/stat.c preload/stdio.c
+HOSTTEST := $(BUILD)/host-tests
+
+nbdkit-plugin: $(NBDKIT_PLUGIN)
+preload: $(PRELOAD_SO)
+
+$(NBDKIT_PLUGIN): nbdkit/oxqcow.c include/block_int.h $(LIBLINK)/liboxqcow.so.0
+	@mkdir -p $(dir $@)
+	$(CC) $(HOST_CFLAGS) $$(pkg-config --cflags nbdkit 2>/dev/null) -shared -o $@ \
+		nbdkit/oxqcow.c -L$(LIBLINK) -loxqcow -Wl,-rpath,'$$ORIGIN/../..'
+
+$(PRELOAD_SO): $(PRELOAD_SRC) preload/preload.h include/block_int.h $(LIBLINK)/liboxqcow.so.0
+	$(CC) $(HOST_CFLAGS) -fvisibility=hidden -shared -o $@ $(PRELOAD_SRC) \
+		-L$(LIBLINK) -loxqcow -ldl -lpthread -Wl,-rpath,'$$ORIGIN' -Wl,-z,defs
+
+$(HOSTTEST)/preload_calls: host-tests/preload_calls.c
+	@mkdir -p $(HOSTTEST)
+	$(CC) -std=gnu11 $(C_WARN) -O1 -g -o $@ $<
+
+# qemu-io, qemu-img, nbdinfo and nbdcopy against `nbdkit oxqcow` (host-tests/nbd.sh).
+nbd-tests: $(NBDKIT_PLUGIN)
+	@OXQCOW_TEST_DIR=$(abspath $(HOSTTEST)) host-tests/nbd.sh $(NBDKIT_PLUGIN)
+
+# cat, dd, cp, cmp, od, wc, stat, sha256sum, python3, mkfs.ext4 and preload_calls
+# under LD_PRELOAD=liboxqcow-preload.so (host-tests/preload.sh).
+preload-tests: $(PRELOAD_SO) $(HOSTTEST)/preload_calls
+	@OXQCOW_TEST_DIR=$(abspath $(HOSTTEST)) host-tests/preload.sh $(PRELOAD_SO) \
+		$(HOSTTEST)/preload_calls
+
 demo: all $(LIBLINK)/liboxqcow.so.0
 	@mkdir -p $(BUILD)/demo
 	@rm -f $(BUILD)/demo/*
@@ -113,7 +152,24 @@ install: all
 	install -m 644 $(TARGET)/liboxqcow.a $(DESTDIR)$(PREFIX)/lib/liboxqcow.a
 	install -m 644 include/block_int.h $(DESTDIR)$(PREFIX)/include/block_int.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' oxqcow.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/oxqcow.pc
+	install -d $(DESTDIR)$(NBDKIT_PLUGINDIR)
+	install -m 755 $(NBDKIT_PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/nbdkit-oxqcow-plugin.so
+	install -m 755 $(PRELOAD_SO) $(DESTDIR)$(PREFIX)/lib/liboxqcow-preload.so
 
 clean:
 	$(CARGO) clean
 	rm -rf $(BUILD)
+
+# ---- QEMU's qemu-iotests with `oxqcow io` as qemu-io (README "qemu-iotests") --------------
+# The tests come from Debian's qemu source package (apt-get source), cached
+# under build/iotests/src. `make iotests`: baseline with QEMU's qemu-io, then
+# ours; the last line is "N passed, N failed, N not run". The all-oxqcow mode
+# runs oxqcow as qemu-img too. `make test` runs the fixed fast subset.
+.PHONY: iotests iotests-full-oxqcow iotests-quick
+iotests: tool
+	scripts/iotests.sh
+iotests-full-oxqcow: tool
+	IOTESTS_IMG=oxqcow scripts/iotests.sh
+iotests-quick: tool
+	IOTESTS_SUBSET=1 scripts/iotests.sh
+test: iotests-quick
