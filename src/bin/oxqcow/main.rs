@@ -13,6 +13,7 @@ mod create;
 mod dump_header;
 mod img_util;
 mod info;
+mod io;
 mod map;
 mod measure;
 mod rebase;
@@ -42,6 +43,8 @@ enum Cmd {
     Info(info::Args),
     /// Show the allocation map of an image
     Map(map::Args),
+    /// Exercise an image with qemu-io commands (qemu-io replacement)
+    Io(io::Args),
     /// Convert an image to another format
     Convert(convert::Args),
     /// Dump a qcow2 header and its extensions (like iotests' qcow2.py)
@@ -107,6 +110,7 @@ fn main() {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
+        Cmd::Io(a) => io::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::DumpHeader(a) => dump_header::run(a),
         Cmd::Check(a) => check::run(a),

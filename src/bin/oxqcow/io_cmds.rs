@@ -1,0 +1,1520 @@
+//! The commands of `oxqcow io`, with qemu-io's names, argument counts,
+//! option letters, messages and return values (0, or a negative errno
+//! that makes the run exit with status 1).
+
+use crate::io::io_fmt::{cvtnum, cvtnum_err, cvtstr, dump_buffer, getopt, parse_pattern, report};
+use crate::io::io_fmt::{err, strtol_full, Opt};
+use crate::io::io_open::{self, strerror, Backend, OpenReq, REQUEST_MAX};
+use crate::io::Session;
+use std::time::{Duration, Instant};
+
+const EINVAL: i32 = -libc::EINVAL;
+
+type Handler = fn(&mut Session, &[String]) -> i32;
+
+/// A command: name, short name, argument counts (-1: any), whether it
+/// needs an open image, whether it needs write permission, usage text.
+struct Cmd {
+    name: &'static str,
+    alt: Option<&'static str>,
+    argmin: i32,
+    argmax: i32,
+    /// 0: needs a file; 1: works without one; 2: global (help, quit).
+    nofile: u8,
+    write: bool,
+    args: &'static str,
+    oneline: &'static str,
+    help: &'static str,
+    f: Handler,
+}
+
+macro_rules! cmd {
+    ($name:expr, $alt:expr, $min:expr, $max:expr, $nofile:expr, $write:expr, $args:expr, $one:expr, $help:expr, $f:expr) => {
+        Cmd {
+            name: $name,
+            alt: $alt,
+            argmin: $min,
+            argmax: $max,
+            nofile: $nofile,
+            write: $write,
+            args: $args,
+            oneline: $one,
+            help: $help,
+            f: $f,
+        }
+    };
+}
+
+/// The command table, sorted by name as qemu-io's `help` lists it.
+#[rustfmt::skip]
+static CMDS: &[Cmd] = &[
+    cmd!("abort", None, 0, 0, 1, false, "", "simulate a program crash using abort(3)", "", abort_f),
+    cmd!("aio_flush", None, 0, 0, 0, false, "", "completes all outstanding aio requests", "", aio_flush_f),
+    cmd!("aio_read", None, 2, -1, 0, false, "[-Ciqrv] [-P pattern] off len [len..]", "asynchronously reads a number of bytes", AIO_READ_HELP, aio_read_f),
+    cmd!("aio_write", None, 2, -1, 0, true, "[-Cfiqruz] [-P pattern] off len [len..]", "asynchronously writes a number of bytes", AIO_WRITE_HELP, aio_write_f),
+    cmd!("alloc", Some("a"), 1, 2, 0, false, "offset [count]", "checks if offset is allocated in the file", "", alloc_f),
+    cmd!("break", None, 2, 2, 0, false, "event tag", "sets a breakpoint on event and tags the stopped request as tag", "", break_f),
+    cmd!("close", Some("c"), 0, 0, 0, false, "", "close the current open file", "", close_f),
+    cmd!("discard", Some("d"), 2, -1, 0, true, "[-Cq] off len", "discards a number of bytes at a specified offset", DISCARD_HELP, discard_f),
+    cmd!("flush", Some("f"), 0, 0, 0, false, "", "flush all in-core file state to disk", "", flush_f),
+    cmd!("help", Some("?"), 0, 1, 2, false, "[command]", "help for one or all commands", "", help_f),
+    cmd!("info", Some("i"), 0, 0, 0, false, "", "prints information about the current file", "", info_f),
+    cmd!("length", Some("l"), 0, 0, 0, false, "", "gets the length of the current file", "", length_f),
+    cmd!("map", None, 0, 0, 0, false, "", "prints the allocated areas of a file", "", map_f),
+    cmd!("open", Some("o"), 1, -1, 1, false, "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]", "open the file specified by path", OPEN_HELP, open_f),
+    cmd!("quit", Some("q"), -1, -1, 2, false, "", "exit the program", "", quit_f),
+    cmd!("read", Some("r"), 2, -1, 0, false, "[-abCqrv] [-P pattern [-s off] [-l len]] off len", "reads a number of bytes at a specified offset", READ_HELP, read_f),
+    cmd!("readv", None, 2, -1, 0, false, "[-Cqrv] [-P pattern] off len [len..]", "reads a number of bytes at a specified offset", READV_HELP, readv_f),
+    cmd!("remove_break", None, 1, 1, 0, false, "tag", "remove a breakpoint by tag", "", remove_break_f),
+    cmd!("reopen", None, 0, -1, 0, false, "[(-r|-w)] [-c cache] [-o options]", "reopens an image with new options", REOPEN_HELP, reopen_f),
+    cmd!("resume", None, 1, 1, 0, false, "tag", "resumes the request tagged as tag", "", resume_f),
+    cmd!("sigraise", None, 1, 1, 1, false, "signal", "raises a signal", SIGRAISE_HELP, sigraise_f),
+    cmd!("sleep", None, 1, 1, 1, false, "", "waits for the given value in milliseconds", "", sleep_f),
+    cmd!("truncate", Some("t"), 1, 3, 0, true, "[-m prealloc_mode] off", "truncates the current file at the given offset", "", truncate_f),
+    cmd!("wait_break", None, 1, 1, 0, false, "tag", "waits for the suspension of a request", "", wait_break_f),
+    cmd!("write", Some("w"), 2, -1, 0, true, "[-bcCfnqruz] [-P pattern | -s source_file] off len", "writes a number of bytes at a specified offset", WRITE_HELP, write_f),
+    cmd!("writev", None, 2, -1, 0, true, "[-Cfqr] [-P pattern] off len [len..]", "writes a number of bytes at a specified offset", WRITEV_HELP, writev_f),
+    cmd!("zone_append", Some("zap"), 3, 4, 0, false, "offset len [len..]", "append write a number of bytes at a specified offset", "", zone_append_f),
+    cmd!("zone_close", Some("zc"), 2, 2, 0, false, "offset len", "close a range of zones in zone block device", "", zone_close_f),
+    cmd!("zone_finish", Some("zf"), 2, 2, 0, false, "offset len", "finish a range of zones in zone block device", "", zone_finish_f),
+    cmd!("zone_open", Some("zo"), 2, 2, 0, false, "offset len", "explicit open a range of zones in zone block device", "", zone_open_f),
+    cmd!("zone_report", Some("zrp"), 2, 2, 0, false, "offset number", "report zone information", "", zone_report_f),
+    cmd!("zone_reset", Some("zrs"), 2, 2, 0, false, "offset len", "reset a zone write pointer in zone block device", "", zone_reset_f),
+];
+
+fn find(name: &str) -> Option<&'static Cmd> {
+    CMDS.iter().find(|c| c.name == name || c.alt == Some(name))
+}
+
+/// Runs one command line; returns 0 or a negative errno.
+pub fn command(s: &mut Session, line: &str) -> i32 {
+    let words: Vec<String> = line
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect();
+    if words.is_empty() {
+        return 0;
+    }
+    let Some(ct) = find(&words[0]) else {
+        err(&format!("command \"{}\" not found", words[0]));
+        return EINVAL;
+    };
+    if ct.nofile == 0 && s.dev.is_none() {
+        err("no file open, try 'help open'");
+        return EINVAL;
+    }
+    let argc = words.len() as i32 - 1;
+    if argc < ct.argmin || (ct.argmax != -1 && argc > ct.argmax) {
+        let name = &words[0];
+        if ct.argmax == -1 {
+            err(&format!(
+                "bad argument count {argc} to {name}, expected at least {} arguments",
+                ct.argmin
+            ));
+        } else if ct.argmin == ct.argmax {
+            err(&format!(
+                "bad argument count {argc} to {name}, expected {} arguments",
+                ct.argmin
+            ));
+        } else {
+            err(&format!(
+                "bad argument count {argc} to {name}, expected between {} and {} arguments",
+                ct.argmin, ct.argmax
+            ));
+        }
+        return EINVAL;
+    }
+    if ct.write {
+        if let Some(d) = &s.dev {
+            if d.flags.read_only {
+                s.error("Block node is read-only");
+                return -libc::EPERM;
+            }
+        }
+    }
+    (ct.f)(s, &words)
+}
+
+fn usage(s: &mut Session, name: &str) -> i32 {
+    if let Some(ct) = find(name) {
+        s.out
+            .line(&format!("{} {} -- {}", ct.name, ct.args, ct.oneline));
+    }
+    EINVAL
+}
+
+/// Parses a number argument, printing qemu-io's complaint.
+fn num(s: &mut Session, arg: &str) -> Result<u64, i32> {
+    cvtnum(arg).map_err(|e| {
+        s.out.line(&cvtnum_err(&e, arg));
+        match e {
+            crate::io::io_fmt::NumErr::Invalid => EINVAL,
+            crate::io::io_fmt::NumErr::Range => -libc::ERANGE,
+        }
+    })
+}
+
+/// Lengths of a vectored request; None after the complaint.
+fn iov_lengths(s: &mut Session, args: &[String]) -> Option<Vec<u64>> {
+    let mut v = Vec::new();
+    let mut total = 0u64;
+    for a in args {
+        let n = num(s, a).ok()?;
+        if n > REQUEST_MAX {
+            s.out.line(&format!(
+                "Argument '{a}' exceeds maximum size {REQUEST_MAX}"
+            ));
+            return None;
+        }
+        if total > REQUEST_MAX - n {
+            s.out.line(&format!(
+                "The total number of bytes exceed the maximum size {REQUEST_MAX}"
+            ));
+            return None;
+        }
+        total += n;
+        v.push(n);
+    }
+    Some(v)
+}
+
+fn dev(s: &Session) -> &io_open::Dev {
+    s.dev.as_ref().expect("command needs an open device")
+}
+
+// ---- read ----------------------------------------------------------------------------
+
+fn read_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag, mut vflag, mut pflag, mut sflag, mut lflag, mut bflag) =
+        (false, false, false, false, false, false, false);
+    let mut pattern = 0u8;
+    let (mut poff, mut pcount) = (0u64, 0u64);
+    let mut reg = false;
+    let (opts, args) = getopt(w, "bCl:pP:qrs:v");
+    for o in opts {
+        match o {
+            Opt::Flag('b', _) => bflag = true,
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('l', Some(a)) => {
+                lflag = true;
+                pcount = match num(s, &a) {
+                    Ok(v) => v,
+                    Err(e) => return e,
+                };
+            }
+            Opt::Flag('p', _) => {}
+            Opt::Flag('P', Some(a)) => {
+                pflag = true;
+                pattern = match parse_pattern(&mut s.out, &a) {
+                    Some(p) => p,
+                    None => return EINVAL,
+                };
+            }
+            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('r', _) => reg = true,
+            Opt::Flag('s', Some(a)) => {
+                sflag = true;
+                poff = match num(s, &a) {
+                    Ok(v) => v,
+                    Err(e) => return e,
+                };
+            }
+            Opt::Flag('v', _) => vflag = true,
+            _ => return usage(s, "read"),
+        }
+    }
+    if args.len() != 2 {
+        return usage(s, "read");
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let count = match num(s, &args[1]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    if count > REQUEST_MAX {
+        s.out.line(&format!(
+            "length cannot exceed {REQUEST_MAX}, given {}",
+            args[1]
+        ));
+        return EINVAL;
+    }
+    if !pflag && (lflag || sflag) {
+        return usage(s, "read");
+    }
+    if !lflag {
+        pcount = count.wrapping_sub(poff);
+    }
+    if (pcount as i64) < 0 || pcount + poff > count {
+        s.out
+            .line("pattern verification range exceeds end of read data");
+        return EINVAL;
+    }
+    if bflag {
+        if off % 512 != 0 {
+            s.out
+                .line(&format!("{off} is not a sector-aligned value for 'offset'"));
+            return EINVAL;
+        }
+        if count % 512 != 0 {
+            s.out.line(&format!(
+                "{count} is not a sector-aligned value for 'count'"
+            ));
+            return EINVAL;
+        }
+        if reg {
+            s.out
+                .line("I/O buffer registration is not supported when reading from vmstate");
+            return EINVAL;
+        }
+    }
+    let mut buf = vec![0xabu8; count as usize];
+    s.drain();
+    let t1 = Instant::now();
+    let r = if bflag {
+        Err(libc::ENOTSUP)
+    } else if count > i32::MAX as u64 {
+        Err(libc::ERANGE)
+    } else {
+        dev(s).read(&mut buf, off)
+    };
+    let d = t1.elapsed();
+    if let Err(e) = r {
+        s.out.line(&format!("read failed: {}", strerror(e)));
+        return -e;
+    }
+    let mut ret = 0;
+    if pflag {
+        let a = poff as usize;
+        let b = (poff + pcount) as usize;
+        if buf[a..b].iter().any(|&x| x != pattern) {
+            s.out.line(&format!(
+                "Pattern verification failed at offset {}, {pcount} bytes",
+                off + poff
+            ));
+            ret = EINVAL;
+        }
+    }
+    if qflag {
+        return ret;
+    }
+    if vflag {
+        dump_buffer(&mut s.out, &buf, off);
+    }
+    report(&mut s.out, "read", d, off, count, count, 1, cflag);
+    ret
+}
+
+fn readv_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag, mut vflag, mut pflag) = (false, false, false, false);
+    let mut pattern = 0u8;
+    let (opts, args) = getopt(w, "CP:qrv");
+    for o in opts {
+        match o {
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('P', Some(a)) => {
+                pflag = true;
+                pattern = match parse_pattern(&mut s.out, &a) {
+                    Some(p) => p,
+                    None => return EINVAL,
+                };
+            }
+            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('r', _) => {}
+            Opt::Flag('v', _) => vflag = true,
+            _ => return usage(s, "readv"),
+        }
+    }
+    if args.len() < 2 {
+        return usage(s, "readv");
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let Some(lens) = iov_lengths(s, &args[1..]) else {
+        return EINVAL;
+    };
+    let total: u64 = lens.iter().sum();
+    let mut buf = vec![0xabu8; total as usize];
+    s.drain();
+    let t1 = Instant::now();
+    let r = dev(s).read(&mut buf, off);
+    let d = t1.elapsed();
+    if let Err(e) = r {
+        s.out.line(&format!("readv failed: {}", strerror(e)));
+        return -e;
+    }
+    let mut ret = 0;
+    if pflag && buf.iter().any(|&x| x != pattern) {
+        s.out.line(&format!(
+            "Pattern verification failed at offset {off}, {total} bytes"
+        ));
+        ret = EINVAL;
+    }
+    if qflag {
+        return ret;
+    }
+    if vflag {
+        dump_buffer(&mut s.out, &buf, off);
+    }
+    report(&mut s.out, "read", d, off, total, total, 1, cflag);
+    ret
+}
+
+// ---- write ---------------------------------------------------------------------------
+
+/// Fills a buffer from a file, repeating its contents (write -s).
+fn buffer_from_file(_s: &mut Session, len: u64, name: &str) -> Option<Vec<u8>> {
+    let data = match std::fs::read(name) {
+        Ok(d) => d,
+        Err(e) => {
+            err(&format!("{name}: {}", crate::util::ioerr(&e)));
+            return None;
+        }
+    };
+    if data.is_empty() {
+        err(&format!("{name}: file is empty"));
+        return None;
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    while (buf.len() as u64) < len {
+        let n = (len as usize - buf.len()).min(data.len());
+        buf.extend_from_slice(&data[..n]);
+    }
+    Some(buf)
+}
+
+fn write_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag, mut bflag, mut pflag, mut zflag, mut compress, mut sflag) =
+        (false, false, false, false, false, false, false);
+    let (mut fua, mut nofallback, mut unmap, mut reg) = (false, false, false, false);
+    let mut pattern = 0xcdu8;
+    let mut file_name = String::new();
+    let (opts, args) = getopt(w, "bcCfnpP:qrs:uz");
+    for o in opts {
+        match o {
+            Opt::Flag('b', _) => bflag = true,
+            Opt::Flag('c', _) => compress = true,
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('f', _) => fua = true,
+            Opt::Flag('n', _) => nofallback = true,
+            Opt::Flag('p', _) => {}
+            Opt::Flag('P', Some(a)) => {
+                pflag = true;
+                pattern = match parse_pattern(&mut s.out, &a) {
+                    Some(p) => p,
+                    None => return EINVAL,
+                };
+            }
+            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('r', _) => reg = true,
+            Opt::Flag('s', Some(a)) => {
+                sflag = true;
+                file_name = a;
+            }
+            Opt::Flag('u', _) => unmap = true,
+            Opt::Flag('z', _) => zflag = true,
+            _ => return usage(s, "write"),
+        }
+    }
+    if args.len() != 2 {
+        return usage(s, "write");
+    }
+    if bflag && zflag {
+        s.out.line("-b and -z cannot be specified at the same time");
+        return EINVAL;
+    }
+    if fua && (bflag || compress) {
+        s.out
+            .line("-f and -b or -c cannot be specified at the same time");
+        return EINVAL;
+    }
+    if nofallback && !zflag {
+        s.out.line("-n requires -z to be specified");
+        return EINVAL;
+    }
+    if unmap && !zflag {
+        s.out.line("-u requires -z to be specified");
+        return EINVAL;
+    }
+    if zflag as u8 + pflag as u8 + sflag as u8 > 1 {
+        s.out
+            .line("Only one of -z, -P, and -s can be specified at the same time");
+        return EINVAL;
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let count = match num(s, &args[1]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    if count > REQUEST_MAX && !nofallback {
+        s.out.line(&format!(
+            "length cannot exceed {REQUEST_MAX} without -n, given {}",
+            args[1]
+        ));
+        return EINVAL;
+    }
+    if bflag || compress {
+        if off % 512 != 0 {
+            s.out
+                .line(&format!("{off} is not a sector-aligned value for 'offset'"));
+            return EINVAL;
+        }
+        if count % 512 != 0 {
+            s.out.line(&format!(
+                "{count} is not a sector-aligned value for 'count'"
+            ));
+            return EINVAL;
+        }
+    }
+    let buf = if zflag {
+        if reg {
+            s.out
+                .line("cannot combine zero write with registered I/O buffer");
+            return EINVAL;
+        }
+        Vec::new()
+    } else if sflag {
+        match buffer_from_file(s, count, &file_name) {
+            Some(b) => b,
+            None => return EINVAL,
+        }
+    } else {
+        vec![pattern; count as usize]
+    };
+    s.drain();
+    let t1 = Instant::now();
+    let d0 = dev(s);
+    let r = if bflag {
+        Err(libc::ENOTSUP)
+    } else if zflag {
+        d0.write_zeroes(off, count, unmap, fua)
+    } else if compress {
+        d0.write_compressed(&buf, off)
+    } else if count > i32::MAX as u64 {
+        Err(libc::ERANGE)
+    } else {
+        d0.write(&buf, off, fua)
+    };
+    let d = t1.elapsed();
+    if let Err(e) = r {
+        s.out.line(&format!("write failed: {}", strerror(e)));
+        return -e;
+    }
+    if qflag {
+        return 0;
+    }
+    report(&mut s.out, "wrote", d, off, count, count, 1, cflag);
+    0
+}
+
+fn writev_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag, mut fua) = (false, false, false);
+    let mut pattern = 0xcdu8;
+    let (opts, args) = getopt(w, "CfP:qr");
+    for o in opts {
+        match o {
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('f', _) => fua = true,
+            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('r', _) => {}
+            Opt::Flag('P', Some(a)) => {
+                pattern = match parse_pattern(&mut s.out, &a) {
+                    Some(p) => p,
+                    None => return EINVAL,
+                };
+            }
+            _ => return usage(s, "writev"),
+        }
+    }
+    if args.len() < 2 {
+        return usage(s, "writev");
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let Some(lens) = iov_lengths(s, &args[1..]) else {
+        return EINVAL;
+    };
+    let total: u64 = lens.iter().sum();
+    let buf = vec![pattern; total as usize];
+    s.drain();
+    let t1 = Instant::now();
+    let r = dev(s).write(&buf, off, fua);
+    let d = t1.elapsed();
+    if let Err(e) = r {
+        s.out.line(&format!("writev failed: {}", strerror(e)));
+        return -e;
+    }
+    if qflag {
+        return 0;
+    }
+    report(&mut s.out, "wrote", d, off, total, total, 1, cflag);
+    0
+}
+
+// ---- aio -----------------------------------------------------------------------------
+
+/// Report text of a finished asynchronous request, kept for later.
+fn report_text(op: &str, d: Duration, off: u64, n: u64, machine: bool) -> String {
+    let mut tmp = crate::io::io_fmt::Out::capture();
+    report(&mut tmp, op, d, off, n, n, 1, machine);
+    tmp.take()
+}
+
+fn aio_read_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag, mut vflag, mut pflag) = (false, false, false, false);
+    let mut pattern = 0u8;
+    let (opts, args) = getopt(w, "CiP:qrv");
+    for o in opts {
+        match o {
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('P', Some(a)) => {
+                pflag = true;
+                pattern = match parse_pattern(&mut s.out, &a) {
+                    Some(p) => p,
+                    None => return EINVAL,
+                };
+            }
+            Opt::Flag('i', _) => {
+                s.out.line("injecting invalid read request");
+                return 0;
+            }
+            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('r', _) => {}
+            Opt::Flag('v', _) => vflag = true,
+            _ => return usage(s, "aio_read"),
+        }
+    }
+    if args.len() < 2 {
+        return usage(s, "aio_read");
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let Some(lens) = iov_lengths(s, &args[1..]) else {
+        return EINVAL;
+    };
+    let total: u64 = lens.iter().sum();
+    let mut buf = vec![0xabu8; total as usize];
+    let t1 = Instant::now();
+    let r = dev(s).read(&mut buf, off);
+    let d = t1.elapsed();
+    let mut text = String::new();
+    match r {
+        Err(e) => text.push_str(&format!("readv failed: {}\n", strerror(e))),
+        Ok(()) => {
+            if pflag && buf.iter().any(|&x| x != pattern) {
+                text.push_str(&format!(
+                    "Pattern verification failed at offset {off}, {total} bytes\n"
+                ));
+            }
+            if !qflag {
+                if vflag {
+                    let mut tmp = crate::io::io_fmt::Out::capture();
+                    dump_buffer(&mut tmp, &buf, off);
+                    text.push_str(&tmp.take());
+                }
+                text.push_str(&report_text("read", d, off, total, cflag));
+            }
+        }
+    }
+    s.pending.push(text);
+    0
+}
+
+fn aio_write_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag, mut zflag, mut fua, mut unmap, mut reg) =
+        (false, false, false, false, false, false);
+    let mut pattern = 0xcdu8;
+    let (opts, args) = getopt(w, "CfiP:qruz");
+    for o in opts {
+        match o {
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('f', _) => fua = true,
+            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('r', _) => reg = true,
+            Opt::Flag('u', _) => unmap = true,
+            Opt::Flag('P', Some(a)) => {
+                pattern = match parse_pattern(&mut s.out, &a) {
+                    Some(p) => p,
+                    None => return EINVAL,
+                };
+            }
+            Opt::Flag('i', _) => {
+                s.out.line("injecting invalid write request");
+                return 0;
+            }
+            Opt::Flag('z', _) => zflag = true,
+            _ => return usage(s, "aio_write"),
+        }
+    }
+    if args.len() < 2 {
+        return usage(s, "aio_write");
+    }
+    if zflag && args.len() != 2 {
+        s.out.line("-z supports only a single length parameter");
+        return EINVAL;
+    }
+    if unmap && !zflag {
+        s.out.line("-u requires -z to be specified");
+        return EINVAL;
+    }
+    if zflag && reg {
+        s.out
+            .line("cannot combine zero write with registered I/O buffer");
+        return EINVAL;
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let (r, d, total) = if zflag {
+        let count = match num(s, &args[1]) {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        let t1 = Instant::now();
+        let r = dev(s).write_zeroes(off, count, unmap, fua);
+        (r, t1.elapsed(), count)
+    } else {
+        let Some(lens) = iov_lengths(s, &args[1..]) else {
+            return EINVAL;
+        };
+        let total: u64 = lens.iter().sum();
+        let buf = vec![pattern; total as usize];
+        let t1 = Instant::now();
+        let r = dev(s).write(&buf, off, fua);
+        (r, t1.elapsed(), total)
+    };
+    let text = match r {
+        Err(e) => format!("aio_write failed: {}\n", strerror(e)),
+        Ok(()) if qflag => String::new(),
+        Ok(()) => report_text("wrote", d, off, total, cflag),
+    };
+    s.pending.push(text);
+    0
+}
+
+fn aio_flush_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.drain();
+    0
+}
+
+fn flush_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.drain();
+    match dev(s).flush() {
+        Ok(()) => 0,
+        Err(e) => -e,
+    }
+}
+
+// ---- discard, truncate, length, info, alloc, map -----------------------------------------
+
+fn discard_f(s: &mut Session, w: &[String]) -> i32 {
+    let (mut cflag, mut qflag) = (false, false);
+    let (opts, args) = getopt(w, "Cq");
+    for o in opts {
+        match o {
+            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('q', _) => qflag = true,
+            _ => return usage(s, "discard"),
+        }
+    }
+    if args.len() != 2 {
+        return usage(s, "discard");
+    }
+    let off = match num(s, &args[0]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let bytes = match num(s, &args[1]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    if bytes > REQUEST_MAX {
+        s.out.line(&format!(
+            "length cannot exceed {REQUEST_MAX}, given {}",
+            args[1]
+        ));
+        return EINVAL;
+    }
+    s.drain();
+    let t1 = Instant::now();
+    let r = dev(s).discard(off, bytes);
+    let d = t1.elapsed();
+    if let Err(e) = r {
+        s.out.line(&format!("discard failed: {}", strerror(e)));
+        return -e;
+    }
+    if !qflag {
+        report(&mut s.out, "discard", d, off, bytes, bytes, 1, cflag);
+    }
+    0
+}
+
+fn truncate_f(s: &mut Session, w: &[String]) -> i32 {
+    let mut prealloc = "off".to_string();
+    let (opts, args) = getopt(w, "m:");
+    for o in opts {
+        match o {
+            Opt::Flag('m', Some(m)) => {
+                if !matches!(m.as_str(), "off" | "metadata" | "falloc" | "full") {
+                    s.error(&format!("Invalid preallocation mode '{m}'"));
+                    return EINVAL;
+                }
+                prealloc = m;
+            }
+            _ => return usage(s, "truncate"),
+        }
+    }
+    // qemu-io reads the operand at optind whatever follows it.
+    let Some(arg) = args.first() else {
+        return usage(s, "truncate");
+    };
+    let off = match cvtnum(arg) {
+        Ok(v) => v,
+        Err(e) => {
+            s.out.line(&cvtnum_err(&e, &w[1]));
+            return match e {
+                crate::io::io_fmt::NumErr::Invalid => EINVAL,
+                crate::io::io_fmt::NumErr::Range => -libc::ERANGE,
+            };
+        }
+    };
+    s.drain();
+    match truncate(s, off, &prealloc) {
+        Ok(()) => 0,
+        Err((errno, msg)) => {
+            s.error(&msg);
+            -errno
+        }
+    }
+}
+
+/// blk_truncate(): resizes the image; the error is QEMU's text.
+fn truncate(s: &mut Session, size: u64, prealloc: &str) -> Result<(), (i32, String)> {
+    let d = dev(s);
+    let old = d.length();
+    match &d.be {
+        Backend::Null { .. } => Err((
+            libc::ENOTSUP,
+            "Image format driver does not support resize".into(),
+        )),
+        Backend::Img(img) => {
+            if prealloc != "off" && size < old {
+                return Err((
+                    libc::ENOTSUP,
+                    "Preallocation can't be used for shrinking an image".into(),
+                ));
+            }
+            if let oxqcow::Image::Qcow2(q) = img {
+                if !size.is_multiple_of(512) {
+                    return Err((
+                        libc::EINVAL,
+                        "The new size must be a multiple of 512".into(),
+                    ));
+                }
+                let _ = q;
+            }
+            img.resize(size)
+                .map_err(|e| (e.errno(), truncate_errmsg(&e)))?;
+            if prealloc != "off" && size > old {
+                // Allocate the new area with zeroed data clusters.
+                let zeros = vec![0u8; 1 << 20];
+                let mut pos = old;
+                while pos < size {
+                    let n = (size - pos).min(zeros.len() as u64);
+                    img.write_at(&zeros[..n as usize], pos)
+                        .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
+                    pos += n;
+                }
+            }
+            if d.flags.writethrough {
+                let _ = img.flush();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A resize failure in QEMU's words (without our file-name prefix).
+fn truncate_errmsg(e: &oxqcow::Error) -> String {
+    let m = crate::util::errmsg(e);
+    match m.split_once(": ") {
+        Some((_, rest)) if m.starts_with('/') || m.contains(".qcow2: ") => rest.to_string(),
+        _ => m,
+    }
+}
+
+fn length_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.drain();
+    let n = dev(s).length();
+    s.out.line(&cvtstr(n as f64));
+    0
+}
+
+fn info_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.drain();
+    let d = dev(s);
+    let mut lines = vec![format!("format name: {}", d.driver)];
+    // Protocol drivers have a protocol name too, printed the same way.
+    if matches!(
+        d.driver.as_str(),
+        "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio"
+    ) {
+        lines.push(lines[0].clone());
+    }
+    let ret = match &d.be {
+        Backend::Null { .. } => -libc::ENOTSUP,
+        Backend::Img(oxqcow::Image::Raw(_)) => {
+            lines.push("cluster size: 0 bytes".into());
+            lines.push("vm state offset: 0 bytes".into());
+            0
+        }
+        Backend::Img(oxqcow::Image::Qcow2(q)) => {
+            let h = q.header();
+            lines.push(format!("cluster size: {}", cvtstr(q.cluster_size() as f64)));
+            lines.push(format!(
+                "vm state offset: {}",
+                cvtstr(q.vm_state_offset() as f64)
+            ));
+            lines.push("Format specific information:".into());
+            let v3 = h.version >= 3;
+            lines.push(format!("    compat: {}", if v3 { "1.1" } else { "0.10" }));
+            let ct = match h.compression_type {
+                1 => "zstd",
+                _ => "zlib",
+            };
+            lines.push(format!("    compression type: {ct}"));
+            if v3 {
+                let lazy = h.compatible_features & oxqcow::format::COMPAT_LAZY_REFCOUNTS != 0;
+                lines.push(format!("    lazy refcounts: {lazy}"));
+            }
+            lines.push(format!("    refcount bits: {}", 1u32 << h.refcount_order));
+            if v3 {
+                let corrupt = h.incompatible_features & oxqcow::format::INCOMPAT_CORRUPT != 0;
+                lines.push(format!("    corrupt: {corrupt}"));
+                let ext = h.incompatible_features & oxqcow::format::INCOMPAT_EXTL2 != 0;
+                lines.push(format!("    extended l2: {ext}"));
+            }
+            0
+        }
+    };
+    for l in lines {
+        s.out.line(&l);
+    }
+    ret
+}
+
+fn alloc_f(s: &mut Session, w: &[String]) -> i32 {
+    let start = match num(s, &w[1]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let mut count = if w.len() == 3 {
+        match num(s, &w[2]) {
+            Ok(v) => v,
+            Err(e) => return e,
+        }
+    } else {
+        512
+    };
+    s.drain();
+    let mut off = start;
+    let mut remaining = count;
+    let mut sum = 0u64;
+    while remaining > 0 {
+        let (alloc, n) = match dev(s).is_allocated(off, remaining) {
+            Ok(v) => v,
+            Err(e) => {
+                s.out.line(&format!("is_allocated failed: {}", strerror(e)));
+                return -e;
+            }
+        };
+        off += n;
+        remaining -= n;
+        if alloc {
+            sum += n;
+        }
+        if n == 0 {
+            count -= remaining;
+            remaining = 0;
+        }
+    }
+    s.out.line(&format!(
+        "{sum}/{count} bytes allocated at offset {}",
+        cvtstr(start as f64)
+    ));
+    0
+}
+
+fn map_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.drain();
+    let mut off = 0u64;
+    let mut bytes = dev(s).length();
+    while bytes > 0 {
+        // Merge runs of the same kind, as map_is_allocated() does.
+        let (first, mut n) = match dev(s).is_allocated(off, bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                s.error(&format!("Failed to get allocation status: {}", strerror(e)));
+                return -e;
+            }
+        };
+        if n == 0 {
+            s.error("Unexpected end of image");
+            return -libc::EIO;
+        }
+        loop {
+            if n >= bytes {
+                break;
+            }
+            match dev(s).is_allocated(off + n, bytes - n) {
+                Ok((a, m)) if a == first && m > 0 => n += m,
+                Ok(_) => break,
+                Err(e) => {
+                    s.error(&format!("Failed to get allocation status: {}", strerror(e)));
+                    return -e;
+                }
+            }
+        }
+        let what = if first {
+            "    allocated"
+        } else {
+            "not allocated"
+        };
+        s.out.line(&format!(
+            "{} ({n:#x}) bytes {what} at offset {} ({off:#x})",
+            cvtstr(n as f64),
+            cvtstr(off as f64)
+        ));
+        off += n;
+        bytes -= n;
+    }
+    0
+}
+
+// ---- open, close, reopen -------------------------------------------------------------------
+
+fn open_f(s: &mut Session, w: &[String]) -> i32 {
+    let mut req = OpenReq::default();
+    let (opts, args) = getopt(w, "snCro:ki:t:d:U");
+    for o in opts {
+        match o {
+            Opt::Flag('s', _) => req.snapshot = true,
+            Opt::Flag('n', _) => {
+                req.flags.nocache = true;
+                req.flags.writethrough = false;
+            }
+            Opt::Flag('C', _) | Opt::Flag('k', _) | Opt::Flag('U', _) => {}
+            Opt::Flag('r', _) => req.flags.read_only = true,
+            Opt::Flag('t', Some(m)) => {
+                if !req.flags.set_cache(&m) {
+                    s.error(&format!("Invalid cache option: {m}"));
+                    return EINVAL;
+                }
+            }
+            Opt::Flag('d', Some(m)) => {
+                if !req.flags.set_discard(&m) {
+                    s.error(&format!("Invalid discard option: {m}"));
+                    return EINVAL;
+                }
+            }
+            Opt::Flag('i', Some(m)) => {
+                if !io_open::aio_mode_ok(&m) {
+                    s.error(&format!("Invalid aio option: {m}"));
+                    return EINVAL;
+                }
+            }
+            Opt::Flag('o', Some(o)) => {
+                if s.image_opts {
+                    s.out
+                        .line("--image-opts and 'open -o' are mutually exclusive");
+                    return EINVAL;
+                }
+                match io_open::parse_qemu_opts(&o) {
+                    Ok(v) => req.opts.extend(v),
+                    Err(m) => {
+                        s.error(&m);
+                        return EINVAL;
+                    }
+                }
+            }
+            _ => return usage(s, "open"),
+        }
+    }
+    let mut args = args;
+    if s.image_opts && args.len() == 1 {
+        match io_open::parse_qemu_opts(&args[0]) {
+            Ok(v) => req.opts.extend(v),
+            Err(m) => {
+                s.error(&m);
+                return EINVAL;
+            }
+        }
+        args.clear();
+    }
+    match args.len() {
+        0 => {}
+        1 => req.name = Some(args[0].clone()),
+        _ => return usage(s, "open"),
+    }
+    if s.openfile(req) != 0 {
+        return EINVAL;
+    }
+    0
+}
+
+fn close_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.close_dev();
+    0
+}
+
+fn reopen_f(s: &mut Session, w: &[String]) -> i32 {
+    let cur = dev(s);
+    let mut flags = cur.flags.clone();
+    let mut has_rw = false;
+    let mut has_cache = false;
+    let mut new_opts: Vec<(String, String)> = Vec::new();
+    let (opts, args) = getopt(w, "c:o:rw");
+    for o in opts {
+        match o {
+            Opt::Flag('c', Some(m)) => {
+                if !flags.set_cache(&m) {
+                    s.error(&format!("Invalid cache option: {m}"));
+                    return EINVAL;
+                }
+                has_cache = true;
+            }
+            Opt::Flag('o', Some(o)) => match io_open::parse_qemu_opts(&o) {
+                Ok(v) => new_opts.extend(v),
+                Err(m) => {
+                    s.error(&m);
+                    return EINVAL;
+                }
+            },
+            Opt::Flag('r', _) | Opt::Flag('w', _) => {
+                if has_rw {
+                    s.error("Only one -r/-w option may be given");
+                    return EINVAL;
+                }
+                flags.read_only = matches!(o, Opt::Flag('r', _));
+                has_rw = true;
+            }
+            _ => return usage(s, "reopen"),
+        }
+    }
+    if !args.is_empty() {
+        return usage(s, "reopen");
+    }
+    let has = |k: &str| new_opts.iter().any(|(key, _)| key == k);
+    if has("read-only") && has_rw {
+        s.error("Cannot set both -r/-w and 'read-only'");
+        return EINVAL;
+    }
+    if (has("cache.direct") || has("cache.no-flush")) && has_cache {
+        s.error("Cannot set both -c and the cache options");
+        return EINVAL;
+    }
+    for (k, v) in &new_opts {
+        if matches!(
+            k.as_str(),
+            "read-only" | "cache.direct" | "cache.no-flush" | "auto-read-only" | "force-share"
+        ) && !matches!(
+            v.as_str(),
+            "on" | "off" | "yes" | "no" | "true" | "false" | "y" | "n"
+        ) {
+            s.error(&format!("Parameter '{k}' expects 'on' or 'off'"));
+            return EINVAL;
+        }
+    }
+    // Options that cannot change: the driver and node names of every node.
+    for (k, v) in &new_opts {
+        let (prefix, leaf) = match k.rsplit_once('.') {
+            Some((p, l)) => (format!("{p}."), l),
+            None => (String::new(), k.as_str()),
+        };
+        if leaf != "driver" && leaf != "node-name" {
+            continue;
+        }
+        let curv = cur
+            .explicit
+            .get(k)
+            .cloned()
+            .or_else(|| current_driver(cur, &prefix, leaf));
+        if curv.as_deref() != Some(v.as_str()) {
+            s.error(&format!("Cannot change the option '{leaf}'"));
+            return EINVAL;
+        }
+    }
+    // Reopen: close, then open again with the old explicit options
+    // overridden by the new ones.
+    s.drain();
+    let Some(old) = s.dev.take() else {
+        return EINVAL;
+    };
+    let mut req = old.req.clone();
+    req.flags = flags;
+    req.opts
+        .retain(|(k, _)| !matches!(k.as_str(), "read-only" | "cache.direct" | "cache.no-flush"));
+    req.opts.extend(new_opts);
+    let fallback = old.req.clone();
+    let _ = old.close();
+    match io_open::open(req) {
+        Ok(d) => {
+            s.dev = Some(d);
+            0
+        }
+        Err(msg) => {
+            s.error(&msg);
+            // Keep the device as it was.
+            if let Ok(d) = io_open::open(fallback) {
+                s.dev = Some(d);
+            }
+            EINVAL
+        }
+    }
+}
+
+/// The driver a node has when no option named it (for reopen's checks).
+fn current_driver(d: &io_open::Dev, prefix: &str, leaf: &str) -> Option<String> {
+    if leaf != "driver" {
+        return None;
+    }
+    match prefix {
+        "" => Some(d.driver.clone()),
+        "file." => Some("file".into()),
+        "backing." => d
+            .image()
+            .and_then(|i| i.backing())
+            .map(|b| b.format().to_string()),
+        _ => None,
+    }
+}
+
+// ---- misc ----------------------------------------------------------------------------------
+
+fn abort_f(s: &mut Session, _w: &[String]) -> i32 {
+    // abort(3) neither flushes stdio nor closes the image.
+    s.out.discard();
+    // SAFETY: abort() never returns.
+    unsafe { libc::abort() }
+}
+
+fn sigraise_f(s: &mut Session, w: &[String]) -> i32 {
+    let sig = match num(s, &w[1]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    if sig > 65 {
+        s.out.line(&format!(
+            "signal argument '{}' is too large to be a valid signal",
+            w[1]
+        ));
+        return EINVAL;
+    }
+    s.out.flush();
+    // SAFETY: raise() with a signal number in range.
+    unsafe {
+        libc::raise(sig as libc::c_int);
+    }
+    0
+}
+
+fn sleep_f(s: &mut Session, w: &[String]) -> i32 {
+    match strtol_full(&w[1]) {
+        Some(ms) if ms >= 0 => {
+            s.drain();
+            std::thread::sleep(Duration::from_millis(ms as u64));
+            0
+        }
+        _ => {
+            s.out.line(&format!("{} is not a valid number", w[1]));
+            EINVAL
+        }
+    }
+}
+
+fn quit_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.quit = true;
+    0
+}
+
+fn help_f(s: &mut Session, w: &[String]) -> i32 {
+    if w.len() < 2 {
+        for ct in CMDS {
+            s.out.line(&oneline(ct, ct.name));
+        }
+        s.out.put("\nUse 'help commandname' for extended help.\n");
+        return 0;
+    }
+    let Some(ct) = find(&w[1]) else {
+        s.out.line(&format!("command {} not found", w[1]));
+        return EINVAL;
+    };
+    s.out.line(&oneline(ct, &w[1]));
+    if !ct.help.is_empty() {
+        s.out.put(ct.help);
+    }
+    0
+}
+
+fn oneline(ct: &Cmd, name: &str) -> String {
+    if ct.args.is_empty() && ct.name != "map" {
+        format!("{name} -- {}", ct.oneline)
+    } else {
+        format!("{name} {} -- {}", ct.args, ct.oneline)
+    }
+}
+
+fn break_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.out.line(&format!(
+        "Could not set breakpoint: {}",
+        strerror(libc::ENOTSUP)
+    ));
+    -libc::ENOTSUP
+}
+
+fn remove_break_f(s: &mut Session, w: &[String]) -> i32 {
+    s.out.line(&format!(
+        "Could not remove breakpoint {}: {}",
+        w[1],
+        strerror(libc::ENOTSUP)
+    ));
+    -libc::ENOTSUP
+}
+
+fn resume_f(s: &mut Session, _w: &[String]) -> i32 {
+    s.out.line(&format!(
+        "Could not resume request: {}",
+        strerror(libc::ENOTSUP)
+    ));
+    -libc::ENOTSUP
+}
+
+fn wait_break_f(s: &mut Session, _w: &[String]) -> i32 {
+    // Without blkdebug no request ever stops at a breakpoint; qemu-io
+    // would wait forever.
+    s.error("wait_break: no blkdebug breakpoints (oxqcow does not implement blkdebug)");
+    -libc::ENOTSUP
+}
+
+fn zone_fail(s: &mut Session, w: &[String], what: &str) -> i32 {
+    for a in &w[1..] {
+        if let Err(e) = num(s, a) {
+            return e;
+        }
+    }
+    s.out
+        .line(&format!("zone {what} failed: {}", strerror(libc::ENOTSUP)));
+    -libc::ENOTSUP
+}
+
+fn zone_report_f(s: &mut Session, w: &[String]) -> i32 {
+    zone_fail(s, w, "report")
+}
+fn zone_open_f(s: &mut Session, w: &[String]) -> i32 {
+    zone_fail(s, w, "open")
+}
+fn zone_close_f(s: &mut Session, w: &[String]) -> i32 {
+    zone_fail(s, w, "close")
+}
+fn zone_finish_f(s: &mut Session, w: &[String]) -> i32 {
+    zone_fail(s, w, "finish")
+}
+fn zone_reset_f(s: &mut Session, w: &[String]) -> i32 {
+    zone_fail(s, w, "reset")
+}
+fn zone_append_f(s: &mut Session, w: &[String]) -> i32 {
+    zone_fail(s, &w[..2], "append")
+}
+
+// ---- help texts (qemu-io's wording) -----------------------------------------------------------
+
+const READ_HELP: &str = "
+ reads a range of bytes from the given offset
+
+ Example:
+ 'read -v 512 1k' - dumps 1 kilobyte read from 512 bytes into the file
+
+ Reads a segment of the currently open file, optionally dumping it to the
+ standard output stream (with -v option) for subsequent inspection.
+ -b, -- read from the VM state rather than the virtual disk
+ -C, -- report statistics in a machine parsable format
+ -l, -- length for pattern verification (only with -P)
+ -p, -- ignored for backwards compatibility
+ -P, -- use a pattern to verify read data
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -s, -- start offset for pattern verification (only with -P)
+ -v, -- dump buffer to standard output
+
+";
+
+const READV_HELP: &str = "
+ reads a range of bytes from the given offset into multiple buffers
+
+ Example:
+ 'readv -v 512 1k 1k ' - dumps 2 kilobytes read from 512 bytes into the file
+
+ Reads a segment of the currently open file, optionally dumping it to the
+ standard output stream (with -v option) for subsequent inspection.
+ Uses multiple iovec buffers if more than one byte range is specified.
+ -C, -- report statistics in a machine parsable format
+ -P, -- use a pattern to verify read data
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -v, -- dump buffer to standard output
+
+";
+
+const WRITE_HELP: &str = "
+ writes a range of bytes from the given offset
+
+ Example:
+ 'write 512 1k' - writes 1 kilobyte at 512 bytes into the open file
+
+ Writes into a segment of the currently open file, using a buffer
+ filled with a set pattern (0xcdcdcdcd).
+ -b, -- write to the VM state rather than the virtual disk
+ -c, -- write compressed data with blk_write_compressed
+ -C, -- report statistics in a machine parsable format
+ -f, -- use Force Unit Access semantics
+ -n, -- with -z, don't allow slow fallback
+ -p, -- ignored for backwards compatibility
+ -P, -- use different pattern to fill file
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -s, -- use a pattern file to fill the write buffer
+ -u, -- with -z, allow unmapping
+ -z, -- write zeroes using blk_pwrite_zeroes
+
+";
+
+const WRITEV_HELP: &str = "
+ writes a range of bytes from the given offset source from multiple buffers
+
+ Example:
+ 'writev 512 1k 1k' - writes 2 kilobytes at 512 bytes into the open file
+
+ Writes into a segment of the currently open file, using a buffer
+ filled with a set pattern (0xcdcdcdcd).
+ -C, -- report statistics in a machine parsable format
+ -f, -- use Force Unit Access semantics
+ -P, -- use different pattern to fill file
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+
+";
+
+const AIO_READ_HELP: &str = "
+ asynchronously reads a range of bytes from the given offset
+
+ Example:
+ 'aio_read -v 512 1k 1k ' - dumps 2 kilobytes read from 512 bytes into the file
+
+ Reads a segment of the currently open file, optionally dumping it to the
+ standard output stream (with -v option) for subsequent inspection.
+ The read is performed asynchronously and the aio_flush command must be
+ used to ensure all outstanding aio requests have been completed.
+ Note that due to its asynchronous nature, this command will be
+ considered successful once the request is submitted, independently
+ of potential I/O errors or pattern mismatches.
+ -C, -- report statistics in a machine parsable format
+ -i, -- treat request as invalid, for exercising stats
+ -P, -- use a pattern to verify read data
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -v, -- dump buffer to standard output
+
+";
+
+const AIO_WRITE_HELP: &str = "
+ asynchronously writes a range of bytes from the given offset source
+ from multiple buffers
+
+ Example:
+ 'aio_write 512 1k 1k' - writes 2 kilobytes at 512 bytes into the open file
+
+ Writes into a segment of the currently open file, using a buffer
+ filled with a set pattern (0xcdcdcdcd).
+ The write is performed asynchronously and the aio_flush command must be
+ used to ensure all outstanding aio requests have been completed.
+ Note that due to its asynchronous nature, this command will be
+ considered successful once the request is submitted, independently
+ of potential I/O errors or pattern mismatches.
+ -C, -- report statistics in a machine parsable format
+ -f, -- use Force Unit Access semantics
+ -i, -- treat request as invalid, for exercising stats
+ -P, -- use different pattern to fill file
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -u, -- with -z, allow unmapping
+ -z, -- write zeroes using blk_aio_pwrite_zeroes
+
+";
+
+const DISCARD_HELP: &str = "
+ discards a range of bytes from the given offset
+
+ Example:
+ 'discard 512 1k' - discards 1 kilobyte from 512 bytes into the file
+
+ Discards a segment of the currently open file.
+ -C, -- report statistics in a machine parsable format
+ -q, -- quiet mode, do not show I/O statistics
+
+";
+
+const OPEN_HELP: &str = "
+ opens a new file in the requested mode
+
+ Example:
+ 'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached
+
+ Opens a file for subsequent use by all of the other qemu-io commands.
+ -r, -- open file read-only
+ -s, -- use snapshot file
+ -C, -- use copy-on-read
+ -n, -- disable host cache, short for -t none
+ -U, -- force shared permissions
+ -k, -- use kernel AIO implementation (Linux only, prefer use of -i)
+ -i, -- use AIO mode (threads, native or io_uring)
+ -t, -- use the given cache mode for the image
+ -d, -- use the given discard mode for the image
+ -o, -- options to be given to the block driver
+";
+
+const REOPEN_HELP: &str = "
+ Changes the open options of an already opened image
+
+ Example:
+ 'reopen -o lazy-refcounts=on' - activates lazy refcount writeback on a qcow2 image
+
+ -r, -- Reopen the image read-only
+ -w, -- Reopen the image read-write
+ -c, -- Change the cache mode to the given value
+ -o, -- Changes block driver options (cf. 'open' command)
+
+";
+
+const SIGRAISE_HELP: &str = "
+ raises the given signal
+
+ Example:
+ 'sigraise 15' - raises SIGTERM
+
+ Invokes raise(signal), where \"signal\" is the mandatory integer argument
+ given to sigraise.
+
+";
