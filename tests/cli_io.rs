@@ -1,0 +1,681 @@
+//! `oxqcow io` against the real qemu-io: every case runs the same command
+//! line with both programs on two copies of one image (made by qemu-img)
+//! and compares standard output, standard error, the exit status and the
+//! resulting images (guest data and allocation map, judged by qemu-img).
+//! Timing lines are filtered as qemu-iotests filter them. Our binary runs
+//! with argv[0] = "qemu-io", as the iotests wrapper runs it.
+
+mod common;
+use common::*;
+use std::io::Write as _;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_oxqcow");
+
+struct Outcome {
+    status: String,
+    out: String,
+    err: String,
+}
+
+/// Runs one program on `img` with `args` (IMG stands for the image path)
+/// and optional standard input.
+fn run_io(ours: bool, img: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
+    let p = img.display().to_string();
+    let args: Vec<String> = args.iter().map(|a| a.replace("IMG", &p)).collect();
+    let mut cmd = if ours {
+        let mut c = Command::new(BIN);
+        c.arg0("qemu-io").arg("io");
+        c
+    } else {
+        Command::new("qemu-io")
+    };
+    cmd.args(&args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let status = match (o.status.code(), o.status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "?".into(),
+    };
+    let clean = |b: &[u8]| filter(&String::from_utf8_lossy(b).replace(&p, "IMG"));
+    Outcome {
+        status,
+        out: clean(&o.stdout),
+        err: clean(&o.stderr),
+    }
+}
+
+/// The iotests filter for the timing line, and the -C line's numbers.
+fn filter(s: &str) -> String {
+    s.lines()
+        .map(|l| {
+            if let Some(i) = l.find(" ops; ") {
+                let head = &l[..i];
+                let head = head.rsplit_once(", ").map(|(a, _)| a).unwrap_or(head);
+                return format!("{head}, X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)");
+            }
+            let f: Vec<&str> = l.split(',').collect();
+            if f.len() == 5 && f[2].contains(':') && f[0].chars().all(|c| c.is_ascii_digit()) {
+                return format!("{},{},T,X,Y", f[0], f[1]);
+            }
+            l.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Creates an image with qemu-img, runs both programs on copies and
+/// asserts the same behaviour and the same resulting images.
+fn same(dir: &Scratch, create: &[&str], args: &[&str], stdin: Option<&str>) -> String {
+    let a = dir.path("a.img");
+    let b = dir.path("b.img");
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    let fmt = create[0];
+    // Each copy made by qemu-img itself (a file copy would not keep the
+    // exact holes of a raw image).
+    for img in [&a, &b] {
+        let mut c: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), fmt.into()];
+        c.extend(create[1..].iter().map(|s| s.to_string()));
+        c.insert(4, img.display().to_string());
+        let cr: Vec<&str> = c.iter().map(|s| s.as_str()).collect();
+        qemu_img(&cr);
+    }
+    let theirs = run_io(false, &a, args, stdin);
+    let ours = run_io(true, &b, args, stdin);
+    let what = format!("{args:?} on {create:?}");
+    assert_eq!(ours.out, theirs.out, "stdout differs for {what}");
+    assert_eq!(ours.err, theirs.err, "stderr differs for {what}");
+    assert_eq!(ours.status, theirs.status, "status differs for {what}");
+    if ours.status == "exit 0" || ours.status == "exit 1" {
+        same_images(&a, &b, fmt);
+    }
+    theirs.out
+}
+
+fn same_images(a: &Path, b: &Path, fmt: &str) {
+    let (sa, sb) = (a.display().to_string(), b.display().to_string());
+    let (code, out, err) = run("qemu-img", &["compare", "-f", fmt, "-F", fmt, &sa, &sb]);
+    assert_eq!(code, 0, "images differ: {out}{err}");
+    let map = |p: &str| {
+        let (_, o, _) = run("qemu-img", &["map", "-f", fmt, "--output=json", p]);
+        // Host offsets may differ; the allocation kinds must not.
+        o.lines()
+            .map(|l| match l.find(", \"offset\"") {
+                Some(i) => format!("{}}}", &l[..i]),
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(map(&sa), map(&sb), "allocation maps differ");
+    if fmt == "qcow2" {
+        assert_clean(b);
+    }
+}
+
+fn c(cmds: &[&'static str]) -> Vec<&'static str> {
+    let mut v = vec!["-f", "qcow2"];
+    for x in cmds {
+        v.push("-c");
+        v.push(x);
+    }
+    v.push("IMG");
+    v
+}
+
+const Q: &[&str] = &["qcow2", "4M"];
+
+#[test]
+fn read_write_and_patterns() {
+    let d = Scratch::new("io-rw");
+    same(
+        &d,
+        Q,
+        &c(&[
+            "write -P 0x11 0 64k",
+            "write -P 0x22 65536 1536",
+            "write 1000 3000",
+            "read -P 0x11 0 512",
+            "read -P 0x22 -s 512 -l 1024 65024 2048",
+            "read -P 0x11 4096 65536",
+            "read -v 60000 100",
+            "read -q -P 0x11 0 512",
+            "read -C 0 512",
+            "readv -P 0x11 4096 512 1k 2k",
+            "readv -v 65536 16 16",
+            "writev -P 7 131072 512 4k 1536",
+            "readv -P 7 131072 6144",
+            "write -q -P 3 1M 4k",
+            "write -C 2M 4k",
+            "writev -C -P 1 3M 512 512",
+            "read 0 0",
+            "write 0 0",
+        ]),
+        None,
+    );
+}
+
+#[test]
+fn zero_writes_discard_alloc_map() {
+    let d = Scratch::new("io-zero");
+    for unmap in ["", "-u "] {
+        let w1 = format!("write -z {unmap}0 64k");
+        let w2 = format!("write -z {unmap}70000 3000");
+        let w3 = format!("write -z {unmap}128k 200k");
+        let cmds: Vec<&str> = vec![
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            &w1,
+            "-c",
+            &w2,
+            "-c",
+            &w3,
+            "-c",
+            "discard 512k 64k",
+            "-c",
+            "discard 600k 1k",
+            "-c",
+            "discard 1000000 100000",
+            "-c",
+            "alloc 0",
+            "-c",
+            "alloc 0 1M",
+            "-c",
+            "alloc 3M 5P",
+            "-c",
+            "map",
+            "-c",
+            "read -P 0 0 64k",
+            "IMG",
+        ];
+        same(&d, Q, &cmds, None);
+    }
+    // Zero writes over a backing file: partial clusters become zero
+    // clusters only where the rest of the cluster reads as zeros.
+    let base = d.path("base.img");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &base.display().to_string(),
+        "4M",
+    ]);
+    qemu_io(&base, &["write -P 5 64k 1k"]);
+    let b = format!("backing_file={},backing_fmt=qcow2", base.display());
+    same(
+        &d,
+        &["qcow2", "-o", &b, "4M"],
+        &c(&[
+            "write -z 1k 1k",
+            "write -z 65536 512",
+            "write -z 130k 2k",
+            "map",
+            "read -P 0 0 64k",
+        ]),
+        None,
+    );
+}
+
+#[test]
+fn aio_and_flush() {
+    // Completions are reported when qemu-io next waits for requests; QEMU
+    // completes concurrent requests in any order, so each case waits for
+    // its requests before the next one starts.
+    let d = Scratch::new("io-aio");
+    same(
+        &d,
+        Q,
+        &c(&[
+            "aio_write -P 1 0 64k",
+            "aio_flush",
+            "aio_write -P 2 64k 512 512",
+            "aio_flush",
+            "aio_read -P 1 0 64k",
+            "aio_flush",
+            "aio_read -v 65536 32",
+            "aio_flush",
+            "aio_write -z 1M 64k",
+            "aio_flush",
+            "read -P 2 65536 1k",
+            "aio_write -q 2M 4k",
+            "aio_flush",
+            "aio_read -P 9 0 512",
+            "aio_flush",
+            "flush",
+            "aio_read -i 0 512",
+            "aio_write -i 0 512",
+            "aio_write -C 3M 512",
+        ]),
+        None,
+    );
+}
+
+#[test]
+fn length_info_truncate() {
+    let d = Scratch::new("io-info");
+    same(
+        &d,
+        Q,
+        &c(&[
+            "length",
+            "info",
+            "truncate 8M",
+            "length",
+            "write -P 1 7M 64k",
+            "truncate 1M",
+            "length",
+            "map",
+            "truncate -m bad 2M",
+            "truncate abc",
+        ]),
+        None,
+    );
+    same(
+        &d,
+        &["qcow2", "-o", "compat=0.10,cluster_size=4k", "1G"],
+        &c(&["info", "length"]),
+        None,
+    );
+    same(
+        &d,
+        &[
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,compression_type=zstd",
+            "100M",
+        ],
+        &c(&["info"]),
+        None,
+    );
+    same(
+        &d,
+        &["raw", "1M"],
+        &[
+            "-f", "raw", "-c", "info", "-c", "length", "-c", "map", "IMG",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn compressed_writes() {
+    let d = Scratch::new("io-compress");
+    same(
+        &d,
+        Q,
+        &c(&[
+            "write -c -P 3 0 128k",
+            "write -c 1000 64k",
+            "write -c 64k 1000",
+            "read -P 3 0 128k",
+            "map",
+        ]),
+        None,
+    );
+}
+
+#[test]
+fn errors_and_exit_codes() {
+    let d = Scratch::new("io-err");
+    same(
+        &d,
+        Q,
+        &c(&[
+            "read 4M 512",
+            "read 4193792 1024",
+            "write -P 300 0 1",
+            "read 0 1x",
+            "read 0 -1",
+            "read 0 99999999999999999999",
+            "read 0",
+            "foo",
+            "read -P 1 -s 3 0 2",
+            "read -l 1 0 2",
+            "write -u 0 512",
+            "write -z -P 1 0 512",
+            "write -b -z 0 512",
+            "write -c 0 512",
+            "sleep -1",
+            "sigraise 99",
+            "flush x",
+            "help nosuch",
+            "zone_report 0 1",
+            "break a b",
+            "open IMG",
+            "reopen -r -w",
+            "read 0 2147483648",
+            "discard 0 2147483648",
+            "q x y",
+            "read 0 512",
+        ]),
+        None,
+    );
+    // Exit status 0 when every command succeeds, 1 otherwise.
+    same(&d, Q, &c(&["write 0 512", "read 0 512"]), None);
+    same(&d, Q, &["-r", "-c", "write 0 512", "IMG"], None);
+    same(&d, Q, &["-c", "read 0 512", "IMG.nonexistent"], None);
+    same(&d, Q, &["-c", "read 0 512"], None);
+    same(&d, Q, &["-f", "qcow2", "--image-opts", "IMG"], None);
+    same(&d, Q, &["-t", "bogus", "IMG"], None);
+}
+
+#[test]
+fn help_texts() {
+    let d = Scratch::new("io-help");
+    let mut cmds = vec!["help"];
+    for x in [
+        "read",
+        "readv",
+        "write",
+        "writev",
+        "aio_read",
+        "aio_write",
+        "discard",
+        "alloc",
+        "map",
+        "open",
+        "reopen",
+        "truncate",
+        "sleep",
+        "sigraise",
+        "length",
+        "info",
+        "flush",
+        "close",
+        "abort",
+        "quit",
+        "help",
+    ] {
+        cmds.push(Box::leak(format!("help {x}").into_boxed_str()));
+    }
+    same(&d, Q, &c(&cmds), None);
+}
+
+#[test]
+fn stdin_prompt_and_buffering() {
+    let d = Scratch::new("io-stdin");
+    let out = same(
+        &d,
+        Q,
+        &["-f", "qcow2", "IMG"],
+        Some("write -P 1 0 4k\nread -P 1 0 4k\nfoo\nread -P 2 0 512\n\nlength\n"),
+    );
+    assert!(out.starts_with("qemu-io> wrote 4096/4096"), "{out}");
+    // Without -c and with no image: commands still read, quit ends early.
+    same(
+        &d,
+        Q,
+        &[],
+        Some("open -r IMG\nread 0 512\nquit\nread 0 512\n"),
+    );
+    // stdout is block-buffered in -c mode: stderr lines come first.
+    same(
+        &d,
+        Q,
+        &c(&["write 0 512", "nosuch", "read 0 512", "truncate -m bad 1M"]),
+        None,
+    );
+}
+
+#[test]
+fn open_close_reopen_options() {
+    let d = Scratch::new("io-open");
+    same(
+        &d,
+        Q,
+        &[
+            "-c",
+            "open -o driver=qcow2,lazy-refcounts=on IMG",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "close",
+            "-c",
+            "open -r IMG",
+            "-c",
+            "write 0 512",
+            "-c",
+            "reopen -w",
+            "-c",
+            "write -P 2 0 512",
+            "-c",
+            "reopen -o lazy-refcounts=off",
+            "-c",
+            "reopen -c none -o cache.direct=on",
+            "-c",
+            "reopen -r -o read-only=on",
+            "-c",
+            "reopen -o read-only=foo",
+            "-c",
+            "reopen -o driver=raw",
+            "-c",
+            "reopen -o node-name=x",
+            "-c",
+            "read -P 2 0 512",
+            "-c",
+            "close",
+            "-c",
+            "close",
+        ],
+        None,
+    );
+    same(
+        &d,
+        Q,
+        &[
+            "-c",
+            "open -o cache-size=1M,l2-cache-size=2M IMG",
+            "-c",
+            "open -o l2-cache-entry-size=4242 IMG",
+            "-c",
+            "open -o l2-cache-size=0,refcount-cache-size=0 IMG",
+            "-c",
+            "read 0 64k",
+        ],
+        None,
+    );
+    same(
+        &d,
+        Q,
+        &[
+            "--image-opts",
+            "-c",
+            "read 0 512",
+            "-c",
+            "info",
+            "driver=qcow2,file.filename=IMG,lazy-refcounts=on",
+        ],
+        None,
+    );
+    same(
+        &d,
+        Q,
+        &[
+            "-c",
+            "read 0 512",
+            "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'IMG'}}",
+        ],
+        None,
+    );
+    same(&d, Q, &["-c", "open -o foo=bar IMG"], None);
+    same(&d, Q, &["-c", "open -o file.foo=bar IMG"], None);
+    // -s: writes go to a temporary overlay; the image is left alone.
+    same(
+        &d,
+        Q,
+        &[
+            "-f",
+            "qcow2",
+            "-s",
+            "-c",
+            "write -P 9 0 64k",
+            "-c",
+            "read -P 9 0 64k",
+            "IMG",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn nested_formats_and_null() {
+    let d = Scratch::new("io-nested");
+    let inner = d.path("inner.img");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &inner.display().to_string(),
+        "8M",
+    ]);
+    qemu_io(&inner, &["write -P 42 0 512", "write -P 23 512 512"]);
+    let i = inner.display().to_string();
+    let outer = d.path("outer.img");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &i,
+        &outer.display().to_string(),
+    ]);
+    // qcow2 inside qcow2: the outer image's host file is the inner image.
+    let o = format!(
+        "open -o driver=qcow2,file.driver=qcow2,file.file.filename={}",
+        outer.display()
+    );
+    let (a, b) = (
+        run_io(
+            false,
+            &outer,
+            &[
+                "-c",
+                &o,
+                "-c",
+                "read -P 42 0 512",
+                "-c",
+                "read -P 23 512 512",
+            ],
+            None,
+        ),
+        run_io(
+            true,
+            &outer,
+            &[
+                "-c",
+                &o,
+                "-c",
+                "read -P 42 0 512",
+                "-c",
+                "read -P 23 512 512",
+            ],
+            None,
+        ),
+    );
+    assert_eq!((a.out, a.err, a.status), (b.out, b.err, b.status));
+    let args = [
+        "-f",
+        "null-co",
+        "-c",
+        "reopen",
+        "-c",
+        "info",
+        "-c",
+        "read 0 512",
+        "-c",
+        "length",
+        "json:{'driver': 'null-co', 'size': 65536}",
+    ];
+    let (a, b) = (
+        run_io(false, &outer, &args, None),
+        run_io(true, &outer, &args, None),
+    );
+    assert_eq!((a.out, a.err, a.status), (b.out, b.err, b.status));
+}
+
+#[test]
+fn abort_and_signals() {
+    let d = Scratch::new("io-abort");
+    // abort: SIGABRT, buffered output lost, nothing flushed to the image
+    // beyond what the write itself put there.
+    let args = c(&["write -P 1 0 64k", "abort"]);
+    let img = d.path("x.img");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &img.display().to_string(),
+        "1M",
+    ]);
+    let theirs = run_io(false, &img, &args, None);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &img.display().to_string(),
+        "1M",
+    ]);
+    let ours = run_io(true, &img, &args, None);
+    assert_eq!(ours.status, format!("signal {}", libc::SIGABRT));
+    assert_eq!(ours.status, theirs.status);
+    assert_eq!(ours.out, theirs.out);
+    // sigraise flushes stdout first.
+    let args = c(&["write -P 1 0 4k", "sigraise 15", "read 0 512"]);
+    let theirs = run_io(false, &img, &args, None);
+    let ours = run_io(true, &img, &args, None);
+    assert_eq!(ours.status, format!("signal {}", libc::SIGTERM));
+    assert_eq!((ours.out, ours.status), (theirs.out, theirs.status));
+    // A killed lazy-refcounts writer leaves the image dirty, as QEMU's does.
+    let lazy = d.path("lazy.img");
+    let l = lazy.display().to_string();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        &l,
+        "1M",
+    ]);
+    let r = run_io(
+        true,
+        &lazy,
+        &c(&["write -P 0x5a 0 512", "sigraise 9"]),
+        None,
+    );
+    assert_eq!(r.status, "signal 9");
+    let (code, out, _) = run("qemu-img", &["check", &l]);
+    assert_ne!(code, 0, "{out}");
+    let (code, _, _) = run("qemu-img", &["check", "-r", "all", &l]);
+    assert_eq!(code, 0);
+    let r = run_io(true, &lazy, &c(&["read -P 0x5a 0 512"]), None);
+    assert_eq!(r.status, "exit 0", "{}{}", r.out, r.err);
+}
