@@ -118,7 +118,7 @@ $(PRELOAD_SO): $(PRELOAD_SRC) preload/preload.h include/block_int.h $(LIBLINK)/l
 
 $(HOSTTEST)/preload_calls: host-tests/preload_calls.c
 	@mkdir -p $(HOSTTEST)
-	$(CC) -std=gnu11 $(C_WARN) -O1 -g -o $@ $<
+	$(CC) -std=gnu11 $(C_WARN) -O1 -g -o $@ $< -lpthread
 
 # qemu-io, qemu-img, nbdinfo and nbdcopy against `nbdkit oxqcow` (host-tests/nbd.sh).
 nbd-tests: $(NBDKIT_PLUGIN)

@@ -15,6 +15,7 @@
 #include <inttypes.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -422,6 +423,24 @@ static void test_copy(int fi, int fr)
     b = 6 << 20;
     CHECK_EQ(copy_file_range(o, &a, fr, &b, 150000, 0), 150000);
     compare_all(fi, fr, "copy_file_range in");
+    /* splice from the image into a pipe and from a pipe into a plain file. */
+    int pp[2];
+    CHECK(pipe(pp) == 0);
+    off64_t si = 2 << 20;
+    ssize_t sn = splice(fi, &si, pp[1], NULL, 60000, 0);
+    CHECK_EQ(sn, 60000);
+    CHECK_EQ(si, (2 << 20) + 60000);
+    unsigned char sa[60000], sb[60000];
+    CHECK_EQ(read(pp[0], sa, sizeof sa), 60000);
+    CHECK_EQ(pread(fr, sb, sizeof sb, 2 << 20), 60000);
+    CHECK(memcmp(sa, sb, sizeof sa) == 0);
+    CHECK_EQ(write(pp[1], sa, 1000), 1000);
+    off64_t so2 = 8 << 20;
+    CHECK_EQ(splice(pp[0], NULL, fi, &so2, 1000, 0), 1000);
+    CHECK_EQ(pwrite(fr, sa, 1000, 8 << 20), 1000);
+    close(pp[0]);
+    close(pp[1]);
+    compare_all(fi, fr, "splice");
     /* Reflinks of the qcow2 bytes are refused, so cp falls back to copying. */
     CHECK(ioctl(o, FICLONE, fi) == -1 && errno == EOPNOTSUPP);
     close(o);
@@ -479,6 +498,49 @@ static void test_fork(int fi, int fr)
     snprintf(cmd, sizeof cmd,
              "OXQCOW_PRELOAD_DISABLE=1 cmp -s -n 100000 -i 0:65536 '%s' '%s'", out, raw_path);
     CHECK_EQ(system(cmd), 0);
+}
+
+/* Threads sharing one image descriptor: positioned writes to interleaved
+ * slices of the same clusters, then reads, all at once. */
+struct thr {
+    int fd, idx;
+    int ok;
+};
+
+static void *thread_body(void *p)
+{
+    struct thr *t = p;
+    unsigned char w[3000], r[3000];
+    t->ok = 1;
+    for (int round = 0; round < 40; round++) {
+        off_t off = (off_t)(16 << 20) + (off_t)round * 4 * 3000 + t->idx * 3000;
+        fill(w, sizeof w, (unsigned)(t->idx * 100 + round));
+        if (pwrite(t->fd, w, sizeof w, off) != (ssize_t)sizeof w ||
+            pread(t->fd, r, sizeof r, off) != (ssize_t)sizeof r || memcmp(w, r, sizeof w) != 0) {
+            t->ok = 0;
+        }
+    }
+    return NULL;
+}
+
+static void test_threads(int fi, int fr)
+{
+    pthread_t th[4];
+    struct thr t[4];
+    for (int i = 0; i < 4; i++) {
+        t[i].fd = fi;
+        t[i].idx = i;
+        CHECK(pthread_create(&th[i], NULL, thread_body, &t[i]) == 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(t[i].ok);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i].fd = fr;
+        thread_body(&t[i]);
+    }
+    compare_all(fi, fr, "after threads");
 }
 
 /* A child redirects its stdout onto the file with dup2 while stdio still
@@ -564,6 +626,7 @@ int main(int argc, char **argv)
     test_size_changes(fi, fr);
     test_copy(fi, fr);
     test_mmap(fi);
+    test_threads(fi, fr);
     test_fork(fi, fr);
     test_stdio(fr);
     test_stdout_redirect(fi, fr);

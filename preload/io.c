@@ -996,6 +996,18 @@ OX_EXPORT ssize_t sendfile64(int out, int in, off64_t *off, size_t count)
     return ox_sendfile(out, in, off, count);
 }
 
+/* splice: one end is a pipe; with an image at the other, read + write. */
+OX_EXPORT ssize_t splice(int in, off64_t *in_off, int out, off64_t *out_off, size_t len,
+                         unsigned int flags)
+{
+    if (!OX_ACTIVE() || (!ox_is_image_fd(in) && !ox_is_image_fd(out))) {
+        return REAL(splice)(in, in_off, out, out_off, len, flags);
+    }
+    /* A pipe takes at most its capacity at once: copy one page-sized
+     * chunk per call, as a blocking splice may return short. */
+    return copy_fallback(in, in_off, out, out_off, len < 65536 ? len : 65536);
+}
+
 /* ---- exec and spawn: the new program opens the images afresh ------------- */
 
 static void before_exec(void)

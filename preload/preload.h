@@ -76,7 +76,7 @@ int fcntl64(int fd, int cmd, ...);
     X(sync_file_range) X(syncfs) X(sync) X(ftruncate) X(ftruncate64) X(truncate)         \
     X(truncate64) X(fallocate) X(fallocate64) X(posix_fallocate) X(posix_fallocate64)    \
     X(dup) X(dup2) X(dup3) X(fcntl) X(fcntl64) X(ioctl) X(mmap) X(mmap64)                \
-    X(copy_file_range) X(sendfile) X(sendfile64) X(fopen) X(fopen64) X(fdopen)           \
+    X(copy_file_range) X(sendfile) X(sendfile64) X(splice) X(fopen) X(fopen64) X(fdopen)           \
     X(freopen) X(freopen64) X(fileno) X(fileno_unlocked) X(execve) X(execv) X(execvp)    \
     X(execvpe) X(fexecve) X(posix_spawn) X(posix_spawnp) X(system) X(popen)
 
