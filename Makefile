@@ -92,6 +92,13 @@ header-check: lib
 install-check: all
 	@MAKE="$(MAKE)" CC="$(CC)" BUILD="$(BUILD)" c-tests/install-check.sh
 
+# oxqcow against QEMU's qcow2 driver, side by side (scripts/bench.py; no
+# assertions). BENCH_SCALE=small for a quick run, BENCH_REPS=N repetitions.
+bench: all
+	python3 scripts/bench.py
+
+.PHONY: bench
+
 # ---- C hosts: the nbdkit plugin and the LD_PRELOAD shim ------------------------------
 # Built on the public C ABI only (README "nbdkit plugin", "LD_PRELOAD shim"). Both sit
 # next to liboxqcow.so.0 in $(LIBLINK) with the layout `make install` gives them, so

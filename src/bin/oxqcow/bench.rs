@@ -88,8 +88,33 @@ pub struct Args {
     /// Open in shared mode (accepted, ignored)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The file name is an option string (driver=qcow2,file.filename=...,l2-cache-size=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Image file
     filenames: Vec<String>,
+}
+
+/// Reads an `--image-opts` string: the file, its driver, and the runtime
+/// options oxqcow honours (cache sizes, lazy refcounts).
+fn image_opts(s: &str, o: &mut OpenOptions) -> CliResult<(String, Option<String>)> {
+    let size = |k: &str, v: &str| {
+        oxqcow::engine::parse_size(v).map_err(|_| format!("Parameter '{k}' expects a size"))
+    };
+    let (mut file, mut fmt) = (None, None);
+    for (k, v) in crate::io::io_open::parse_qemu_opts(s)? {
+        match k.as_str() {
+            "driver" => fmt = Some(v),
+            "file.filename" | "filename" => file = Some(v),
+            "file.driver" => {}
+            "l2-cache-size" => o.l2_cache_size = Some(size(&k, &v)?),
+            "refcount-cache-size" => o.refcount_cache_size = Some(size(&k, &v)?),
+            "lazy-refcounts" => o.lazy_refcounts = Some(v == "on" || v == "true"),
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    let file = file.ok_or_else(|| "A block device must be specified for \"file\"".to_string())?;
+    Ok((file, fmt))
 }
 
 /// An integer option as qemu_strtoi reads it, in [min, max].
@@ -198,13 +223,19 @@ pub fn run(a: Args) -> CliResult<()> {
     if native && !cache.direct {
         return Err(format!("Could not open '{file}': aio=native was specified, but it requires cache.direct=on, which was not specified."));
     }
-    let opts = OpenOptions {
+    let mut opts = OpenOptions {
         writable: a.write,
         writethrough: cache.writethrough,
         direct: cache.direct,
         ..Default::default()
     };
-    let img = open_image(file, a.fmt.as_deref(), &opts)?;
+    let (file, fmt) = if a.image_opts {
+        image_opts(file, &mut opts)?
+    } else {
+        (file.clone(), a.fmt.clone())
+    };
+    let file = &file;
+    let img = open_image(file, fmt.as_deref(), &opts)?;
     let image_size = img.size();
     let step = if step == 0 { bufsize } else { step };
     println!(

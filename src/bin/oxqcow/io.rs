@@ -12,7 +12,7 @@ mod io_cmds;
 #[path = "io_fmt.rs"]
 mod io_fmt;
 #[path = "io_open.rs"]
-mod io_open;
+pub(crate) mod io_open;
 
 use crate::util::CliResult;
 use io_fmt::{err, Out};
