@@ -71,6 +71,11 @@ same "stat -L through a symlink" "ln -sf {} link.qcow2; stat -L -c %s link.qcow2
 same "tail -c (lseek from the end)" "tail -c 70000 {} | sha256sum"
 same "head -c" "head -c 1300000 {} | sha256sum"
 same "python3 reads" "python3 -c 'import hashlib,os,sys; d=open(sys.argv[1],\"rb\").read(); print(len(d), os.path.getsize(sys.argv[1]), hashlib.sha256(d).hexdigest())' {}"
+same "tar cf (extracted again)" "tar cf - {} | tar xOf - | sha256sum"
+same "tar --sparse (SEEK_HOLE)" "tar --sparse -cf - {} | tar xOf - | sha256sum"
+same "gzip -c" "gzip -1 -c {} | gunzip | sha256sum"
+same "bash read builtin on a redirection" "read -r -N 300 x < {}; echo \"\$x\" | sha256sum"
+same "perl sysseek, sysread, -s" "perl -e 'open(F, \"<\", \$ARGV[0]); sysseek(F, 1234560, 0); sysread(F, \$b, 4096); print unpack(\"H*\", \$b), \" \", -s \$ARGV[0], \"\\n\"' {} | sha256sum"
 rm -f cp.raw
 check "cp out of the image" pre cp img.qcow2 cp.raw
 check "cp copy equals the raw view" cmp cp.raw img.raw
