@@ -83,6 +83,7 @@ fn damaged_headers_are_refused_with_qemus_messages() {
         (&[(36, 32, 0x1000_0000)], "Active L1 table too large"),
         (&[(40, 64, 0x30001)], "Active L1 table offset invalid"),
         (&[(40, 64, 1 << 50)], "Active L1 table offset invalid"),
+        (&[(40, 64, 0x10000)], "overlaps"), // L1 on the refcount table
         (&[(36, 32, 0)], "L1 table is too small"),
         (&[(56, 32, 0x0100_0000)], "Reference count table too large"),
         (&[(48, 64, 1 << 45)], "Reference count table offset invalid"),
