@@ -322,6 +322,19 @@ pub struct Dev {
     /// The options the device uses (explicit ones resolved), by key.
     pub explicit: BTreeMap<String, String>,
     pub flags: Flags,
+    /// Zero-write limits of a blkdebug node on top of the image.
+    pub zero_limits: Option<ZeroLimits>,
+}
+
+/// What a blkdebug node's request limits do to zero writes: the block
+/// layer cuts them at `align` boundaries (at most `max` bytes a piece),
+/// and blkdebug turns down the pieces shorter than `align`, which the
+/// block layer then writes as data, `max_transfer` bytes at a time.
+#[derive(Clone, Copy, Debug)]
+pub struct ZeroLimits {
+    pub align: u64,
+    pub max: u64,
+    pub max_transfer: u64,
 }
 
 /// Options of the `file` protocol driver (with or without "file.").
@@ -445,6 +458,7 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
         }
         flags.unmap = f.unmap;
     }
+    let (map, name, zero_limits) = strip_blkdebug(map, name)?;
     if let Some(n) = name.as_deref() {
         if let Some(p) = protocol_of(n) {
             return Err(unsupported_driver(p));
@@ -478,7 +492,131 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
         req,
         explicit,
         flags,
+        zero_limits,
     })
+}
+
+/// Options of a blkdebug node that do not change what it reads and
+/// writes: request limits (not enforced: oxqcow's storage needs no
+/// alignment), permissions, node options.
+const BLKDEBUG_PASSTHROUGH: &[&str] = &[
+    "driver",
+    "align",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+];
+
+/// Takes blkdebug nodes out of the graph. Without error injection, state
+/// changes or breakpoints, blkdebug passes every request to its image
+/// unchanged, so "blkdebug::PATH" and `driver=blkdebug,image.…` open the
+/// image itself. A config file or rules are refused.
+type Stripped = (BTreeMap<String, String>, Option<String>, Option<ZeroLimits>);
+
+fn strip_blkdebug(
+    mut map: BTreeMap<String, String>,
+    mut name: Option<String>,
+) -> Result<Stripped, String> {
+    let mut limits = None;
+    let refuse = || {
+        "oxqcow implements blkdebug only as a pass-through: error injection, \
+         state changes and breakpoints are not supported"
+            .to_string()
+    };
+    if let Some(n) = name.clone() {
+        if let Some(rest) = n.strip_prefix("blkdebug:") {
+            let (config, path) = rest.split_once(':').ok_or_else(refuse)?;
+            if !config.is_empty() {
+                return Err(refuse());
+            }
+            let at = if map.get("driver").map(String::as_str) == Some("blkdebug") {
+                ""
+            } else {
+                map.insert("file.driver".into(), "blkdebug".into());
+                "file."
+            };
+            map.insert(format!("{at}x-image"), path.to_string());
+            name = None;
+        }
+    }
+    loop {
+        let level = map
+            .iter()
+            .find(|(k, v)| (k.as_str() == "driver" || k.ends_with(".driver")) && *v == "blkdebug")
+            .map(|(k, _)| k[..k.len() - "driver".len()].to_string());
+        let Some(p) = level else {
+            return Ok((map, name, limits));
+        };
+        if p.is_empty() {
+            let size = |k: &str| -> Result<u64, String> {
+                map.get(k)
+                    .map(|v| parse_size_opt(k, v))
+                    .transpose()
+                    .map(|v| v.unwrap_or(0))
+            };
+            let align = size("align")?.max(1);
+            let zalign = size("opt-write-zero")?.max(align);
+            let max = size("max-write-zero")?;
+            let max = if max == 0 { i64::MAX as u64 } else { max };
+            let mt = size("max-transfer")?;
+            limits = Some(ZeroLimits {
+                align: zalign,
+                max: max / zalign * zalign,
+                max_transfer: if mt == 0 { 16 << 20 } else { mt },
+            });
+        }
+        let mut image: BTreeMap<String, String> = BTreeMap::new();
+        let mut path = None;
+        for (k, v) in std::mem::take(&mut map) {
+            let Some(rel) = k.strip_prefix(&p) else {
+                map.insert(k, v);
+                continue;
+            };
+            if let Some(ik) = rel.strip_prefix("image.") {
+                image.insert(ik.to_string(), v);
+            } else if rel == "image" || rel == "x-image" {
+                path = Some(v);
+            } else if (rel == "config" && v.is_empty())
+                || BLKDEBUG_PASSTHROUGH.contains(&rel)
+                || rel.starts_with("take-child-perms")
+                || rel.starts_with("unshare-child-perms")
+            {
+                // Nothing to do for a pass-through.
+            } else if rel == "config"
+                || rel.starts_with("inject-error")
+                || rel.starts_with("set-state")
+            {
+                return Err(refuse());
+            } else {
+                return Err(format!(
+                    "Block protocol 'blkdebug' doesn't support the option '{rel}'"
+                ));
+            }
+        }
+        if let Some(path) = path {
+            if image.contains_key("driver") && !is_protocol(&image["driver"]) {
+                image.entry("file.filename".into()).or_insert(path);
+            } else {
+                image.entry("filename".into()).or_insert(path);
+            }
+        }
+        image
+            .entry("driver".into())
+            .or_insert_with(|| "file".into());
+        for (k, v) in image {
+            map.insert(format!("{p}{k}"), v);
+        }
+    }
 }
 
 /// The options under `prefix` ("file."), with the prefix removed.
@@ -1000,6 +1138,7 @@ fn open_null(map: &BTreeMap<String, String>, req: OpenReq, flags: Flags) -> Resu
         req,
         explicit: map.clone(),
         flags,
+        zero_limits: None,
     })
 }
 
@@ -1028,6 +1167,39 @@ fn qcow2_write_zeroes(q: &oxqcow::Qcow2, off: u64, len: u64, unmap: bool) -> Res
                 q.write_at(&zeros, pos).map_err(|e| e.errno())?;
             }
             r => r?,
+        }
+        pos += num;
+        left -= num;
+    }
+    Ok(())
+}
+
+/// A zero write through a blkdebug node with limits (see `ZeroLimits`).
+fn limited_write_zeroes(
+    q: &oxqcow::Qcow2,
+    off: u64,
+    len: u64,
+    unmap: bool,
+    l: ZeroLimits,
+) -> Result<(), i32> {
+    let mut head = off % l.align;
+    let tail = (off + len) % l.align;
+    let (mut pos, mut left) = (off, len);
+    while left > 0 {
+        let mut num = left;
+        if head != 0 {
+            num = left.min(l.max_transfer).min(l.align - head);
+            head = (head + num) % l.align;
+        } else if tail != 0 && num > l.align {
+            num -= tail;
+        }
+        num = num.min(l.max);
+        if num < l.align {
+            num = num.min(l.max_transfer);
+            let zeros = vec![0u8; num as usize];
+            q.write_at(&zeros, pos).map_err(|e| e.errno())?;
+        } else {
+            qcow2_write_zeroes(q, pos, num, unmap)?;
         }
         pos += num;
         left -= num;
@@ -1201,6 +1373,9 @@ impl Dev {
             Backend::Img(i) => {
                 let unmap = unmap && self.flags.unmap;
                 match i {
+                    Image::Qcow2(q) if self.zero_limits.is_some() => {
+                        limited_write_zeroes(q, off, len, unmap, self.zero_limits.unwrap())?
+                    }
                     Image::Qcow2(q) => qcow2_write_zeroes(q, off, len, unmap)?,
                     Image::Raw(_) => i.write_zeroes(off, len, unmap).map_err(|e| e.errno())?,
                 }
