@@ -106,7 +106,14 @@ bench: all
 
 NBDKIT_PLUGIN := $(LIBLINK)/nbdkit/plugins/nbdkit-oxqcow-plugin.so
 PRELOAD_SO := $(LIBLINK)/liboxqcow-preload.so
-NBDKIT_PLUGINDIR ?= $(PREFIX)/lib/nbdkit/plugins
+# nbdkit's plugin directory relative to nbdkit's own prefix (Debian:
+# lib/x86_64-linux-gnu/nbdkit/plugins), placed under PREFIX: with PREFIX=/usr
+# `nbdkit oxqcow` finds the plugin by name. Evaluated only by `make install`.
+NBDKIT_PLUGINDIR_REL = $(shell nbdkit --dump-config 2>/dev/null | awk -F= \
+	'$$1 == "bindir" { p = $$2; sub("/bin$$", "", p) } $$1 == "plugindir" { d = $$2 } \
+	END { if (d != "" && index(d, p "/") == 1) print substr(d, length(p) + 2); \
+	      else print "lib/nbdkit/plugins" }')
+NBDKIT_PLUGINDIR ?= $(PREFIX)/$(NBDKIT_PLUGINDIR_REL)
 HOST_CFLAGS := -std=gnu11 -D_GNU_SOURCE $(C_WARN) -O2 -g -fPIC -Iinclude
 PRELOAD_SRC := preload/core.c preload/io.c preload/stat.c preload/stdio.c
 HOSTTEST := $(BUILD)/host-tests
@@ -117,7 +124,7 @@ preload: $(PRELOAD_SO)
 $(NBDKIT_PLUGIN): nbdkit/oxqcow.c include/block_int.h $(LIBLINK)/liboxqcow.so.0
 	@mkdir -p $(dir $@)
 	$(CC) $(HOST_CFLAGS) $$(pkg-config --cflags nbdkit 2>/dev/null) -shared -o $@ \
-		nbdkit/oxqcow.c -L$(LIBLINK) -loxqcow -Wl,-rpath,'$$ORIGIN/../..'
+		nbdkit/oxqcow.c -L$(LIBLINK) -loxqcow -Wl,-rpath,'$$ORIGIN/../..:$$ORIGIN/../../..'
 
 $(PRELOAD_SO): $(PRELOAD_SRC) preload/preload.h include/block_int.h $(LIBLINK)/liboxqcow.so.0
 	$(CC) $(HOST_CFLAGS) -fvisibility=hidden -shared -o $@ $(PRELOAD_SRC) \
