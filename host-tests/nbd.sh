@@ -285,4 +285,27 @@ check "log: no request failed" bash -c "! grep -h 'return=-1' '$W'/log-*.txt"
 section "error filter"
 flow_errors
 
+# nbdkit/qemu-nbd-wrapper as common.rc runs it for `check -raw -nbd`.
+flow_wrapper() {
+    local wrap=$HERE/../nbdkit/qemu-nbd-wrapper raw=$W/iot.raw pidf=$W/iot.pid wpid i
+    qemu_img create -q -f raw "$raw" 32M
+    rm -f "$SOCK" "$pidf" "$W/iot.log"
+    OXQCOW_NBDKIT_PLUGIN=$PLUGIN OXQCOW_NBD_CHECK_LOG=$W/iot.log \
+        "$wrap" --pid-file="$pidf" -v -t -k "$SOCK" -f raw -e 42 -x '' "$raw" >/dev/null 2>&1 &
+    wpid=$!
+    for i in $(seq 500); do [ -s "$pidf" ] && [ -S "$SOCK" ] && break; sleep 0.01; done
+    check "wrapper: serves a qcow2 sidecar of the raw file's size" \
+        grep -q 'export-size: 33554432' <<<"$(nbdinfo "$URI" 2>&1)"
+    check "wrapper: I/O through the sidecar" nbd_io -c "write -P 0x3c 1M 1M" -c "read -P 0x3c 1M 1M"
+    kill "$(cat "$pidf")"
+    wait "$wpid"
+    check "wrapper: the sidecar was checked clean once the test stopped the server" \
+        grep -q " ok $raw.qcow2" "$W/iot.log"
+    check "wrapper: the sidecar holds the writes" qemu_io -f qcow2 -c "read -P 0x3c 1M 1M" "$raw.qcow2"
+    check "wrapper: other invocations go to the real qemu-nbd" \
+        bash -c "'$wrap' --version | grep -q qemu-nbd"
+}
+section "qemu-nbd-wrapper (qemu-iotests -nbd)"
+flow_wrapper
+
 finish
