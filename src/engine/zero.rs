@@ -46,13 +46,26 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
-        let (st, n) = self.block_status(off, len)?;
-        if n >= len
-            && matches!(
-                st,
-                BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. }
-            )
-        {
+        // QEMU's rule: a cluster that already reads as zeros all over
+        // becomes a zero cluster (v3); otherwise the bytes are written.
+        let cs = self.cs;
+        let mut all_zero = true;
+        let mut c = off / cs * cs;
+        while c < off + len {
+            let cend = (c + cs).min(self.size());
+            let (st, n) = self.block_status(c, cend - c)?;
+            let zero = n >= cend - c
+                && matches!(
+                    st,
+                    BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. }
+                );
+            if zero && self.version >= 3 {
+                self.zero_clusters(c, cend, false)?;
+            }
+            all_zero &= zero;
+            c += cs;
+        }
+        if all_zero {
             return Ok(());
         }
         let zeros = vec![0u8; len as usize];
@@ -122,6 +135,11 @@ impl Qcow2 {
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_range(off, len)?;
         self.lock().ensure_writable()?;
+        if self.version < 3 && self.backing.is_some() {
+            // v2 has no zero flag: unmapping would expose the backing
+            // file, so QEMU 10 leaves the data alone, and so do we.
+            return Ok(());
+        }
         let cs = self.cs;
         let end = off + len;
         let a = off.div_ceil(cs) * cs;
