@@ -76,31 +76,6 @@ impl AmendOptions {
     }
 }
 
-impl super::meta::Meta {
-    /// True when an (inactive) L1 tree maps any cluster with the zero flag.
-    fn tree_has_zero_clusters(&mut self, l1_off: u64, l1_size: u32) -> Result<bool> {
-        let mut b = vec![0u8; l1_size as usize * 8];
-        self.read_file(&mut b, l1_off, "read snapshot L1 table")?;
-        for e in b.chunks_exact(8) {
-            let l2 = u64::from_be_bytes(e.try_into().unwrap()) & OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            let mut t = vec![0u8; self.cs as usize];
-            self.read_file(&mut t, l2, "read L2 table")?;
-            if t.chunks_exact(8).any(|x| {
-                matches!(
-                    self.decode(u64::from_be_bytes(x.try_into().unwrap())),
-                    L2Entry::Zero { .. }
-                )
-            }) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-}
-
 impl Qcow2 {
     /// Applies `qemu-img amend` options to an open, writable image.
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
@@ -182,7 +157,7 @@ impl Qcow2 {
 
     fn downgrade(&self) -> Result<()> {
         {
-            let mut m = self.lock();
+            let m = self.lock();
             // As QEMU: snapshots of another disk size, or with VM state
             // that needs the 64-bit field, cannot be described by v2.
             let size = m.header.size;
@@ -193,18 +168,6 @@ impl Qcow2 {
                 return Err(Error::Unsupported(
                     "Internal snapshots prevent downgrade of image".into(),
                 ));
-            }
-            let snaps: Vec<(u64, u32)> = m
-                .snapshots
-                .iter()
-                .map(|s| (s.l1_table_offset, s.l1_size))
-                .collect();
-            for (off, n) in snaps {
-                if m.tree_has_zero_clusters(off, n)? {
-                    return Err(Error::Unsupported(
-                        "Cannot downgrade: an internal snapshot holds zero clusters, which oxqcow cannot expand inside snapshots".into(),
-                    ));
-                }
             }
             let h = &m.header;
             let other = h.incompatible_features & !INCOMPAT_DIRTY;
@@ -227,39 +190,72 @@ impl Qcow2 {
         m.write_header()
     }
 
-    /// v2 has no zero flag: zero clusters become data clusters of zeros, or
-    /// unallocated clusters when nothing lies beneath them.
+    /// v2 has no zero flag: in the active tree and in every snapshot's,
+    /// zero clusters become data clusters of zeros, or unallocated clusters
+    /// when nothing lies beneath them (QEMU's expansion). Tables are edited
+    /// in place on disk: an L2 table shared by several trees changes for
+    /// all of them, which is right because every one of them reads zeros
+    /// there before and after; a new cluster then gets one reference per
+    /// tree that shares the table.
     fn expand_zero_clusters(&self) -> Result<()> {
+        let mut m = self.quiesce();
+        m.flush_all()?;
+        m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
+        let mut trees: Vec<Vec<u64>> = vec![m.l1.clone()];
+        for sn in m.snapshots.clone() {
+            let mut b = vec![0u8; sn.l1_size as usize * 8];
+            m.read_file(&mut b, sn.l1_table_offset, "read snapshot L1 table")?;
+            trees.push(
+                b.chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                    .collect(),
+            );
+        }
         let cs = self.cs;
-        let nclusters = self.size().div_ceil(cs);
         let zeros = vec![0u8; cs as usize];
-        for gc in 0..nclusters {
-            let raw = {
-                let mut m = self.lock();
-                m.l2_entry(gc)?
-            };
-            let e = L2Entry::decode(raw, self.cb);
-            let L2Entry::Zero { host, copied } = e else {
-                continue;
-            };
-            let mut m = self.quiesce();
-            let l2 = m.l2_for_write(gc)?;
-            if host != 0 && copied {
-                m.check_overlap(host, cs)?;
-                m.write_file(&zeros, host, "write zeros")?;
-                m.set_l2_entry(l2, gc, host | COPIED);
-            } else if self.backing.is_none() {
-                m.set_l2_entry(l2, gc, 0);
-                m.unref_entry(raw, false);
-            } else {
-                let new = m.alloc_clusters(1)?;
-                m.check_overlap(new, cs)?;
-                m.write_file(&zeros, new, "write zeros")?;
-                m.set_l2_entry(l2, gc, new | COPIED);
-                m.unref_entry(raw, false);
+        for l1 in trees {
+            for e in l1 {
+                let l2_off = e & OFFSET_MASK;
+                if l2_off == 0 {
+                    continue;
+                }
+                let sharers = m.refcount(l2_off / cs)?;
+                let mut t = vec![0u8; cs as usize];
+                m.read_file(&mut t, l2_off, "read L2 table")?;
+                let mut changed = false;
+                for j in 0..(cs / 8) as usize {
+                    let raw = be64(&t, j * 8);
+                    let L2Entry::Zero { host, .. } = m.decode(raw) else {
+                        continue;
+                    };
+                    let new = if host != 0 {
+                        m.check_overlap(host, cs)?;
+                        m.write_file(&zeros, host, "write zeros")?;
+                        host
+                    } else if self.backing.is_none() {
+                        0
+                    } else {
+                        let new = m.alloc_clusters(1)?;
+                        if sharers > 1 {
+                            m.update_refcount(new, cs, sharers as i64 - 1)?;
+                        }
+                        m.check_overlap(new, cs)?;
+                        m.write_file(&zeros, new, "write zeros")?;
+                        new
+                    };
+                    let copied = new != 0 && m.refcount(new / cs)? == 1;
+                    put64(&mut t, j * 8, if copied { new | COPIED } else { new });
+                    changed = true;
+                }
+                if changed {
+                    // Data and refcounts first, then the table that maps them.
+                    m.flush_all()?;
+                    m.write_file(&t, l2_off, "write L2 table")?;
+                    m.sync()?;
+                }
             }
         }
-        self.flush()
+        Ok(())
     }
 
     /// Rewrites the refcount structure with entries of a new width.
