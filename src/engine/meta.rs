@@ -271,9 +271,14 @@ impl Meta {
     fn evict_l2_if_full(&mut self) -> Result<()> {
         if let Some((victim, dirty)) = self.l2_cache.victim() {
             if dirty {
-                // Rules 1 and 2 of the module comment, for one table.
+                // Rules 1 and 2 of the module comment. The sync they cost
+                // is paid once for every dirty table, not once per
+                // eviction: all of them are written back now, so the next
+                // evictions find clean victims.
                 self.sync_before_l2()?;
-                self.write_slot(Which::L2, victim)?;
+                for off in self.l2_cache.dirty_offsets() {
+                    self.write_slot(Which::L2, off)?;
+                }
             }
             self.l2_cache.remove(victim);
         }
