@@ -179,9 +179,15 @@ clean:
 # under build/iotests/src. `make iotests`: baseline with QEMU's qemu-io, then
 # ours; the last line is "N passed, N failed, N not run". The all-oxqcow mode
 # runs oxqcow as qemu-img too. `make test` runs the fixed fast subset.
-.PHONY: iotests iotests-full-oxqcow iotests-quick
-iotests: tool
+# `make iotests-nbd` (also run by `make iotests`, not by `make test`):
+# `check -raw -nbd -g quick` with nbdkit/qemu-nbd-wrapper as QEMU_NBD_PROG,
+# qemu-nbd baseline then nbdkit + our plugin (README "qemu-iotests over NBD").
+.PHONY: iotests iotests-nbd iotests-full-oxqcow iotests-quick
+iotests: tool nbdkit-plugin
 	scripts/iotests.sh
+	IOTESTS_NBD=1 scripts/iotests.sh
+iotests-nbd: tool nbdkit-plugin
+	IOTESTS_NBD=1 scripts/iotests.sh
 iotests-full-oxqcow: tool
 	IOTESTS_IMG=oxqcow scripts/iotests.sh
 iotests-quick: tool

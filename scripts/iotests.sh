@@ -8,6 +8,14 @@
 #   IOTESTS_SUBSET=1 scripts/iotests.sh
 #                                   only the fixed fast subset (scripts/iotests-subset.txt), ours only
 #   scripts/iotests.sh 001 025      only these tests
+#   IOTESTS_NBD=1 scripts/iotests.sh
+#                                   `check -raw -nbd -g quick` with QEMU_NBD_PROG=nbdkit/qemu-nbd-wrapper:
+#                                   each NBD test image is a fresh qcow2 sidecar, served by
+#                                   qemu-nbd -f qcow2 (baseline, nbd-baseline/) then by nbdkit and
+#                                   our plugin (ours, nbd-oxqcow/), checked with qemu-img check after
+#                                   each server stops (<run>/check.log). Fails if a test passing in
+#                                   the baseline does not pass with ours, or if our check log has a
+#                                   line other than `ok`. Needs `make nbdkit-plugin`.
 #
 # The qemu-iotests tree of the installed QEMU comes from Debian's source
 # package (apt-get source, with a private sources list that adds deb-src
@@ -31,6 +39,11 @@ OXQCOW=${OXQCOW:-$ROOT/target/release/oxqcow}
 JOBS=${IOTESTS_JOBS:-$(nproc 2>/dev/null || echo 2)}
 MODE=${IOTESTS_IMG:-qemu}
 SUBSET=${IOTESTS_SUBSET:-0}
+NBD=${IOTESTS_NBD:-0}
+WRAPPER=$ROOT/nbdkit/qemu-nbd-wrapper
+PLUGIN=${OXQCOW_NBDKIT_PLUGIN:-$ROOT/build/lib/nbdkit/plugins/nbdkit-oxqcow-plugin.so}
+FMT=qcow2 PROTO=file
+[ "$NBD" = 1 ] && FMT=raw PROTO=nbd
 LIST=$ROOT/scripts/iotests-list.txt
 
 die() { echo "iotests: $*" >&2; exit 1; }
@@ -39,6 +52,10 @@ die() { echo "iotests: $*" >&2; exit 1; }
 for p in qemu-img qemu-io qemu-nbd python3; do
     command -v $p >/dev/null || die "$p is not installed"
 done
+if [ "$NBD" = 1 ]; then
+    command -v nbdkit >/dev/null || die "nbdkit is not installed"
+    [ -f "$PLUGIN" ] || die "$PLUGIN is missing: run 'make nbdkit-plugin' first"
+fi
 
 # ---- 1. The QEMU version and its source package ------------------------------------------
 
@@ -126,10 +143,14 @@ mapfile -t LISTED < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$LIST")
 if [ "$SUBSET" = 1 ]; then
     mapfile -t LISTED < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$ROOT/scripts/iotests-subset.txt")
 fi
+QUICK=" $(cd "$IOT" && python3 ./check -n -$FMT -$PROTO -g quick 2>/dev/null | tr '\n' ' ') "
+if [ "$NBD" = 1 ]; then
+    # The whole quick group; check skips the tests not suitable for raw/nbd.
+    read -r -a LISTED <<<"$QUICK"
+fi
 if [ $# -gt 0 ]; then
     LISTED=("$@")
 fi
-QUICK=" $(cd "$IOT" && python3 ./check -n -qcow2 -g quick 2>/dev/null | tr '\n' ' ') "
 TESTS=()
 for t in "${LISTED[@]}"; do
     if [ ! -f "$IOT/$t" ] && [ ! -f "$IOT/tests/$t" ]; then
@@ -169,40 +190,49 @@ chmod +x "$B/bin/qemu-io" "$B/bin/qemu-img" "$B/bin/qemu-system"
 
 # ---- 4. Runs ---------------------------------------------------------------------------------
 
-# run NAME QEMU_IMG QEMU_IO: runs the tests, writes NAME/results.txt ("test status")
-# and NAME/diffs/; prints one progress line per test.
+# run NAME QEMU_IMG QEMU_IO [NBD_SERVER]: runs the tests, writes NAME/results.txt
+# ("test status") and NAME/diffs/; prints a summary line. With NBD_SERVER
+# (qemu-nbd or nbdkit) the run is `-raw -nbd` through nbdkit/qemu-nbd-wrapper,
+# whose qemu-img check results go to NAME/check.log.
 run() {
-    local name=$1 img=$2 io=$3 d=$B/$1
+    local name=$1 img=$2 io=$3 server=${4:-} d=$B/$1
+    local nbd_prog
+    nbd_prog=$(command -v qemu-nbd)
+    [ -n "$server" ] && nbd_prog=$WRAPPER
     rm -rf "$d" && mkdir -p "$d/scratch" "$d/sock" "$d/diffs"
     local sock
     sock=$(mktemp -d /tmp/oxqcow-iotests-sock.XXXXXX)   # sockets need short paths
-    echo "iotests: $name: ${#TESTS[@]} tests, qemu-img=$img qemu-io=$io"
+    echo "iotests: $name: ${#TESTS[@]} tests, -$FMT -$PROTO, qemu-img=$img qemu-io=$io${server:+ nbd server=$server}"
     local t0=$SECONDS
+    : > "$d/check.log"
     (cd "$IOT" && env QEMU_PROG="$B/bin/qemu-system" QEMU_IMG_PROG="$img" QEMU_IO_PROG="$io" \
-        QEMU_NBD_PROG="$(command -v qemu-nbd)" QSD_PROG="$(command -v qemu-storage-daemon || echo /nonexistent)" \
+        QEMU_NBD_PROG="$nbd_prog" QSD_PROG="$(command -v qemu-storage-daemon || echo /nonexistent)" \
+        OXQCOW_NBD_SERVER="${server:-qemu-nbd}" OXQCOW_NBD_CHECK_LOG="$d/check.log" \
+        OXQCOW_NBDKIT_PLUGIN="$PLUGIN" REAL_QEMU_NBD="$(command -v qemu-nbd)" \
         TEST_DIR="$d/scratch" SOCK_DIR="$sock" \
-        python3 ./check -tap -qcow2 -j "$JOBS" "${TESTS[@]}" > "$d/check.tap" 2>&1) || true
+        python3 ./check -tap -$FMT -$PROTO -j "$JOBS" "${TESTS[@]}" > "$d/check.tap" 2>&1) || true
     rm -rf "$sock"
     : > "$d/results.txt"
     local t st line
     for t in "${TESTS[@]}"; do
-        line=$(grep -E "^(not )?ok qcow2 $t( |\$)" "$d/check.tap" | tail -1 || true)
+        line=$(grep -E "^(not )?ok $FMT $t( |\$)" "$d/check.tap" | tail -1 || true)
         case "$line" in
-            "ok qcow2 $t # SKIP"*) st="not-run" ;;
-            "ok qcow2 $t"*) st="pass" ;;
-            "not ok qcow2 $t"*) st="fail" ;;
+            "ok $FMT $t # SKIP"*) st="not-run" ;;
+            "ok $FMT $t"*) st="pass" ;;
+            "not ok $FMT $t"*) st="fail" ;;
             *) st="fail" ;;
         esac
         echo "$t $st" >> "$d/results.txt"
         if [ "$st" = fail ]; then
-            local ref bad="$d/scratch/qcow2-file-$t/$t.out.bad"
-            for ref in "$IOT/$t.out.qcow2" "$IOT/$t.out" "$IOT/tests/$t.out.qcow2" "$IOT/tests/$t.out"; do
+            local ref bad="$d/scratch/$FMT-$PROTO-$t/$t.out.bad"
+            for ref in "$IOT/$t.out.$FMT" "$IOT/$t.out.$PROTO" "$IOT/$t.out" \
+                       "$IOT/tests/$t.out.$FMT" "$IOT/tests/$t.out.$PROTO" "$IOT/tests/$t.out"; do
                 [ -f "$ref" ] && break
             done
             if [ -f "$bad" ]; then
                 diff -u "$ref" "$bad" > "$d/diffs/$t.diff" || true
             else
-                grep -A40 -E "^not ok qcow2 $t( |\$)" "$d/check.tap" > "$d/diffs/$t.diff" || true
+                grep -A40 -E "^not ok $FMT $t( |\$)" "$d/check.tap" > "$d/diffs/$t.diff" || true
             fi
         fi
     done
@@ -214,6 +244,44 @@ run() {
 QIMG=$(command -v qemu-img)
 QIO=$(command -v qemu-io)
 START=$SECONDS
+
+if [ "$NBD" = 1 ]; then
+    # Same qemu-img and qemu-io in both runs; only the NBD server differs.
+    run nbd-baseline "$QIMG" "$QIO" qemu-nbd
+    run nbd-oxqcow "$QIMG" "$QIO" nbdkit
+    echo
+    printf '%-30s %-9s %s\n' test baseline ours
+    unexpected=()
+    while read -r t st; do
+        b=$(awk -v t="$t" '$1 == t { print $2 }' "$B/nbd-baseline/results.txt")
+        [ "$b" = not-run ] && [ "$st" = not-run ] && continue
+        printf '%-30s %-9s %s\n' "$t" "$b" "$st"
+        if [ "$b" = pass ] && [ "$st" != pass ]; then unexpected+=("$t"); fi
+    done < "$B/nbd-oxqcow/results.txt"
+    echo
+    ok=0
+    if [ ${#unexpected[@]} -gt 0 ]; then
+        echo "iotests: nbd: pass in the baseline, not with ours (diffs in $B/nbd-oxqcow/diffs/): ${unexpected[*]}"
+        ok=1
+    fi
+    log=$B/nbd-oxqcow/check.log
+    checked=$(grep -c '^[0-9:]* ok ' "$log" || true)
+    if grep -qv '^[0-9:]* ok ' "$log"; then
+        echo "iotests: nbd: qemu-img check found problems in our sidecars ($log):"
+        grep -v '^[0-9:]* ok ' "$log" | head -40
+        ok=1
+    elif [ "$checked" -eq 0 ] && grep -q ' pass$' "$B/nbd-oxqcow/results.txt"; then
+        echo "iotests: nbd: no sidecar was checked ($log is empty): the wrapper did not serve"
+        ok=1
+    fi
+    echo "iotests: nbd: $checked sidecars ok in $log, $(grep -cv '^[0-9:]* ok ' "$log" || true) other lines"
+    echo "iotests: total time $((SECONDS - START)) s"
+    p=$(grep -c ' pass$' "$B/nbd-oxqcow/results.txt" || true)
+    f=$(grep -c ' fail$' "$B/nbd-oxqcow/results.txt" || true)
+    n=$(grep -c ' not-run$' "$B/nbd-oxqcow/results.txt" || true)
+    echo "nbd: $p passed, $f failed, $n not run"
+    exit $ok
+fi
 
 if [ "$SUBSET" != 1 ]; then
     stamp="$B/baseline/version"
