@@ -155,8 +155,14 @@ def chain_and_convert():
         for tool in ("qemu", "oxqcow"):
             row.t[tool].append(bench_seconds(tool, ["-t", "none", "-c", str(size >> 16), "-s", "64k", "-S", "64k", "-f", "qcow2", top]))
     rows.append(row)
+    # Compressible but real data: text-like runs mixed with random blocks.
     src = path("src.raw")
-    run(["qemu-img", "convert", "-O", "raw", base, src])
+    csize = (32 << 20) if SMALL else (256 << 20)
+    rnd = os.urandom(1 << 20)
+    with open(src, "wb") as f:
+        for i in range(csize >> 16):
+            block = (b"oxqcow %08d " % i) * 3000
+            f.write(block[:49152] + rnd[(i * 16384) % len(rnd):][:16384].ljust(16384, b"z"))
     for ctype in ("zlib", "zstd"):
         c = path(f"c-{ctype}.qcow2")
         run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", src, c])

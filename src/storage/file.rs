@@ -104,6 +104,10 @@ impl FileStorage {
 
     fn direct_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let (lo, n) = Self::span(offset, buf.len());
+        if lo == offset && n == buf.len() && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            // Already aligned in memory and on disk: no bounce buffer.
+            return read_full(&self.file, buf, offset);
+        }
         let mut b = AlignedBuf::new(n);
         read_full(&self.file, b.as_mut(), lo)?;
         let s = (offset - lo) as usize;
@@ -113,8 +117,11 @@ impl FileStorage {
 
     fn direct_write(&self, lock: &Mutex<()>, buf: &[u8], offset: u64) -> io::Result<()> {
         let (lo, n) = Self::span(offset, buf.len());
-        let mut b = AlignedBuf::new(n);
         let aligned = lo == offset && n == buf.len();
+        if aligned && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            return self.file.write_all_at(buf, offset);
+        }
+        let mut b = AlignedBuf::new(n);
         let _g = if aligned {
             None
         } else {

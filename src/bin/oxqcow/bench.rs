@@ -262,7 +262,10 @@ pub fn run(a: Args) -> CliResult<()> {
         }
     };
     let worker = || {
-        let mut buf = vec![pattern; bufsize as usize];
+        // Aligned for O_DIRECT, as QEMU's qemu_blockalign buffers are.
+        let mut backing_buf = vec![pattern; bufsize as usize + 4096];
+        let skew = backing_buf.as_ptr().align_offset(4096);
+        let buf = &mut backing_buf[skew..skew + bufsize as usize];
         let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let off = {
@@ -295,9 +298,9 @@ pub fn run(a: Args) -> CliResult<()> {
                     source: std::io::Error::from_raw_os_error(libc::EIO),
                 })
             } else if a.write {
-                img.write_at(&buf, off)
+                img.write_at(buf, off)
             } else {
-                img.read_at(&mut buf, off)
+                img.read_at(buf, off)
             };
             let mut st = lock();
             st.in_flight -= 1;
