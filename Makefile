@@ -22,7 +22,7 @@ CXX_FLAGS := -std=c++11 $(C_WARN) -O1 -g -Iinclude
 SO_LINK := -L$(LIBLINK) -loxqcow -Wl,-rpath,$(abspath $(LIBLINK))
 # What a static Rust library needs from the system (rustc --print native-static-libs).
 STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
-C_TESTS := test_api test_errors test_031 test_036 test_039 test_061 test_features test_check test_snapshot test_compressed test_threads
+C_TESTS := test_api test_errors test_block_status test_031 test_036 test_039 test_061 test_features test_check test_snapshot test_compressed test_threads
 C_PROGS := $(addprefix $(CTEST)/,$(C_TESTS) test_static test_cxx)
 C_DEPS := include/block_int.h c-tests/harness.h c-tests/qcow2hdr.h
 

@@ -111,7 +111,8 @@ flow_random() {
         qemu_img compare -f qcow2 -F raw "$img" export.raw
 }
 
-# A layout with every kind of cluster: data, zero (allocated and plain),
+# A layout with every kind of cluster: data, data holding only zeros
+# (write -P 0, over an unallocated and over a data cluster), zero (allocated and plain),
 # unmapped, discarded, unallocated; the map must match QEMU's map exactly.
 flow_map() {
     local tag=$1 filters=$2 img=$W/map.qcow2
@@ -119,6 +120,7 @@ flow_map() {
     new_img "$img" 64M
     start "$filters" "$img" "$@" || { not_ok "$tag: server starts"; return; }
     check "$tag: map layout written" nbd_io -c "write -P 1 0 1M" -c "write -z 256k 128k" \
+        -c "write -P 0 2M 64k" -c "write -P 0 1M 64k" \
         -c "write -z -u 512k 192k" -c "discard 896k 64k" -c "write -P 2 3M 100" \
         -c "write -P 3 5M 2M" -c "write -z 6M 64k" -c "write -z 10M 1M" -c "write -P 4 63M 1M"
     nbdinfo --map "$URI" >map.nbd 2>&1

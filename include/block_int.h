@@ -116,6 +116,27 @@
 #define BDRV_REQ_MAY_UNMAP 4
 
 /**
+ * bdrv_block_status(): the range holds guest data (stored in some layer).
+ */
+#define BDRV_BLOCK_DATA 1
+
+/**
+ * bdrv_block_status(): the range reads as zeros.
+ */
+#define BDRV_BLOCK_ZERO 2
+
+/**
+ * bdrv_block_status(): `*map` is the host offset of the range's data.
+ */
+#define BDRV_BLOCK_OFFSET_VALID 4
+
+/**
+ * bdrv_block_status(): some layer of the chain (`*depth`) has the range
+ * (data or a zero cluster); clear when no layer has it.
+ */
+#define BDRV_BLOCK_ALLOCATED 16
+
+/**
  * Encrypted image (legacy AES). Not supported: bdrv_img_create() fails
  * with -ENOTSUP.
  */
@@ -705,6 +726,36 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes, int 
  * `bs` is NULL or a live handle; `pnum` is NULL or valid for writing.
  */
 int bdrv_is_allocated(BlockDriverState *bs, int64_t sector_num, int nb_sectors, int *pnum);
+
+/**
+ * The state of the guest range at `offset`, looking down the backing
+ * chain: QEMU's BDRV_BLOCK_* flags, or a negative errno. `*pnum` is set to
+ * the number of bytes from `offset` (at most `bytes`) in the same state;
+ * `*depth` to the layer the state comes from (0 = this image, 1 = its
+ * backing file, ...); `*map` to the host offset in that layer's file when
+ * BDRV_BLOCK_OFFSET_VALID is set (else 0).
+ *
+ * - data: BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED, plus
+ *   BDRV_BLOCK_OFFSET_VALID when stored uncompressed (raw images: always,
+ *   `*map` = `offset`, depth 0);
+ * - zero cluster: BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
+ * - in no layer: BDRV_BLOCK_ZERO (reads as zeros), `*depth` the deepest
+ *   layer asked.
+ *
+ * At or past the end of the image, or with `bytes` 0, returns 0 with
+ * `*pnum` = 0. `pnum` is required (-EINVAL if NULL); `map` and `depth` may
+ * be NULL. Negative `offset` or `bytes` is -EINVAL.
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `pnum`, `map` and `depth` are NULL or
+ * valid for writing.
+ */
+int bdrv_block_status(BlockDriverState *bs,
+                      int64_t offset,
+                      int64_t bytes,
+                      int64_t *pnum,
+                      int64_t *map,
+                      int *depth);
 
 /**
  * Changes the virtual size to `offset` bytes (growing or shrinking).

@@ -1,9 +1,9 @@
 /*
  * nbdkit-oxqcow-plugin: serves the guest view of a qcow2 image through
  * liboxqcow's public C ABI (block_int.h). Nothing here knows the library's
- * internals; the only format knowledge is the 16-byte header prefix (magic,
- * version, backing file offset) read with pread() to decide what block
- * status and fast zeroing can promise.
+ * internals; the only format knowledge is the 8-byte header prefix (magic,
+ * version) read with pread() to decide what fast zeroing can promise
+ * (zero clusters need qcow2 v3).
  *
  *   nbdkit oxqcow FILE.qcow2 [readonly=true] [lazy-refcounts=on|off]
  *
@@ -22,7 +22,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -34,11 +33,6 @@
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
-/* Longest stretch of allocated clusters one .extents call reads to tell
- * zero clusters from data (the ABI has no block-status call that tells
- * them apart, see README "nbdkit plugin"). */
-#define EXTENTS_READ_BUDGET (64u << 20)
-
 static char *filename;
 static int readonly_opt;
 static const char *lazy_opt; /* NULL, "on" or "off" */
@@ -47,7 +41,6 @@ static BlockDriverState *bs;
 static bool writable;
 static int cluster_size = 65536;
 static int qcow2_version;     /* 2 or 3 (0 for raw images) */
-static bool has_backing;      /* unallocated ranges come from a backing file */
 
 static int fail(const char *what, int ret)
 {
@@ -98,12 +91,11 @@ static int ox_config_complete(void)
     "readonly=true         Open the image read-only.\n"                                 \
     "lazy-refcounts=on|off Override the image's lazy refcounts setting."
 
-/* Magic, version and backing file offset from the image header. */
+/* Magic and version from the image header. */
 static void read_header_prefix(void)
 {
-    unsigned char h[16];
+    unsigned char h[8];
     qcow2_version = 0;
-    has_backing = false;
     int fd = open(filename, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         return;
@@ -112,11 +104,6 @@ static void read_header_prefix(void)
         memcmp(h, "QFI\xfb", 4) == 0) {
         qcow2_version = (int)((uint32_t)h[4] << 24 | (uint32_t)h[5] << 16 |
                               (uint32_t)h[6] << 8 | h[7]);
-        uint64_t backing = 0;
-        for (int i = 8; i < 16; i++) {
-            backing = backing << 8 | h[i];
-        }
-        has_backing = backing != 0;
     }
     close(fd);
 }
@@ -161,9 +148,8 @@ static int ox_get_ready(void)
         cluster_size = bdi.cluster_size;
     }
     read_header_prefix();
-    nbdkit_debug("oxqcow: opened %s (%s, v%d, cluster %d%s)", filename,
-                 writable ? "read-write" : "read-only", qcow2_version, cluster_size,
-                 has_backing ? ", backing file" : "");
+    nbdkit_debug("oxqcow: opened %s (%s, v%d, cluster %d)", filename,
+                 writable ? "read-write" : "read-only", qcow2_version, cluster_size);
     return 0;
 }
 
@@ -326,26 +312,22 @@ static int ox_trim(void *h, uint32_t count, uint64_t offset, uint32_t flags)
     return fua(flags);
 }
 
-/* 1 if [offset, offset+count) is unallocated in this image and there is
- * no backing file (so it already reads as zeros), 0 if not, -errno. */
-static int reads_as_hole(uint64_t offset, uint64_t count)
+/* 1 if [offset, offset+count) already reads as zeros (zero clusters, or
+ * ranges no layer of the chain has), 0 if not, -errno. */
+static int reads_as_zero(uint64_t offset, uint64_t count)
 {
-    if (has_backing || qcow2_version == 0) {
-        return 0;
-    }
-    int64_t sector = (int64_t)(offset >> BDRV_SECTOR_BITS);
-    int64_t end = (int64_t)((offset + count + BDRV_SECTOR_SIZE - 1) >> BDRV_SECTOR_BITS);
-    while (sector < end) {
-        int pnum = 0;
-        int64_t want = end - sector;
-        int r = bdrv_is_allocated(bs, sector, want > INT_MAX ? INT_MAX : (int)want, &pnum);
+    uint64_t end = offset + count;
+    while (offset < end) {
+        int64_t pnum = 0;
+        int r = bdrv_block_status(bs, (int64_t)offset, (int64_t)(end - offset), &pnum, NULL,
+                                  NULL);
         if (r < 0) {
             return r;
         }
-        if (r == 1 || pnum <= 0) {
+        if (!(r & BDRV_BLOCK_ZERO) || pnum <= 0) {
             return 0;
         }
-        sector += pnum;
+        offset += (uint64_t)pnum;
     }
     return 1;
 }
@@ -366,7 +348,7 @@ static int ox_zero(void *h, uint32_t count, uint64_t offset, uint32_t flags)
         if (head_end > end) {
             head_end = end;
         }
-        int z = reads_as_hole(start, head_end - start);
+        int z = reads_as_zero(start, head_end - start);
         if (z < 0) {
             return fail("zero", z);
         }
@@ -379,7 +361,7 @@ static int ox_zero(void *h, uint32_t count, uint64_t offset, uint32_t flags)
         if (tail_start < start) {
             tail_start = start;
         }
-        int z = reads_as_hole(tail_start, end - tail_start);
+        int z = reads_as_zero(tail_start, end - tail_start);
         if (z < 0) {
             return fail("zero", z);
         }
@@ -392,7 +374,7 @@ static int ox_zero(void *h, uint32_t count, uint64_t offset, uint32_t flags)
     }
     if (flags & NBDKIT_FLAG_FAST_ZERO) {
         bool aligned = start % cs == 0 && (end % cs == 0 || end == (uint64_t)size);
-        int z = reads_as_hole(start, end - start);
+        int z = reads_as_zero(start, end - start);
         if (z < 0) {
             return fail("zero", z);
         }
@@ -410,15 +392,10 @@ static int ox_zero(void *h, uint32_t count, uint64_t offset, uint32_t flags)
     return fua(flags);
 }
 
-static bool all_zero(const unsigned char *p, size_t n)
-{
-    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
-
-/* Block status: unallocated ranges (no backing file) are holes reading as
- * zeros; allocated clusters are read to tell zero clusters (reported like
- * QEMU reports them, hole+zero) from data. A cluster of written zeros is
- * reported as a hole too, which is accurate for every reader. */
+/* Block status from bdrv_block_status, mapped as QEMU's NBD server maps
+ * it: no BDRV_BLOCK_DATA → hole, BDRV_BLOCK_ZERO → zero. So data (also a
+ * data cluster holding only zeros) is 0; zero clusters and ranges no layer
+ * of the chain has are hole+zero; data of a backing file is data. */
 static int ox_extents(void *h, uint32_t count, uint64_t offset, uint32_t flags,
                       struct nbdkit_extents *extents)
 {
@@ -432,94 +409,27 @@ static int ox_extents(void *h, uint32_t count, uint64_t offset, uint32_t flags,
         end = (uint64_t)size;
     }
     const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-    const uint64_t cs = (uint64_t)cluster_size;
-    unsigned char *buf = NULL;
-    uint64_t budget = EXTENTS_READ_BUDGET;
-    uint64_t run_start = offset & ~(uint64_t)(BDRV_SECTOR_SIZE - 1);
-    uint64_t pos = run_start;
-    uint32_t run_type = 0;
-    bool have_run = false, stop = false;
-    int ret = 0;
-
-#define EMIT(len_, type_)                                                              \
-    do {                                                                               \
-        uint32_t t_ = (type_);                                                         \
-        if (have_run && t_ != run_type) {                                              \
-            if (nbdkit_add_extent(extents, run_start, pos - run_start, run_type) < 0) { \
-                ret = -1;                                                              \
-                goto out;                                                              \
-            }                                                                          \
-            run_start = pos;                                                           \
-            if (req_one) {                                                             \
-                stop = true;                                                           \
-                break;                                                                 \
-            }                                                                          \
-        }                                                                              \
-        run_type = t_;                                                                 \
-        have_run = true;                                                               \
-        pos += (len_);                                                                 \
-    } while (0)
-
-    while (pos < end && !stop) {
-        int pnum = 0;
-        int64_t sector = (int64_t)(pos >> BDRV_SECTOR_BITS);
-        int64_t nsec = (int64_t)((end - pos + BDRV_SECTOR_SIZE - 1) >> BDRV_SECTOR_BITS);
-        int r = bdrv_is_allocated(bs, sector, nsec > INT_MAX ? INT_MAX : (int)nsec, &pnum);
+    while (offset < end) {
+        int64_t pnum = 0;
+        int r = bdrv_block_status(bs, (int64_t)offset, (int64_t)(end - offset), &pnum, NULL,
+                                  NULL);
         if (r < 0) {
-            ret = fail("extents", r);
-            goto out;
+            return fail("extents", r);
         }
         if (pnum <= 0) {
             break;
         }
-        uint64_t seg_end = pos + (uint64_t)pnum * BDRV_SECTOR_SIZE;
-        if (seg_end > (uint64_t)size) {
-            seg_end = (uint64_t)size;
+        uint32_t type = ((r & BDRV_BLOCK_DATA) ? 0 : NBDKIT_EXTENT_HOLE) |
+                        ((r & BDRV_BLOCK_ZERO) ? NBDKIT_EXTENT_ZERO : 0);
+        if (nbdkit_add_extent(extents, offset, (uint64_t)pnum, type) < 0) {
+            return -1;
         }
-        if (r == 0) {
-            EMIT(seg_end - pos, has_backing ? 0 : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO);
-            continue;
-        }
-        /* Allocated: data or zero clusters; read cluster by cluster. */
-        while (pos < seg_end && !stop) {
-            uint64_t chunk_end = (pos / cs + 1) * cs;
-            if (chunk_end > seg_end) {
-                chunk_end = seg_end;
-            }
-            uint32_t type = 0;
-            if (budget > 0 || !have_run) {
-                if (!buf && !(buf = malloc(cs))) {
-                    nbdkit_error("extents: out of memory");
-                    errno = ENOMEM;
-                    ret = -1;
-                    goto out;
-                }
-                int n = (int)(chunk_end - pos);
-                int rr = bdrv_pread(bs, (int64_t)pos, buf, n);
-                if (rr < 0) {
-                    ret = fail("extents", rr);
-                    goto out;
-                }
-                budget = budget > (uint64_t)n ? budget - (uint64_t)n : 0;
-                if (all_zero(buf, (size_t)n)) {
-                    type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
-                }
-            } else {
-                stop = true; /* budget spent: report what we have */
-                break;
-            }
-            EMIT(chunk_end - pos, type);
+        offset += (uint64_t)pnum;
+        if (req_one) {
+            break;
         }
     }
-    if (have_run && pos > run_start) {
-        if (nbdkit_add_extent(extents, run_start, pos - run_start, run_type) < 0) {
-            ret = -1;
-        }
-    }
-out:
-#undef EMIT
-    free(buf);
-    return ret;
+    return 0;
 }
 
 static struct nbdkit_plugin plugin = {

@@ -806,6 +806,94 @@ pub unsafe extern "C" fn bdrv_is_allocated(
     })
 }
 
+/// The state of the guest range at `offset`, looking down the backing
+/// chain: QEMU's BDRV_BLOCK_* flags, or a negative errno. `*pnum` is set to
+/// the number of bytes from `offset` (at most `bytes`) in the same state;
+/// `*depth` to the layer the state comes from (0 = this image, 1 = its
+/// backing file, ...); `*map` to the host offset in that layer's file when
+/// BDRV_BLOCK_OFFSET_VALID is set (else 0).
+///
+/// - data: BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED, plus
+///   BDRV_BLOCK_OFFSET_VALID when stored uncompressed (raw images: always,
+///   `*map` = `offset`, depth 0);
+/// - zero cluster: BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
+/// - in no layer: BDRV_BLOCK_ZERO (reads as zeros), `*depth` the deepest
+///   layer asked.
+///
+/// At or past the end of the image, or with `bytes` 0, returns 0 with
+/// `*pnum` = 0. `pnum` is required (-EINVAL if NULL); `map` and `depth` may
+/// be NULL. Negative `offset` or `bytes` is -EINVAL.
+///
+/// # Safety
+/// `bs` is NULL or a live handle; `pnum`, `map` and `depth` are NULL or
+/// valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn bdrv_block_status(
+    bs: *mut BlockDriverState,
+    offset: i64,
+    bytes: i64,
+    pnum: *mut i64,
+    map: *mut i64,
+    depth: *mut c_int,
+) -> c_int {
+    guard_int("bdrv_block_status", || {
+        const F: &str = "bdrv_block_status";
+        let r = (|| {
+            // SAFETY: forwarded caller contract.
+            let bs = unsafe { handle(bs, F) }?;
+            if pnum.is_null() {
+                return Err(fail(libc::EINVAL, format!("{F}: pnum is NULL")));
+            }
+            if offset < 0 || bytes < 0 {
+                return Err(fail(
+                    libc::EINVAL,
+                    format!("{F}: invalid range offset {offset}, bytes {bytes}"),
+                ));
+            }
+            let (flags, n, host, layer) = bs.with_image(F, |img| {
+                let size = img.image.size();
+                let (off, len) = (offset as u64, bytes as u64);
+                if off >= size || len == 0 {
+                    return Ok((0, 0, 0, 0));
+                }
+                let len = len.min(size - off);
+                let (st, n) = engine(img.image.block_status(off, len))?;
+                let n = n.min(len);
+                Ok(match st {
+                    BlockStatus::Data {
+                        host: Some(h),
+                        depth,
+                    } => (
+                        BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED | BDRV_BLOCK_OFFSET_VALID,
+                        n,
+                        h,
+                        depth,
+                    ),
+                    BlockStatus::Data { host: None, depth } => {
+                        (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED, n, 0, depth)
+                    }
+                    BlockStatus::Zero { depth } => {
+                        (BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, n, 0, depth)
+                    }
+                    BlockStatus::Unallocated { depth } => (BDRV_BLOCK_ZERO, n, 0, depth),
+                })
+            })?;
+            // SAFETY: `pnum` is non-NULL and valid for writing by contract.
+            unsafe { pnum.write(n as i64) };
+            if !map.is_null() {
+                // SAFETY: non-NULL, valid for writing by contract.
+                unsafe { map.write(host as i64) };
+            }
+            if !depth.is_null() {
+                // SAFETY: non-NULL, valid for writing by contract.
+                unsafe { depth.write(layer as c_int) };
+            }
+            Ok(flags)
+        })();
+        ret(r)
+    })
+}
+
 /// Changes the virtual size to `offset` bytes (growing or shrinking).
 /// Returns 0, -EINVAL for a negative size, -EACCES on a read-only handle,
 /// -EFBIG past the format's limit, or another negative errno.

@@ -41,6 +41,18 @@ pub const BDRV_SECTOR_SIZE: u64 = 512;
 /// host storage back (QEMU's BDRV_REQ_MAY_UNMAP).
 pub const BDRV_REQ_MAY_UNMAP: c_int = 0x4;
 
+// ---- block status flags (QEMU's BDRV_BLOCK_*) --------------------------------------------
+
+/// bdrv_block_status(): the range holds guest data (stored in some layer).
+pub const BDRV_BLOCK_DATA: c_int = 0x01;
+/// bdrv_block_status(): the range reads as zeros.
+pub const BDRV_BLOCK_ZERO: c_int = 0x02;
+/// bdrv_block_status(): `*map` is the host offset of the range's data.
+pub const BDRV_BLOCK_OFFSET_VALID: c_int = 0x04;
+/// bdrv_block_status(): some layer of the chain (`*depth`) has the range
+/// (data or a zero cluster); clear when no layer has it.
+pub const BDRV_BLOCK_ALLOCATED: c_int = 0x10;
+
 // ---- image creation flags (QEMU's BLOCK_FLAG_*) ------------------------------------------
 
 /// Encrypted image (legacy AES). Not supported: bdrv_img_create() fails
