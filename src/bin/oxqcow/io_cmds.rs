@@ -155,6 +155,21 @@ fn num(s: &mut Session, arg: &str) -> Result<u64, i32> {
     })
 }
 
+/// Parses `offset length` (args[0], args[1]), refusing a length over
+/// REQUEST_MAX with qemu-io's complaint.
+fn offset_length(s: &mut Session, args: &[String]) -> Result<(u64, u64), i32> {
+    let off = num(s, &args[0])?;
+    let len = num(s, &args[1])?;
+    if len > REQUEST_MAX {
+        s.out.line(&format!(
+            "length cannot exceed {REQUEST_MAX}, given {}",
+            args[1]
+        ));
+        return Err(EINVAL);
+    }
+    Ok((off, len))
+}
+
 /// Lengths of a vectored request; None after the complaint.
 fn iov_lengths(s: &mut Session, args: &[String]) -> Option<Vec<u64>> {
     let mut v = Vec::new();
@@ -227,21 +242,10 @@ fn read_f(s: &mut Session, w: &[String]) -> i32 {
     if args.len() != 2 {
         return usage(s, "read");
     }
-    let off = match num(s, &args[0]) {
+    let (off, count) = match offset_length(s, &args) {
         Ok(v) => v,
         Err(e) => return e,
     };
-    let count = match num(s, &args[1]) {
-        Ok(v) => v,
-        Err(e) => return e,
-    };
-    if count > REQUEST_MAX {
-        s.out.line(&format!(
-            "length cannot exceed {REQUEST_MAX}, given {}",
-            args[1]
-        ));
-        return EINVAL;
-    }
     if !pflag && (lflag || sflag) {
         return usage(s, "read");
     }
@@ -733,21 +737,10 @@ fn discard_f(s: &mut Session, w: &[String]) -> i32 {
     if args.len() != 2 {
         return usage(s, "discard");
     }
-    let off = match num(s, &args[0]) {
+    let (off, bytes) = match offset_length(s, &args) {
         Ok(v) => v,
         Err(e) => return e,
     };
-    let bytes = match num(s, &args[1]) {
-        Ok(v) => v,
-        Err(e) => return e,
-    };
-    if bytes > REQUEST_MAX {
-        s.out.line(&format!(
-            "length cannot exceed {REQUEST_MAX}, given {}",
-            args[1]
-        ));
-        return EINVAL;
-    }
     s.drain();
     let t1 = Instant::now();
     let r = dev(s).discard(off, bytes);
