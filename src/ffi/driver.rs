@@ -419,47 +419,35 @@ unsafe extern "C" fn raw_probe(
     1
 }
 
-unsafe extern "C" fn qcow2_open(
-    bs: *mut BlockDriverState,
-    filename: *const c_char,
-    flags: c_int,
-) -> c_int {
-    guard_int("bdrv_qcow2.bdrv_open", || {
-        // SAFETY: forwarded caller contract.
-        ret(unsafe { open_common(bs, filename, flags, Some("qcow2"), "bdrv_open") })
-    })
+/// The open and create callbacks of one format's driver table: the same
+/// entry points with the format name (and the guard's label) filled in.
+macro_rules! format_callbacks {
+    ($open:ident, $create:ident, $fmt:literal) => {
+        unsafe extern "C" fn $open(
+            bs: *mut BlockDriverState,
+            filename: *const c_char,
+            flags: c_int,
+        ) -> c_int {
+            guard_int(concat!("bdrv_", $fmt, ".bdrv_open"), || {
+                // SAFETY: forwarded caller contract.
+                ret(unsafe { open_common(bs, filename, flags, Some($fmt), "bdrv_open") })
+            })
+        }
+
+        unsafe extern "C" fn $create(
+            filename: *const c_char,
+            options: *mut QEMUOptionParameter,
+        ) -> c_int {
+            guard_int(concat!("bdrv_", $fmt, ".bdrv_create"), || {
+                // SAFETY: forwarded caller contract.
+                ret(unsafe { create_with_list($fmt, filename, options, "bdrv_create") })
+            })
+        }
+    };
 }
 
-unsafe extern "C" fn raw_open(
-    bs: *mut BlockDriverState,
-    filename: *const c_char,
-    flags: c_int,
-) -> c_int {
-    guard_int("bdrv_raw.bdrv_open", || {
-        // SAFETY: forwarded caller contract.
-        ret(unsafe { open_common(bs, filename, flags, Some("raw"), "bdrv_open") })
-    })
-}
-
-unsafe extern "C" fn qcow2_create(
-    filename: *const c_char,
-    options: *mut QEMUOptionParameter,
-) -> c_int {
-    guard_int("bdrv_qcow2.bdrv_create", || {
-        // SAFETY: forwarded caller contract.
-        ret(unsafe { create_with_list("qcow2", filename, options, "bdrv_create") })
-    })
-}
-
-unsafe extern "C" fn raw_create(
-    filename: *const c_char,
-    options: *mut QEMUOptionParameter,
-) -> c_int {
-    guard_int("bdrv_raw.bdrv_create", || {
-        // SAFETY: forwarded caller contract.
-        ret(unsafe { create_with_list("raw", filename, options, "bdrv_create") })
-    })
-}
+format_callbacks!(qcow2_open, qcow2_create, "qcow2");
+format_callbacks!(raw_open, raw_create, "raw");
 
 /// Creates an image from an option list: string options that are set
 /// (non-NULL), numbers and sizes that are non-zero and flags that are on
