@@ -480,6 +480,20 @@ unsafe fn write_bytes(
     })
 }
 
+/// A sector-addressed entry point: under `func`'s guard, turns
+/// `nb_sectors` sectors at `sector_num` into a byte offset and length (or
+/// -EINVAL) and hands them to `op` with `func` for its messages.
+fn sector_request(
+    func: &'static str,
+    sector_num: i64,
+    nb_sectors: c_int,
+    op: impl FnOnce(&str, i64, i64) -> CResult<c_int>,
+) -> c_int {
+    guard_int(func, || {
+        ret(sectors(func, sector_num, nb_sectors as i64).and_then(|(o, n)| op(func, o, n)))
+    })
+}
+
 /// Reads `count` bytes at byte `offset` into `buf`. Returns `count`, or
 /// -EINVAL (NULL pointer, negative offset or count), -EIO (past the end of
 /// the image), -ENOMEDIUM (no image open), or the I/O error.
@@ -535,11 +549,9 @@ pub unsafe extern "C" fn bdrv_read(
     buf: *mut u8,
     nb_sectors: c_int,
 ) -> c_int {
-    guard_int("bdrv_read", || {
-        let r = sectors("bdrv_read", sector_num, nb_sectors as i64)
-            // SAFETY: forwarded caller contract.
-            .and_then(|(o, n)| unsafe { read_bytes(bs, "bdrv_read", o, buf, n) });
-        ret(r.map(|_| 0))
+    sector_request("bdrv_read", sector_num, nb_sectors, |f, o, n| {
+        // SAFETY: forwarded caller contract.
+        unsafe { read_bytes(bs, f, o, buf, n) }.map(|_| 0)
     })
 }
 
@@ -555,11 +567,9 @@ pub unsafe extern "C" fn bdrv_write(
     buf: *const u8,
     nb_sectors: c_int,
 ) -> c_int {
-    guard_int("bdrv_write", || {
-        let r = sectors("bdrv_write", sector_num, nb_sectors as i64)
-            // SAFETY: forwarded caller contract.
-            .and_then(|(o, n)| unsafe { write_bytes(bs, "bdrv_write", o, buf, n) });
-        ret(r.map(|_| 0))
+    sector_request("bdrv_write", sector_num, nb_sectors, |f, o, n| {
+        // SAFETY: forwarded caller contract.
+        unsafe { write_bytes(bs, f, o, buf, n) }.map(|_| 0)
     })
 }
 
@@ -697,11 +707,9 @@ pub unsafe extern "C" fn bdrv_discard(
     sector_num: i64,
     nb_sectors: c_int,
 ) -> c_int {
-    guard_int("bdrv_discard", || {
-        let r = sectors("bdrv_discard", sector_num, nb_sectors as i64)
-            // SAFETY: forwarded caller contract.
-            .and_then(|(o, n)| unsafe { discard_bytes(bs, "bdrv_discard", o, n) });
-        ret(r)
+    sector_request("bdrv_discard", sector_num, nb_sectors, |f, o, n| {
+        // SAFETY: forwarded caller contract.
+        unsafe { discard_bytes(bs, f, o, n) }
     })
 }
 
@@ -734,11 +742,9 @@ pub unsafe extern "C" fn bdrv_write_zeroes(
     nb_sectors: c_int,
     flags: c_int,
 ) -> c_int {
-    guard_int("bdrv_write_zeroes", || {
-        let r = sectors("bdrv_write_zeroes", sector_num, nb_sectors as i64)
-            // SAFETY: forwarded caller contract.
-            .and_then(|(o, n)| unsafe { zero_bytes(bs, "bdrv_write_zeroes", o, n, flags) });
-        ret(r)
+    sector_request("bdrv_write_zeroes", sector_num, nb_sectors, |f, o, n| {
+        // SAFETY: forwarded caller contract.
+        unsafe { zero_bytes(bs, f, o, n, flags) }
     })
 }
 
