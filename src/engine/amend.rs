@@ -203,13 +203,11 @@ impl Qcow2 {
         m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
         let mut trees: Vec<Vec<u64>> = vec![m.l1.clone()];
         for sn in m.snapshots.clone() {
-            let mut b = vec![0u8; sn.l1_size as usize * 8];
-            m.read_file(&mut b, sn.l1_table_offset, "read snapshot L1 table")?;
-            trees.push(
-                b.chunks_exact(8)
-                    .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-                    .collect(),
-            );
+            trees.push(m.read_table(
+                sn.l1_table_offset,
+                sn.l1_size as u64 * 8,
+                "read snapshot L1 table",
+            )?);
         }
         let cs = self.cs;
         let zeros = vec![0u8; cs as usize];

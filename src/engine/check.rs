@@ -85,14 +85,6 @@ impl Refs {
 }
 
 impl Meta {
-    fn read_table_raw(&self, off: u64, bytes: u64) -> Result<Vec<u64>> {
-        let mut b = vec![0u8; bytes as usize];
-        self.read_file(&mut b, off, "read table")?;
-        Ok(b.chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-            .collect())
-    }
-
     /// Counts the references of one L1 table and the L2 tables below it.
     fn count_l1(
         &mut self,
@@ -118,7 +110,7 @@ impl Meta {
             if l2_off / cs >= refs.nb_clusters {
                 continue;
             }
-            let l2 = self.read_table_raw(l2_off, cs)?;
+            let l2 = self.read_table(l2_off, cs, "read L2 table")?;
             // Contiguity is judged within one L2 table, as QEMU does.
             w.next_contiguous = 0;
             for raw in l2 {
@@ -182,7 +174,7 @@ impl Meta {
         self.count_l1(&mut refs, w, &l1, true)?;
         for &(off, size) in &snapshots {
             refs.inc(w, cs, off, size as u64 * 8);
-            let sl1 = self.read_table_raw(off, size as u64 * 8)?;
+            let sl1 = self.read_table(off, size as u64 * 8, "read snapshot L1 table")?;
             self.count_l1(&mut refs, w, &sl1, false)?;
         }
         refs.inc(w, cs, snap_table.0, snap_table.1);
@@ -323,7 +315,7 @@ impl Meta {
                     w.res.corruptions += 1;
                 }
             }
-            let mut l2 = self.read_table_raw(l2_off, cs)?;
+            let mut l2 = self.read_table(l2_off, cs, "read L2 table")?;
             let mut changed = false;
             for raw in l2.iter_mut() {
                 let (host, copied) = match self.decode(*raw) {
@@ -355,10 +347,7 @@ impl Meta {
                 }
             }
             if changed {
-                let mut b = vec![0u8; cs as usize];
-                for (k, e) in l2.iter().enumerate() {
-                    put64(&mut b, k * 8, *e);
-                }
+                let b = encode_table(&l2, cs as usize);
                 self.l2_cache.remove(l2_off);
                 self.write_file(&b, l2_off, "write L2 table")?;
             }
@@ -453,10 +442,7 @@ impl Meta {
             }
             self.write_file(&data, off, "write refcount block")?;
         }
-        let mut table = vec![0u8; (tc * cs) as usize];
-        for (i, &off) in blocks.iter().enumerate() {
-            put64(&mut table, i * 8, off);
-        }
+        let table = encode_table(&blocks, (tc * cs) as usize);
         self.write_file(&table, table_off, "write refcount table")?;
         self.sync()?;
         self.header.refcount_table_offset = table_off;

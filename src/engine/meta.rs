@@ -124,6 +124,13 @@ impl Meta {
         self.file.read_at(buf, off).map_err(|e| self.io(what, e))
     }
 
+    /// Reads a table of `bytes` bytes of big-endian 64-bit entries.
+    pub fn read_table(&self, off: u64, bytes: u64, what: &str) -> Result<Vec<u64>> {
+        let mut b = vec![0u8; bytes as usize];
+        self.read_file(&mut b, off, what)?;
+        Ok(decode_table(&b))
+    }
+
     pub fn sync(&mut self) -> Result<()> {
         self.file.sync().map_err(|e| self.io("sync", e))?;
         self.durable_end = self.file_len()?;
@@ -538,10 +545,7 @@ impl Meta {
         let new = self.alloc_clusters(bytes.div_ceil(self.cs))?;
         let mut table = self.l1.clone();
         table.resize(new_size as usize, 0);
-        let mut b = vec![0u8; bytes as usize];
-        for (i, e) in table.iter().enumerate() {
-            put64(&mut b, i * 8, *e);
-        }
+        let b = encode_table(&table, bytes as usize);
         // Refcounts of the new table first, then the table, then the header.
         if !self.lazy {
             self.write_refblocks()?;

@@ -31,9 +31,7 @@ fn read_table(file: &dyn Storage, off: u64, entries: u64, what: &str) -> Result<
     let mut b = vec![0u8; (entries * 8) as usize];
     file.read_at(&mut b, off)
         .map_err(|e| Error::io(format!("Could not read {what}"), e))?;
-    Ok(b.chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-        .collect())
+    Ok(decode_table(&b))
 }
 
 /// True when [off, off+len) is cluster aligned at the start and inside the file.

@@ -269,10 +269,7 @@ impl Meta {
         }
         // Blocks before the table, the table before the header points at it.
         self.write_refblocks()?;
-        let mut tb = vec![0u8; (tc * cs) as usize];
-        for (i, e) in new_table.iter().enumerate() {
-            put64(&mut tb, i * 8, *e);
-        }
+        let tb = encode_table(&new_table, (tc * cs) as usize);
         self.write_file(&tb, table_c * cs, "write refcount table")?;
         self.sync()?;
         let mut hdr = [0u8; 12];

@@ -10,7 +10,7 @@ use super::meta::Meta;
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, COPIED};
-use crate::format::snapshot::{encode_table, Snapshot, MAX_SNAPSHOTS};
+use crate::format::snapshot::{self, Snapshot, MAX_SNAPSHOTS};
 use crate::format::*;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,11 +26,7 @@ impl Meta {
         let mut l1 = if active {
             self.l1.clone()
         } else {
-            let mut b = vec![0u8; l1_size as usize * 8];
-            self.read_file(&mut b, l1_off, "read snapshot L1 table")?;
-            b.chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-                .collect()
+            self.read_table(l1_off, l1_size as u64 * 8, "read snapshot L1 table")?
         };
         let mut l1_changed = false;
         for e in l1.iter_mut() {
@@ -89,7 +85,7 @@ impl Meta {
             }
         } else if l1_changed {
             self.flush()?;
-            self.write_file(&encode_l1(&l1), l1_off, "write snapshot L1 table")?;
+            self.write_file(&encode_table(&l1, 0), l1_off, "write snapshot L1 table")?;
         }
         self.flush_all()
     }
@@ -100,7 +96,7 @@ impl Meta {
         if list.len() as u32 > MAX_SNAPSHOTS {
             return Err(Error::TooLarge("Too many snapshots".into()));
         }
-        let (bytes, len) = encode_table(&list);
+        let (bytes, len) = snapshot::encode_table(&list);
         let new_off = if len > 0 {
             let off = self.alloc_clusters((len as u64).div_ceil(self.cs))?;
             self.flush_all()?;
@@ -139,14 +135,6 @@ impl Meta {
                 ))
             })
     }
-}
-
-fn encode_l1(l1: &[u64]) -> Vec<u8> {
-    let mut b = vec![0u8; l1.len() * 8];
-    for (i, e) in l1.iter().enumerate() {
-        put64(&mut b, i * 8, *e);
-    }
-    b
 }
 
 impl Qcow2 {
@@ -197,7 +185,7 @@ impl Qcow2 {
         };
         m.flush_all()?;
         if !l1.is_empty() {
-            m.write_file(&encode_l1(&l1), l1_off, "write snapshot L1 table")?;
+            m.write_file(&encode_table(&l1, 0), l1_off, "write snapshot L1 table")?;
         }
         let active_off = m.header.l1_table_offset;
         let active_size = m.l1.len() as u32;
@@ -245,18 +233,17 @@ impl Qcow2 {
         if sn.l1_size as usize > m.l1.len() {
             m.grow_l1(sn.l1_size as u64)?;
         }
-        let mut b = vec![0u8; sn.l1_size as usize * 8];
-        m.read_file(&mut b, sn.l1_table_offset, "read snapshot L1 table")?;
-        let mut new_l1: Vec<u64> = b
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-            .collect();
+        let mut new_l1 = m.read_table(
+            sn.l1_table_offset,
+            sn.l1_size as u64 * 8,
+            "read snapshot L1 table",
+        )?;
         new_l1.resize(m.l1.len(), 0);
         // Take the snapshot's references first, then drop the old tree's.
         m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, 1)?;
         let old_l1 = m.l1.clone();
         let active_off = m.header.l1_table_offset;
-        m.write_file(&encode_l1(&new_l1), active_off, "write L1 table")?;
+        m.write_file(&encode_table(&new_l1, 0), active_off, "write L1 table")?;
         m.sync()?;
         m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
         m.l1 = new_l1;
@@ -304,7 +291,7 @@ impl TempTree {
         let bytes = (l1.len() as u64 * 8).max(8);
         let off = m.alloc_clusters(bytes.div_ceil(m.cs))?;
         m.flush_all()?;
-        m.write_file(&encode_l1(l1), off, "write L1 table")?;
+        m.write_file(&encode_table(l1, 0), off, "write L1 table")?;
         Ok(TempTree { off, bytes })
     }
     fn free(self, m: &mut Meta) -> Result<()> {

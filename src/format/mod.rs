@@ -40,6 +40,22 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 pub const AUTOCLEAR_KNOWN: u64 = 0x3;
 
+/// Decodes a table of big-endian 64-bit entries (L1, L2, refcount table).
+pub fn decode_table(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Encodes a table of 64-bit entries big-endian, zero-padded to `bytes`.
+pub fn encode_table(t: &[u64], bytes: usize) -> Vec<u8> {
+    let mut b = vec![0u8; bytes.max(t.len() * 8)];
+    for (i, e) in t.iter().enumerate() {
+        put64(&mut b, i * 8, *e);
+    }
+    b
+}
+
 /// Big-endian helpers over byte slices; callers guarantee the bounds.
 pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
