@@ -22,7 +22,7 @@ impl Meta {
         }
         let free_in_cluster = if off == 0 { 0 } else { cs - off % cs };
         if off == 0 || free_in_cluster < size {
-            let new = self.find_free_run(1)?;
+            let new = self.find_free(1)?;
             if off == 0 || off.div_ceil(cs) * cs != new {
                 off = new;
             }

@@ -66,11 +66,6 @@ impl Meta {
 
     /// Finds `n` consecutive free clusters at or after the free-cluster
     /// hint and advances the hint past them; no refcount is changed.
-    /// `find_free` for callers outside this file.
-    pub fn find_free_run(&mut self, n: u64) -> Result<u64> {
-        self.find_free(n)
-    }
-
     pub(super) fn find_free(&mut self, n: u64) -> Result<u64> {
         let mut start = self.free_cluster_index;
         let mut i = start;
