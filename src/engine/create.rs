@@ -72,7 +72,7 @@ impl Default for CreateOptions {
 
 /// Largest virtual size a cluster size allows.
 pub fn max_size(cluster_bits: u32) -> u64 {
-    (MAX_L1_SIZE_BYTES / 8) << (2 * cluster_bits - 3)
+    (MAX_L1_SIZE_BYTES / 8) * l2_span(cluster_bits)
 }
 
 impl CreateOptions {

@@ -221,7 +221,7 @@ impl Qcow2 {
 
     /// Length of the next chunk: inside one L2 table and at most MAX_CHUNK.
     pub(super) fn chunk_len(&self, off: u64, remaining: u64) -> u64 {
-        let l2_span = 1u64 << (2 * self.cb - 3);
+        let l2_span = crate::format::l2_span(self.cb);
         let table_end = (off / l2_span + 1) * l2_span;
         remaining.min(table_end - off).min(MAX_CHUNK)
     }

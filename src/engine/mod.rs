@@ -297,7 +297,7 @@ impl Qcow2 {
                 self.name
             )));
         }
-        let l2_span = 1u64 << (2 * self.cb - 3);
+        let l2_span = crate::format::l2_span(self.cb);
         let need_l1 = new_size.div_ceil(l2_span);
         if need_l1 > m.l1.len() as u64 {
             m.grow_l1(need_l1)?;
@@ -391,7 +391,7 @@ impl Qcow2 {
     /// Where QEMU keeps VM state: right after the last L1 entry the
     /// virtual size needs.
     pub fn vm_state_offset(&self) -> u64 {
-        let l2_span = 1u64 << (2 * self.cb - 3);
+        let l2_span = crate::format::l2_span(self.cb);
         self.size().div_ceil(l2_span) * l2_span
     }
 

@@ -149,7 +149,7 @@ impl Qcow2 {
         }
 
         // Active L1 table.
-        let l2_span = 1u64 << (2 * cb - 3);
+        let l2_span = l2_span(cb);
         let max_l1 = MAX_L1_SIZE_BYTES / 8;
         if header.size.div_ceil(l2_span) > max_l1 {
             return Err(Error::Invalid("Image is too big".into()));

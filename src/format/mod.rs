@@ -40,6 +40,11 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 pub const AUTOCLEAR_KNOWN: u64 = 0x3;
 
+/// Guest bytes one L2 table maps (one L1 entry's reach).
+pub fn l2_span(cluster_bits: u32) -> u64 {
+    1u64 << (2 * cluster_bits - 3)
+}
+
 /// Decodes a table of big-endian 64-bit entries (L1, L2, refcount table).
 pub fn decode_table(b: &[u8]) -> Vec<u64> {
     b.chunks_exact(8)
