@@ -15,16 +15,8 @@ impl Qcow2 {
     pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_range(off, len)?;
         self.lock().ensure_writable()?;
-        let cs = self.cs;
         let end = off + len;
-        let a = off.div_ceil(cs) * cs;
-        let b = (end / cs * cs).max(a);
-        // A partial last cluster at the end of the image counts as whole.
-        let b = if end == self.size() && end > b && a < end {
-            end
-        } else {
-            b
-        };
+        let (a, b) = self.whole_clusters(off, end);
         if a >= b {
             self.zero_partial(off, len)?;
         } else {
@@ -40,6 +32,18 @@ impl Qcow2 {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// The whole clusters inside [off, end) as [a, b) (empty when b <= a);
+    /// a partial last cluster at the end of the image counts as whole.
+    fn whole_clusters(&self, off: u64, end: u64) -> (u64, u64) {
+        let cs = self.cs;
+        let a = off.div_ceil(cs) * cs;
+        let mut b = end / cs * cs;
+        if end == self.size() && end > b {
+            b = end;
+        }
+        (a, b.max(a))
     }
 
     pub(super) fn zero_partial(&self, off: u64, len: u64) -> Result<()> {
@@ -140,13 +144,7 @@ impl Qcow2 {
             // file, so QEMU 10 leaves the data alone, and so do we.
             return Ok(());
         }
-        let cs = self.cs;
-        let end = off + len;
-        let a = off.div_ceil(cs) * cs;
-        let mut b = end / cs * cs;
-        if end == self.size() && end > b {
-            b = end;
-        }
+        let (a, b) = self.whole_clusters(off, off + len);
         if a < b {
             self.unmap_range(a, b, false, true)?;
         }
