@@ -312,6 +312,12 @@ impl Qcow2 {
             plan.push(w);
         }
         if need_alloc > 0 {
+            if m.frees_pending {
+                // Discarded clusters become reusable only once their unref
+                // is durable (rule 4): pay that flush now rather than grow
+                // the file past space the guest just gave back.
+                m.flush()?;
+            }
             // As QEMU does: the L2 table (new, or a copy of a shared one)
             // is allocated before the data clusters it will map.
             m.l2_for_write(first)?;

@@ -77,6 +77,10 @@ pub struct Meta {
     pub free_cluster_index: u64,
     /// (host offset, byte length, punch a hole once free)
     pub pending_unref: Vec<(u64, u64, bool)>,
+    /// Some queued unreference frees a cluster (it dropped a COPIED entry):
+    /// the next guest allocation flushes first so that it can reuse the
+    /// space instead of growing the file, as QEMU's allocator would.
+    pub frees_pending: bool,
     pub metadata: HashMap<u64, MetaKind>,
     pub lazy: bool,
     pub writable: bool,
@@ -292,9 +296,16 @@ impl Meta {
         Ok(())
     }
 
-    pub(super) fn load_refblock(&mut self, off: u64) -> Result<()> {
+    /// `ti` is the refcount-table index the offset came from, named in the
+    /// corruption message as QEMU names it.
+    pub(super) fn load_refblock(&mut self, off: u64, ti: u64) -> Result<()> {
         if self.rb_cache.contains(off) {
             return Ok(());
+        }
+        if off & (self.cs - 1) != 0 {
+            return Err(self.signal_corruption(&format!(
+                "Refblock offset {off:#x} unaligned (reftable index: {ti:#x})"
+            )));
         }
         if off + self.cs > self.file_len()? {
             return Err(self.signal_corruption(&format!(
@@ -447,6 +458,7 @@ impl Meta {
     pub fn unref_entry(&mut self, raw: u64, punch: bool) {
         if let Some((off, len)) = self.decode(raw).host_range() {
             let len = if len == 0 { self.cs } else { len };
+            self.frees_pending |= raw & COPIED != 0;
             self.pending_unref.push((off, len, punch));
         }
     }
@@ -489,6 +501,7 @@ impl Meta {
         if !self.pending_unref.is_empty() {
             self.sync()?; // rule 4
             let pending = std::mem::take(&mut self.pending_unref);
+            self.frees_pending = false;
             for &(off, len, punch) in &pending {
                 self.update_refcount(off, len, -1)?;
                 if punch {

@@ -257,6 +257,7 @@ impl Qcow2 {
             rb_cache: TableCache::new((rb_cache_bytes / cs).max(4) as usize),
             free_cluster_index: 0,
             pending_unref: Vec::new(),
+            frees_pending: false,
             metadata: HashMap::new(),
             lazy,
             writable: opts.writable,

@@ -19,7 +19,7 @@ impl Meta {
         if off == 0 {
             return Ok(0);
         }
-        self.load_refblock(off)?;
+        self.load_refblock(off, ti)?;
         let idx = cluster & ((1 << self.rb_bits) - 1);
         let rw = self.rw;
         Ok(rw.get(&self.rb_cache.get(off).unwrap().data, idx))
@@ -137,7 +137,7 @@ impl Meta {
         if (ti as usize) < self.reftable.len() {
             let off = self.reftable[ti as usize] & OFFSET_MASK;
             if off != 0 {
-                self.load_refblock(off)?;
+                self.load_refblock(off, ti)?;
                 return Ok(off);
             }
         }
@@ -256,7 +256,7 @@ impl Meta {
         // ...and the new blocks and table are counted where they live.
         for c in start..end_c {
             let boff = new_table[(c / per_block) as usize] & OFFSET_MASK;
-            self.load_refblock(boff)?;
+            self.load_refblock(boff, c / per_block)?;
             let rw = self.rw;
             let slot = self.rb_cache.get(boff).unwrap();
             rw.set(&mut slot.data, c % per_block, 1);
@@ -295,7 +295,7 @@ impl Meta {
             if off == 0 {
                 continue;
             }
-            self.load_refblock(off)?;
+            self.load_refblock(off, ti as u64)?;
             let per = 1u64 << self.rb_bits;
             let rw = self.rw;
             let data = &self.rb_cache.get(off).unwrap().data;
