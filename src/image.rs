@@ -172,3 +172,16 @@ impl RawImage {
         }
     }
 }
+
+impl Image {
+    /// A raw image over any storage, for devices that are not host files
+    /// (the tool's stand-in for QEMU's null-co driver). `name` is what
+    /// error messages call it.
+    pub fn raw_on(file: Arc<dyn Storage>, name: &str, writable: bool) -> Image {
+        Image::Raw(RawImage {
+            file,
+            name: name.to_string(),
+            writable,
+        })
+    }
+}

@@ -845,10 +845,13 @@ fn errors_are_one_line_with_status_1() {
         assert!(err.starts_with("oxqcow: "), "{c:?}: {err}");
         assert!(!err.contains("panicked"), "{c:?}: {err}");
     }
+    // qemu-img's wording: the format layer's open names the file again.
     let (_, _, err) = ox(&["info", &missing]);
     assert_eq!(
         err,
-        format!("oxqcow: Could not open '{missing}': No such file or directory\n")
+        format!(
+            "oxqcow: Could not open '{missing}': Could not open '{missing}': No such file or directory\n"
+        )
     );
     // dump-header shows whatever is there, even a header no one can open.
     let outp = ox_ok(&["dump-header", &gs]);

@@ -2,6 +2,8 @@
 //! QEMU oracle (qemu-img, qemu-io).
 #![allow(dead_code)]
 
+pub mod case;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

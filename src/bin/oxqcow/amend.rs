@@ -5,7 +5,7 @@
 //! a key wins), creation-only options are refused with qemu-img's hint,
 //! and the engine applies the rest.
 
-use crate::img_util::{open_image, parse_size_param, usage_error, QProgress};
+use crate::img_util::{open_named, parse_size_param, usage_error, QProgress};
 use crate::util::{errmsg, parse_c_number, CliResult};
 use oxqcow::engine::AmendOptions;
 use oxqcow::{Image, OpenOptions};
@@ -21,6 +21,9 @@ pub struct Args {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Options to change, NAME=VALUE[,NAME=VALUE...] (may be repeated)
     #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
@@ -128,7 +131,7 @@ pub fn run(a: Args) -> CliResult<()> {
         writable: true,
         ..Default::default()
     };
-    let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let Image::Qcow2(q) = &img else {
         return Err(format!(
             "Format driver '{}' does not support option amendment",

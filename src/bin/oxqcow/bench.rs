@@ -6,8 +6,8 @@
 //! without draining, and the cache modes mapped to open options
 //! (writethrough, O_DIRECT, unsafe = flushes skipped).
 
-use crate::img_util::{open_image, parse_cache_mode, strerror, CacheMode};
-use crate::util::{parse_c_number, CliResult};
+use crate::img_util::{int_opt, open_named, parse_cache_mode, size_opt, strerror, CacheMode};
+use crate::util::CliResult;
 use oxqcow::{Error, Image, OpenOptions};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -95,66 +95,6 @@ pub struct Args {
     filenames: Vec<String>,
 }
 
-/// Reads an `--image-opts` string: the file, its driver, and the runtime
-/// options oxqcow honours (cache sizes, lazy refcounts).
-fn image_opts(s: &str, o: &mut OpenOptions) -> CliResult<(String, Option<String>)> {
-    let size = |k: &str, v: &str| {
-        oxqcow::engine::parse_size(v).map_err(|_| format!("Parameter '{k}' expects a size"))
-    };
-    let (mut file, mut fmt) = (None, None);
-    for (k, v) in crate::io::io_open::parse_qemu_opts(s)? {
-        match k.as_str() {
-            "driver" => fmt = Some(v),
-            "file.filename" | "filename" => file = Some(v),
-            "file.driver" => {}
-            "l2-cache-size" => o.l2_cache_size = Some(size(&k, &v)?),
-            "refcount-cache-size" => o.refcount_cache_size = Some(size(&k, &v)?),
-            "lazy-refcounts" => o.lazy_refcounts = Some(v == "on" || v == "true"),
-            _ => return Err(format!("Invalid parameter '{k}'")),
-        }
-    }
-    let file = file.ok_or_else(|| "A block device must be specified for \"file\"".to_string())?;
-    Ok((file, fmt))
-}
-
-/// An integer option as qemu_strtoi reads it, in [min, max].
-fn int_opt(v: &str, what: &str, min: i64, max: i64) -> CliResult<i64> {
-    let t = v.trim();
-    let (neg, body) = match t.strip_prefix('-') {
-        Some(b) => (true, b),
-        None => (false, t.strip_prefix('+').unwrap_or(t)),
-    };
-    let n = parse_c_number(body)
-        .filter(|_| !body.is_empty())
-        .ok_or_else(|| format!("Invalid {what} specified: '{v}'."))?;
-    let n = if neg { -(n as i128) } else { n as i128 };
-    if n < min as i128 || n > max as i128 {
-        return Err(format!(
-            "Invalid {what} specified. Must be between {min} and {max}."
-        ));
-    }
-    Ok(n as i64)
-}
-
-/// A size option as cvtnum reads it (k, M, G, ... suffixes), in [min, max].
-fn size_opt(v: &str, what: &str, min: i64, max: i64) -> CliResult<i64> {
-    let range = || format!("Invalid {what} specified. Must be between {min} and {max}.");
-    if v.trim_start().starts_with('-') {
-        return Err(range());
-    }
-    let n = crate::img_util::parse_size_param("x", v).map_err(|e| {
-        if e.starts_with("Value ") {
-            range()
-        } else {
-            format!("Invalid {what} specified: '{v}'.")
-        }
-    })?;
-    if n as u128 > max as u128 || (n as i128) < min as i128 {
-        return Err(range());
-    }
-    Ok(n as i64)
-}
-
 const INT_MAX: i64 = i32::MAX as i64;
 
 /// What the workers share.
@@ -223,19 +163,13 @@ pub fn run(a: Args) -> CliResult<()> {
     if native && !cache.direct {
         return Err(format!("Could not open '{file}': aio=native was specified, but it requires cache.direct=on, which was not specified."));
     }
-    let mut opts = OpenOptions {
+    let opts = OpenOptions {
         writable: a.write,
         writethrough: cache.writethrough,
         direct: cache.direct,
         ..Default::default()
     };
-    let (file, fmt) = if a.image_opts {
-        image_opts(file, &mut opts)?
-    } else {
-        (file.clone(), a.fmt.clone())
-    };
-    let file = &file;
-    let img = open_image(file, fmt.as_deref(), &opts)?;
+    let img = open_named(file, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let image_size = img.size();
     let step = if step == 0 { bufsize } else { step };
     println!(

@@ -5,7 +5,7 @@
 //! the repaired counts. Exit status: 0 clean, 1 check failed, 2
 //! corruptions, 3 leaks only, 63 for formats without checks.
 
-use crate::img_util::{errno_text, exit_with, fail_with, open_image, usage_error};
+use crate::img_util::{errno_text, exit_with, fail_with, open_named, usage_error};
 use crate::util::{CliResult, Json, Obj};
 use oxqcow::engine::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 use oxqcow::{Image, OpenOptions};
@@ -31,6 +31,9 @@ pub struct Args {
     /// Open the image in shared mode (read-only checks only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Image file
     filename: String,
 }
@@ -65,7 +68,7 @@ pub fn run(a: Args) -> CliResult<()> {
             a.filename
         ));
     }
-    let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let Image::Qcow2(q) = &img else {
         drop(img);
         fail_with(63, "This image format does not support checks");

@@ -4,7 +4,7 @@
 //! base grows to the image's size when it is smaller. Afterwards the image
 //! is emptied unless -d (or -b, which implies it) was given.
 
-use crate::img_util::{open_image, parse_cache_mode, QProgress};
+use crate::img_util::{open_image, open_named, parse_cache_mode, QProgress};
 use crate::util::{errmsg, parse_img_size, resolve_backing, CliResult};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::path::PathBuf;
@@ -20,6 +20,9 @@ pub struct Args {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Cache mode
     #[arg(short = 't', long = "cache", value_name = "CACHE_MODE")]
     cache: Option<String>,
@@ -53,7 +56,7 @@ pub fn run(a: Args) -> CliResult<()> {
         direct: cache.direct,
         ..Default::default()
     };
-    let top = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let top = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     // The chain below the image: (path, format) by depth, 1 = backing file.
     let mut chain: Vec<(PathBuf, &'static str, u64)> = Vec::new();
     let mut layer = top.backing();

@@ -7,7 +7,7 @@
 //! Exit status: 0 identical, 1 different, 2 open error, 3 block status
 //! error, 4 read error.
 
-use crate::img_util::{exit_with, fail_with, open_image, Progress};
+use crate::img_util::{exit_with, fail_with, open_named, Progress};
 use crate::util::{errmsg, file_extent, virtual_size, CliResult};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::fs::File;
@@ -35,6 +35,9 @@ pub struct Args {
     /// Open the images in shared mode (accepted, ignored)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Both images are option strings (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// First image
     filename1: String,
     /// Second image
@@ -62,14 +65,15 @@ struct Side {
 }
 
 impl Side {
-    fn open(name: &str, fmt: Option<&str>) -> Side {
-        let img = match open_image(name, fmt, &OpenOptions::default()) {
-            Ok(i) => i,
+    fn open(name: &str, image_opts: bool, fmt: Option<&str>) -> Side {
+        let named = match open_named(name, image_opts, fmt, &OpenOptions::default()) {
+            Ok(n) => n,
             Err(e) => fail_with(2, &e),
         };
-        let raw = match &img {
-            Image::Raw(_) => File::open(name).ok(),
-            Image::Qcow2(_) => None,
+        let img = named.img;
+        let raw = match (&img, named.file) {
+            (Image::Raw(_), Some(f)) => File::open(f).ok(),
+            _ => None,
         };
         Side {
             size: virtual_size(&img),
@@ -168,8 +172,11 @@ pub fn run(a: Args) -> CliResult<()> {
         }
         exit_with(code)
     };
-    let s1 = Side::open(&a.filename1, a.fmt1.as_deref());
-    let s2 = Side::open(&a.filename2, a.fmt2.as_deref());
+    if a.image_opts && a.fmt2.is_some() {
+        fail_with(2, "--image-opts and -F are mutually exclusive");
+    }
+    let s1 = Side::open(&a.filename1, a.image_opts, a.fmt1.as_deref());
+    let s2 = Side::open(&a.filename2, a.image_opts, a.fmt2.as_deref());
     let total = s1.size.min(s2.size);
     let mut progress = Progress::new(progress_on);
     if a.strict && s1.size != s2.size {

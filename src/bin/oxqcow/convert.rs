@@ -1,24 +1,21 @@
-//! `oxqcow convert`: copies the guest contents of a qcow2 or raw image
-//! (its whole backing chain flattened) into a new qcow2 or raw image.
-//! Owns target creation from the -o options, the chunked copy that skips
-//! ranges block status reports as zero or unallocated and all-zero blocks
-//! of the -S size (so the target stays sparse), and qemu-img's `-p`
-//! progress line. With -n the target exists already: it is not created
-//! and its zero ranges are written as zeroes (unmapping). With -c every
-//! target cluster holding data is written compressed, one whole cluster per
-//! call. -m runs that many workers (reads in parallel; writes in order
-//! unless -W allows them out of order).
+//! `oxqcow convert`: copies the guest contents of an image (its whole
+//! backing chain flattened, or with a backing file for the target only
+//! its top image) into a new qcow2 or raw image. Owns the command line,
+//! target creation from the -o options and -B/-F, and opening both
+//! sides; the copy itself (sparse detection, -c, -m/-W, the `-p`
+//! progress steps) is `convert_job`'s. With -n the target exists
+//! already: it is not created and its zero ranges are written as zeroes.
+
+#[path = "convert_job.rs"]
+mod job;
 
 use crate::create::create_raw;
-use crate::util::CliResult;
-use crate::util::{errmsg, file_extent, open_ro, parse_img_size, split_opts, virtual_size};
+use crate::img_util::{open_image, open_named, QProgress};
+use crate::util::{errmsg, parse_img_size, split_opts, virtual_size, CliResult};
 use oxqcow::engine::{create, CreateOptions};
-use oxqcow::format::entries::L2Entry;
-use oxqcow::{BlockStatus, Image, OpenOptions};
+use oxqcow::{Image, OpenOptions};
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,12 +28,21 @@ pub struct Args {
     /// Source image format (probed when not given)
     #[arg(short = 'f', value_name = "FMT")]
     fmt: Option<String>,
+    /// The source is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts", alias = "source-image-opts")]
+    image_opts: bool,
     /// Output format: raw or qcow2
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     out_fmt: String,
     /// Output format options, NAME=VALUE[,NAME=VALUE...] (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
+    /// Backing file of the target: only the source's top image is copied
+    #[arg(short = 'B', long = "backing", value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Format of the target's backing file
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    backing_fmt: Option<String>,
     /// Sparse detection granularity: all-zero blocks of this size are not
     /// written (0 writes everything)
     #[arg(short = 'S', value_name = "SPARSE_SIZE")]
@@ -62,14 +68,11 @@ pub struct Args {
     /// Accepted for compatibility (the source is always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Source image
+    /// Source image (or json:{...}, or an option string with --image-opts)
     source: String,
     /// Destination image
     destination: String,
 }
-
-/// Bytes copied per step.
-const CHUNK: u64 = 2 << 20;
 
 pub fn run(a: Args) -> CliResult<()> {
     let _ = (a.force_share, &a.target_cache, &a.source_cache);
@@ -111,63 +114,114 @@ pub fn run(a: Args) -> CliResult<()> {
     if a.compress && a.out_fmt != "qcow2" {
         return Err("Compression not supported for this file format".into());
     }
-    let src = open_ro(&a.source, a.fmt.as_deref(), false)?;
-    let size = virtual_size(&src);
+    let target = Target::from_args(&a);
+    if target.backing.is_some() && a.out_fmt == "raw" {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    // qemu-img prints the first progress line before opening anything,
+    // and ends the line whatever happens.
+    let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
+    progress.add(0.0, 0);
+    let r = convert(&a, &target, workers, sparse, &mut progress);
+    let r = match r {
+        Ok(()) => {
+            progress.add(100.0, 0);
+            Ok(())
+        }
+        Err(e) => {
+            crate::util::report(&e);
+            Err(String::new())
+        }
+    };
+    progress.end();
+    r
+}
+
+/// What the target is created with.
+struct Target {
+    options: Vec<(String, String)>,
+    backing: Option<String>,
+    backing_fmt: Option<String>,
+}
+
+impl Target {
+    /// -B and -F, or else backing_file and backing_fmt among the -o options
+    /// (the -o values win, as the options are applied last).
+    fn from_args(a: &Args) -> Target {
+        let mut t = Target {
+            options: Vec::new(),
+            backing: a.backing.clone(),
+            backing_fmt: a.backing_fmt.clone(),
+        };
+        for (k, v) in split_opts(&a.options) {
+            match k.as_str() {
+                "backing_file" => t.backing = Some(v),
+                "backing_fmt" => t.backing_fmt = Some(v),
+                _ => t.options.push((k, v)),
+            }
+        }
+        t
+    }
+}
+
+fn convert(
+    a: &Args,
+    target: &Target,
+    workers: usize,
+    sparse: u64,
+    progress: &mut QProgress,
+) -> CliResult<()> {
+    let ro = OpenOptions::default();
+    let src = open_named(&a.source, a.image_opts, a.fmt.as_deref(), &ro)?;
+    let size = virtual_size(&src.img);
     let dst_name = a.destination.clone();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
     if !a.no_create {
-        create_target(&a, size).map_err(fail)?;
+        if target.backing.is_some() && target.backing_fmt.is_none() {
+            return Err("Use of backing file requires explicit backing format".into());
+        }
+        create_target(Path::new(&a.destination), &a.out_fmt, target, size).map_err(fail)?;
     }
     let opts = OpenOptions {
         writable: true,
         ..Default::default()
     };
-    let dst = if a.no_create {
-        crate::img_util::open_image(&a.destination, Some(&a.out_fmt), &opts)?
-    } else {
-        Image::open(Path::new(&a.destination), Some(&a.out_fmt), &opts).map_err(|e| errmsg(&e))?
-    };
+    let dst = open_image(&a.destination, Some(&a.out_fmt), &opts)?;
     if a.no_create && dst.size() < size {
         return Err("output file is smaller than input file".into());
     }
     // A raw source's holes can be skipped without reading them.
-    let src_file = match &src {
-        Image::Raw(_) => File::open(&a.source).ok(),
-        Image::Qcow2(_) => None,
+    let src_file = match (&src.img, &src.file) {
+        (Image::Raw(_), Some(f)) => File::open(f).ok(),
+        _ => None,
     };
     let cluster = match (&dst, a.compress) {
         (Image::Qcow2(q), true) => Some(q.cluster_size()),
         _ => None,
     };
-    let job = Job {
-        src: &src,
+    let has_backing = target.backing.is_some();
+    let job = job::Job {
+        src: &src.img,
         dst: &dst,
         src_file: src_file.as_ref(),
         size,
         sparse,
-        zero_init: !a.no_create,
+        zero_init: !a.no_create && !has_backing,
         cluster,
         ordered: !a.oob_writes,
+        top_only: has_backing,
     };
-    let progress = Mutex::new(Progress::new(a.progress && !a.quiet));
-    let r = job.run(workers, &progress);
+    let r = job.run(workers, progress);
     let closed = dst.close().map_err(|e| errmsg(&e));
     r?;
-    closed?;
-    progress
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .finish();
-    Ok(())
+    closed
 }
 
 /// Creates the destination, empty, with the source's size.
-fn create_target(a: &Args, size: u64) -> CliResult<()> {
-    let path = Path::new(&a.destination);
-    let opts = split_opts(&a.options);
-    if a.out_fmt == "raw" {
+fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult<()> {
+    if fmt == "raw" {
         let mut prealloc = "off".to_string();
-        for (k, v) in opts {
+        for (k, v) in t.options.iter().cloned() {
             match k.as_str() {
                 "preallocation" if ["off", "falloc", "full"].contains(&v.as_str()) => prealloc = v,
                 "preallocation" => {
@@ -182,302 +236,18 @@ fn create_target(a: &Args, size: u64) -> CliResult<()> {
         return create_raw(path, size, &prealloc);
     }
     let mut co = CreateOptions::default();
-    for (k, v) in opts {
+    for (k, v) in &t.options {
         match k.as_str() {
             "size" => {}
-            "backing_file" | "backing_fmt" => {
-                return Err("a backing file for the target is not supported by oxqcow".into())
-            }
             "version" => return Err("Invalid parameter 'version'".into()),
-            _ => co.set(&k, &v).map_err(|e| errmsg(&e))?,
+            _ => co.set(k, v).map_err(|e| errmsg(&e))?,
         }
+    }
+    if t.backing.is_none() && t.backing_fmt.is_some() {
+        return Err("Backing format cannot be used without backing file".into());
     }
     co.size = size;
+    co.backing_file = t.backing.clone();
+    co.backing_fmt = t.backing_fmt.clone();
     create(path, &co).map_err(|e| errmsg(&e))
-}
-
-/// One conversion: what to copy where, and how.
-struct Job<'a> {
-    src: &'a Image,
-    dst: &'a Image,
-    src_file: Option<&'a File>,
-    size: u64,
-    sparse: u64,
-    /// The target reads as zeros already (freshly created).
-    zero_init: bool,
-    /// Compressed output: the target's cluster size.
-    cluster: Option<u64>,
-    /// Writes happen in guest order (no -W).
-    ordered: bool,
-}
-
-/// What the workers share.
-struct Shared {
-    next_chunk: u64,
-    /// The chunk whose turn it is to write (ordered mode).
-    turn: u64,
-    done: u64,
-    error: Option<String>,
-}
-
-impl Job<'_> {
-    fn run(&self, workers: usize, progress: &Mutex<Progress>) -> CliResult<()> {
-        let chunks = self.size.div_ceil(CHUNK);
-        let shared = Mutex::new(Shared {
-            next_chunk: 0,
-            turn: 0,
-            done: 0,
-            error: None,
-        });
-        let cond = Condvar::new();
-        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-        let worker = || {
-            let mut buf = vec![0u8; CHUNK as usize];
-            loop {
-                let i = {
-                    let mut sh = lock();
-                    if sh.error.is_some() || sh.next_chunk >= chunks {
-                        return;
-                    }
-                    sh.next_chunk += 1;
-                    sh.next_chunk - 1
-                };
-                let r = self.chunk(i, &mut buf, &shared, &cond);
-                let mut sh = lock();
-                match r {
-                    Ok(()) => {
-                        sh.done += 1;
-                        let pos = ((sh.done) * CHUNK).min(self.size);
-                        progress
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .update(pos, self.size);
-                    }
-                    Err(e) => {
-                        sh.error.get_or_insert(e);
-                    }
-                }
-                cond.notify_all();
-            }
-        };
-        std::thread::scope(|s| {
-            for _ in 0..workers.min(chunks.max(1) as usize) {
-                s.spawn(worker);
-            }
-        });
-        match shared.into_inner().unwrap_or_else(|e| e.into_inner()).error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Reads chunk `i` and writes it (in its turn when ordered).
-    fn chunk(
-        &self,
-        i: u64,
-        buf: &mut [u8],
-        shared: &Mutex<Shared>,
-        cond: &Condvar,
-    ) -> CliResult<()> {
-        let start = i * CHUNK;
-        let end = (start + CHUNK).min(self.size);
-        let pieces = self.read_chunk(start, end, buf)?;
-        if self.ordered {
-            let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
-            while sh.turn != i && sh.error.is_none() {
-                sh = cond.wait(sh).unwrap_or_else(|e| e.into_inner());
-            }
-            if let Some(e) = &sh.error {
-                return Err(e.clone());
-            }
-            drop(sh);
-            let r = self.write_chunk(start, &pieces, buf);
-            let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
-            sh.turn += 1;
-            cond.notify_all();
-            r
-        } else {
-            self.write_chunk(start, &pieces, buf)
-        }
-    }
-
-    /// Fills `buf` with [start, end) of the source; returns the pieces as
-    /// (offset, length, has data), zero pieces left unread.
-    fn read_chunk(&self, start: u64, end: u64, buf: &mut [u8]) -> CliResult<Vec<(u64, u64, bool)>> {
-        let mut pieces = Vec::new();
-        let mut pos = start;
-        while pos < end {
-            let want = end - pos;
-            let (st, mut n) = self.src.block_status(pos, want).map_err(|e| {
-                format!(
-                    "error while reading block status at byte {pos}: {}",
-                    errmsg(&e)
-                )
-            })?;
-            n = n.clamp(1, want);
-            let mut zero = matches!(
-                st,
-                BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. }
-            );
-            if let (Some(f), false) = (self.src_file, zero) {
-                let (is_data, len) = file_extent(f, pos, n);
-                n = len.clamp(1, n);
-                zero = !is_data;
-            }
-            let b = &mut buf[(pos - start) as usize..(pos - start + n) as usize];
-            if zero {
-                b.fill(0);
-            } else {
-                self.src
-                    .read_at(b, pos)
-                    .map_err(|e| format!("error while reading at byte {pos}: {}", errmsg(&e)))?;
-            }
-            pieces.push((pos, n, !zero));
-            pos += n;
-        }
-        Ok(pieces)
-    }
-
-    fn write_chunk(&self, start: u64, pieces: &[(u64, u64, bool)], buf: &[u8]) -> CliResult<()> {
-        let at = |pos: u64, n: u64| &buf[(pos - start) as usize..(pos - start + n) as usize];
-        if let Some(cs) = self.cluster {
-            // Whole target clusters, compressed when they hold data.
-            let end = pieces.last().map(|p| p.0 + p.1).unwrap_or(start);
-            let mut c = start;
-            while c < end {
-                let n = cs.min(end - c);
-                let b = at(c, n);
-                if b.iter().any(|&x| x != 0) {
-                    let q = self.dst.qcow2().expect("compressed output is qcow2");
-                    // QEMU compresses only into clusters without a host cluster.
-                    let taken = match q.l2_entry_at(c) {
-                        Ok(L2Entry::Unallocated) | Ok(L2Entry::Zero { host: 0, .. }) => false,
-                        Ok(_) => true,
-                        Err(e) => {
-                            return Err(format!("error while writing at byte {c}: {}", errmsg(&e)))
-                        }
-                    };
-                    if taken {
-                        return Err(format!(
-                            "error while writing at byte {c}: {}",
-                            crate::img_util::strerror(libc::EIO)
-                        ));
-                    }
-                    q.write_compressed(b, c)
-                        .map_err(|e| format!("error while writing at byte {c}: {}", errmsg(&e)))?;
-                } else if !self.zero_init {
-                    self.zero(c, n)?;
-                }
-                c += n;
-            }
-            return Ok(());
-        }
-        for &(pos, n, data) in pieces {
-            if !data && self.sparse != 0 {
-                if !self.zero_init {
-                    self.zero(pos, n)?;
-                }
-                continue;
-            }
-            write_nonzero(self.dst, at(pos, n), pos, self.sparse, self.zero_init)
-                .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
-        }
-        Ok(())
-    }
-
-    fn zero(&self, pos: u64, n: u64) -> CliResult<()> {
-        self.dst
-            .write_zeroes(pos, n, true)
-            .map_err(|e| format!("error while writing at byte {pos}: {}", errmsg(&e)))
-    }
-}
-
-/// Writes `b` at `pos`, leaving out every all-zero block of `sparse` bytes
-/// (aligned to guest offsets), or writing it as zeroes when the target
-/// does not read as zeros already; `sparse` 0 writes everything.
-fn write_nonzero(dst: &Image, b: &[u8], pos: u64, sparse: u64, zero_init: bool) -> CliResult<()> {
-    let write = |from: usize, to: usize| {
-        dst.write_at(&b[from..to], pos + from as u64)
-            .map_err(|e| errmsg(&e))
-    };
-    let zero = |from: usize, to: usize| {
-        if zero_init {
-            Ok(())
-        } else {
-            dst.write_zeroes(pos + from as u64, (to - from) as u64, true)
-                .map_err(|e| errmsg(&e))
-        }
-    };
-    if sparse == 0 {
-        return write(0, b.len());
-    }
-    // Runs of data blocks and of zero blocks, each written in one request.
-    let mut run: Option<(usize, bool)> = None;
-    let mut i = 0usize;
-    while i < b.len() {
-        let abs = pos + i as u64;
-        let blk_end = ((abs / sparse + 1) * sparse - pos) as usize;
-        let end = blk_end.min(b.len());
-        let is_zero = b[i..end].iter().all(|&x| x == 0);
-        match run {
-            Some((s, z)) if z != is_zero => {
-                if z {
-                    zero(s, i)?;
-                } else {
-                    write(s, i)?;
-                }
-                run = Some((i, is_zero));
-            }
-            None => run = Some((i, is_zero)),
-            _ => {}
-        }
-        i = end;
-    }
-    match run {
-        Some((s, true)) => zero(s, b.len())?,
-        Some((s, false)) => write(s, b.len())?,
-        None => {}
-    }
-    Ok(())
-}
-
-/// qemu-img's progress line: `    (12.34/100%)` rewritten with \r.
-struct Progress {
-    on: bool,
-    last: f64,
-}
-
-impl Progress {
-    fn new(on: bool) -> Progress {
-        let p = Progress { on, last: 0.0 };
-        p.print(0.0);
-        p
-    }
-
-    fn print(&self, pct: f64) {
-        if self.on {
-            let mut out = std::io::stdout().lock();
-            let _ = write!(out, "    ({pct:.2}/100%)\r");
-            let _ = out.flush();
-        }
-    }
-
-    fn update(&mut self, done: u64, total: u64) {
-        let pct = if total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / total as f64
-        };
-        if pct - self.last >= 1.0 || (pct >= 100.0 && self.last < 100.0) {
-            self.last = pct;
-            self.print(pct);
-        }
-    }
-
-    fn finish(&self) {
-        if self.on {
-            self.print(100.0);
-            println!();
-        }
-    }
 }

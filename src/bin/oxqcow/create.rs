@@ -108,30 +108,31 @@ fn create_qcow2(a: &Args, size: Option<u64>) -> CliResult<()> {
     create(Path::new(&a.filename), &co).map_err(|e| errmsg(&e))
 }
 
-/// Checks the backing file as qemu-img does (it must name its format, and
-/// unless -u it must open); returns the size to use.
+/// Checks the backing file as qemu-img does: unless -u it must open (with
+/// its format probed when none is given), and it must name its format;
+/// returns the size to use.
 fn check_backing(
     a: &Args,
     backing: &str,
     fmt: Option<&str>,
     size: Option<u64>,
 ) -> CliResult<Option<u64>> {
-    let path = resolve_backing(&a.filename, backing);
-    let path_s = path.display().to_string();
-    let Some(fmt) = fmt else {
-        let mut msg = "Backing file specified without backing format".to_string();
-        if !a.unsafe_backing {
-            if let Ok(f) = oxqcow::engine::probe(&path) {
-                msg.push_str(&format!("\nDetected format of {f}."));
-            }
-        }
-        return Err(msg);
-    };
+    let without_fmt = "Backing file specified without backing format";
     if a.unsafe_backing {
-        return Ok(size);
+        return match fmt {
+            Some(_) => Ok(size),
+            None => Err(without_fmt.into()),
+        };
     }
-    let img = open_ro(&path_s, Some(fmt), true)
+    let path = resolve_backing(&a.filename, backing);
+    let img = open_ro(&path.display().to_string(), fmt, true)
         .map_err(|e| format!("{e}\nCould not open backing image."))?;
+    if fmt.is_none() {
+        return Err(format!(
+            "{without_fmt}\nDetected format of {}.",
+            img.format()
+        ));
+    }
     Ok(size.or(Some(virtual_size(&img))))
 }
 

@@ -2,23 +2,26 @@
 //! amend, resize, rebase, commit, snapshot, measure, compare, bench):
 //! opening images with QEMU's error wording, cache modes, usage errors
 //! with qemu-img's "Try ... --help" line, exit codes other than 1, errno
-//! texts, and the `-p` progress line.
+//! texts, opening what the command line names (file names, `json:`
+//! names, `--image-opts` strings), and the `-p` progress line.
 
-use crate::util::{errmsg, ioerr, CliResult};
+use crate::blockopts::parse_qemu_opts;
+use crate::io_open::{self, Flags, OpenReq};
+use crate::util::{errmsg, ioerr, parse_c_number, prgname, report, CliResult};
 use oxqcow::{Image, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
 /// Prints a usage error the way qemu-img does and exits with status 1.
 pub fn usage_error(cmd: &str, msg: &str) -> ! {
-    eprintln!("oxqcow: {msg}");
-    eprintln!("Try 'oxqcow {cmd} --help' for more info");
+    report(msg);
+    eprintln!("Try '{} {cmd} --help' for more info", prgname());
     std::process::exit(1);
 }
 
-/// Prints `oxqcow: msg` and exits with `code`.
+/// Prints `PROGRAM: msg` and exits with `code`.
 pub fn fail_with(code: i32, msg: &str) -> ! {
-    eprintln!("oxqcow: {msg}");
+    report(msg);
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
@@ -99,6 +102,57 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
         eprintln!("         Specify the 'raw' format explicitly to remove the restrictions.");
     }
     Ok(img)
+}
+
+/// An image named on the command line, open.
+pub struct Named {
+    pub img: Image,
+    /// The host file holding it, when there is one (not for null-co).
+    pub file: Option<String>,
+}
+
+/// Opens what a command line names: a file name, a `json:{...}` name,
+/// or with --image-opts a QemuOpts string (`driver=qcow2,file.filename=F`).
+/// The last two go through the block-option parser `oxqcow io` uses.
+pub fn open_named(
+    spec: &str,
+    image_opts: bool,
+    fmt: Option<&str>,
+    opts: &OpenOptions,
+) -> CliResult<Named> {
+    if image_opts && fmt.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    if !image_opts && !spec.starts_with("json:") {
+        return Ok(Named {
+            img: open_image(spec, fmt, opts)?,
+            file: Some(spec.to_string()),
+        });
+    }
+    let could_not = |e: String| format!("Could not open '{spec}': {e}");
+    let mut req = OpenReq {
+        flags: Flags {
+            read_only: !opts.writable,
+            writethrough: opts.writethrough,
+            engine: opts.clone(),
+            ..Flags::default()
+        },
+        ..OpenReq::default()
+    };
+    if image_opts {
+        req.opts = parse_qemu_opts(spec).map_err(could_not)?;
+    } else {
+        req.name = Some(spec.to_string());
+        if let Some(f) = fmt {
+            req.opts.push(("driver".into(), f.into()));
+        }
+    }
+    let dev = io_open::open(req).map_err(could_not)?;
+    let file = dev.host_file();
+    Ok(Named {
+        img: dev.into_image(),
+        file,
+    })
 }
 
 /// qemu-img's `-p` progress line, `    (12.34/100%)` rewritten with \r.
@@ -202,6 +256,45 @@ pub fn parse_size_param(name: &str, v: &str) -> CliResult<u64> {
     }
     let n: u64 = digits.parse().map_err(|_| range())?;
     n.checked_mul(1u64 << shift).ok_or_else(range)
+}
+
+/// An integer option as qemu_strtoi reads it (0x hex, leading-0 octal),
+/// in [min, max], with qemu-img's two error texts.
+pub fn int_opt(v: &str, what: &str, min: i64, max: i64) -> CliResult<i64> {
+    let t = v.trim();
+    let (neg, body) = match t.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let n = parse_c_number(body)
+        .filter(|_| !body.is_empty())
+        .ok_or_else(|| format!("Invalid {what} specified: '{v}'."))?;
+    let n = if neg { -(n as i128) } else { n as i128 };
+    if n < min as i128 || n > max as i128 {
+        return Err(format!(
+            "Invalid {what} specified. Must be between {min} and {max}."
+        ));
+    }
+    Ok(n as i64)
+}
+
+/// A size option as cvtnum reads it (k, M, G, ... suffixes), in [min, max].
+pub fn size_opt(v: &str, what: &str, min: i64, max: i64) -> CliResult<i64> {
+    let range = || format!("Invalid {what} specified. Must be between {min} and {max}.");
+    if v.trim_start().starts_with('-') {
+        return Err(range());
+    }
+    let n = parse_size_param("x", v).map_err(|e| {
+        if e.starts_with("Value ") {
+            range()
+        } else {
+            format!("Invalid {what} specified: '{v}'.")
+        }
+    })?;
+    if n as u128 > max as u128 || (n as i128) < min as i128 {
+        return Err(range());
+    }
+    Ok(n as i64)
 }
 
 /// qemu-img's progress accounting (qemu_progress_print): `add` moves the

@@ -4,10 +4,12 @@
 //! directory decoding that only this report needs. Images are opened
 //! read-only and without their backing files.
 
-use crate::util::{dump_human, ioerr, open_ro, resolve_backing, size_to_str, virtual_size};
+use crate::img_util::open_named;
+use crate::util::{dump_human, ioerr, resolve_backing, size_to_str, virtual_size};
 use crate::util::{CliResult, Json, Obj};
 use oxqcow::format::header::Header;
 use oxqcow::format::{AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use oxqcow::{Image, OpenOptions};
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -28,7 +30,10 @@ pub struct Args {
     /// Accepted for compatibility (images are always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Image file
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// Image file (or json:{...}, or an option string with --image-opts)
     filename: String,
 }
 
@@ -46,12 +51,20 @@ pub fn run(a: Args) -> CliResult<()> {
     let mut reports = Vec::new();
     let mut seen = HashSet::new();
     let mut next = Some((a.filename.clone(), a.fmt.clone()));
-    while let Some((path, fmt)) = next.take() {
+    let mut image_opts = a.image_opts;
+    while let Some((spec, fmt)) = next.take() {
+        let opts = OpenOptions {
+            no_backing: true,
+            ..Default::default()
+        };
+        let named = open_named(&spec, image_opts, fmt.as_deref(), &opts)?;
+        image_opts = false;
+        let path = named.file.clone().unwrap_or_else(|| spec.clone());
         let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone().into());
         if !seen.insert(key) {
             return Err(format!("Backing file '{path}' creates an infinite loop."));
         }
-        let r = image_report(&path, fmt.as_deref())?;
+        let r = image_report(named.img, &path)?;
         if a.backing_chain {
             next = r.backing.clone();
         }
@@ -74,8 +87,7 @@ pub fn run(a: Args) -> CliResult<()> {
     Ok(())
 }
 
-fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
-    let img = open_ro(path, fmt, true)?;
+fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {}", ioerr(&e)))?;
     // QEMU counts the file in whole sectors.
     let file_len = meta.len().div_ceil(512) * 512;

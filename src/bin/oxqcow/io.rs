@@ -10,13 +10,12 @@
 #[path = "io_cmds.rs"]
 mod io_cmds;
 #[path = "io_fmt.rs"]
-mod io_fmt;
-#[path = "io_open.rs"]
-pub(crate) mod io_open;
+pub(crate) mod io_fmt;
 
+use crate::blockopts;
+use crate::io_open::{self, aio_mode_ok, Dev, Flags, OpenReq};
 use crate::util::CliResult;
 use io_fmt::{err, Out};
-use io_open::{aio_mode_ok, Dev, Flags, OpenReq};
 
 #[derive(clap::Args)]
 #[command(args_override_self = true)]
@@ -81,16 +80,6 @@ pub struct Args {
     file: Option<String>,
 }
 
-/// The program name in messages and the prompt: argv[0]'s base name.
-fn prgname() -> String {
-    let a0 = std::env::args_os().next().unwrap_or_default();
-    let a0 = a0.to_string_lossy();
-    match a0.rfind('/') {
-        Some(i) => a0[i + 1..].to_string(),
-        None => a0.to_string(),
-    }
-}
-
 /// The state of one `oxqcow io` run.
 pub struct Session {
     pub out: Out,
@@ -149,7 +138,7 @@ impl Session {
 }
 
 pub fn run(a: Args) -> CliResult<()> {
-    let prg = prgname();
+    let prg = crate::util::prgname().to_string();
     let mut s = Session {
         out: Out::new(),
         prg: prg.clone(),
@@ -205,7 +194,7 @@ pub fn run(a: Args) -> CliResult<()> {
     if let Some(file) = &a.file {
         let mut opts = Vec::new();
         for o in &a.options {
-            match io_open::parse_qemu_opts(o) {
+            match blockopts::parse_qemu_opts(o) {
                 Ok(v) => opts.extend(v),
                 Err(m) => {
                     s.error(&m);
@@ -214,7 +203,7 @@ pub fn run(a: Args) -> CliResult<()> {
             }
         }
         let req = if a.image_opts {
-            match io_open::parse_qemu_opts(file) {
+            match blockopts::parse_qemu_opts(file) {
                 Ok(v) => {
                     opts.extend(v);
                     OpenReq {

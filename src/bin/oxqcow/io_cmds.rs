@@ -2,10 +2,11 @@
 //! option letters, messages and return values (0, or a negative errno
 //! that makes the run exit with status 1).
 
+use crate::blockopts::parse_qemu_opts;
 use crate::io::io_fmt::{cvtnum, cvtnum_err, cvtstr, dump_buffer, getopt, parse_pattern, report};
 use crate::io::io_fmt::{err, strtol_full, Opt};
-use crate::io::io_open::{self, strerror, Backend, OpenReq, REQUEST_MAX};
 use crate::io::Session;
+use crate::io_open::{self, strerror, Backend, OpenReq, REQUEST_MAX};
 use std::time::{Duration, Instant};
 
 const EINVAL: i32 = -libc::EINVAL;
@@ -1035,7 +1036,7 @@ fn open_f(s: &mut Session, w: &[String]) -> i32 {
                         .line("--image-opts and 'open -o' are mutually exclusive");
                     return EINVAL;
                 }
-                match io_open::parse_qemu_opts(&o) {
+                match parse_qemu_opts(&o) {
                     Ok(v) => req.opts.extend(v),
                     Err(m) => {
                         s.error(&m);
@@ -1048,7 +1049,7 @@ fn open_f(s: &mut Session, w: &[String]) -> i32 {
     }
     let mut args = args;
     if s.image_opts && args.len() == 1 {
-        match io_open::parse_qemu_opts(&args[0]) {
+        match parse_qemu_opts(&args[0]) {
             Ok(v) => req.opts.extend(v),
             Err(m) => {
                 s.error(&m);
@@ -1089,7 +1090,7 @@ fn reopen_f(s: &mut Session, w: &[String]) -> i32 {
                 }
                 has_cache = true;
             }
-            Opt::Flag('o', Some(o)) => match io_open::parse_qemu_opts(&o) {
+            Opt::Flag('o', Some(o)) => match parse_qemu_opts(&o) {
                 Ok(v) => new_opts.extend(v),
                 Err(m) => {
                     s.error(&m);

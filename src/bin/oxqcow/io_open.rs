@@ -1,7 +1,9 @@
-//! Opening images for `oxqcow io` the way qemu-io's block layer takes its
+//! Opening images the way the block layer of QEMU's tools takes its
 //! options: QemuOpts strings (`-o`, `--image-opts`, `open -o`), `json:`
 //! file names, cache modes, and the options of the qcow2, raw, file and
-//! null-co drivers with QEMU's error texts. Also the open device itself
+//! null-co drivers with QEMU's error texts (the option syntax itself is
+//! `blockopts`'s). The qemu-img commands open `json:` names and
+//! `--image-opts` strings here too. Also the open device itself
 //! (`Dev`): the I/O calls qemu-io's commands make, with errno results and
 //! the block layer's request checks.
 
@@ -20,6 +22,10 @@ pub struct Flags {
     pub no_flush: bool,
     pub writethrough: bool,
     pub unmap: bool,
+    /// What a qemu-img command asks of the engine beyond these flags
+    /// (no_backing for info, check_mode for check); writable and
+    /// writethrough come from the flags above.
+    pub engine: OpenOptions,
 }
 
 impl Default for Flags {
@@ -30,6 +36,7 @@ impl Default for Flags {
             no_flush: false,
             writethrough: true,
             unmap: true,
+            engine: OpenOptions::default(),
         }
     }
 }
@@ -65,214 +72,6 @@ impl Flags {
 /// bdrv_parse_aio().
 pub fn aio_mode_ok(mode: &str) -> bool {
     matches!(mode, "threads" | "native" | "io_uring")
-}
-
-/// Splits a QemuOpts string: `k=v,k2=v2`, ",," for a literal comma, a
-/// bare key meaning "on". Returns the pairs in order.
-pub fn parse_qemu_opts(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    let b: Vec<char> = s.chars().collect();
-    let mut i = 0;
-    while i < b.len() {
-        // key: up to '=' or ','
-        let mut key = String::new();
-        while i < b.len() && b[i] != '=' && b[i] != ',' {
-            key.push(b[i]);
-            i += 1;
-        }
-        let value = if i < b.len() && b[i] == '=' {
-            i += 1;
-            let mut v = String::new();
-            while i < b.len() {
-                if b[i] == ',' {
-                    if i + 1 < b.len() && b[i + 1] == ',' {
-                        v.push(',');
-                        i += 2;
-                        continue;
-                    }
-                    break;
-                }
-                v.push(b[i]);
-                i += 1;
-            }
-            v
-        } else {
-            "on".to_string()
-        };
-        if i < b.len() && b[i] == ',' {
-            i += 1;
-        }
-        if key.is_empty() {
-            if value == "on" {
-                continue;
-            }
-            return Err("Invalid parameter ''".to_string());
-        }
-        out.push((key, value));
-    }
-    Ok(out)
-}
-
-/// Flattens a `json:{...}` file name into dotted option keys. QEMU's
-/// parser also takes single-quoted strings. `null` becomes "" (only
-/// `backing: null` uses it).
-pub fn parse_json_filename(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut p = JsonP {
-        b: s.as_bytes(),
-        i: 0,
-    };
-    let mut out = Vec::new();
-    p.ws();
-    if p.peek() != Some(b'{') {
-        return Err("Could not parse the JSON options".into());
-    }
-    p.object("", &mut out)
-        .map_err(|_| "Could not parse the JSON options".to_string())?;
-    p.ws();
-    if p.i != p.b.len() {
-        return Err("Could not parse the JSON options".into());
-    }
-    Ok(out)
-}
-
-struct JsonP<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl JsonP<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-    fn expect(&mut self, c: u8) -> Result<(), ()> {
-        self.ws();
-        if self.peek() == Some(c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(())
-        }
-    }
-    fn string(&mut self) -> Result<String, ()> {
-        self.ws();
-        let q = self.peek().ok_or(())?;
-        if q != b'"' && q != b'\'' {
-            return Err(());
-        }
-        self.i += 1;
-        let mut v = Vec::new();
-        while let Some(c) = self.peek() {
-            self.i += 1;
-            if c == q {
-                return String::from_utf8(v).map_err(|_| ());
-            }
-            if c == b'\\' {
-                let e = self.peek().ok_or(())?;
-                self.i += 1;
-                match e {
-                    b'n' => v.push(b'\n'),
-                    b't' => v.push(b'\t'),
-                    b'r' => v.push(b'\r'),
-                    b'b' => v.push(8),
-                    b'f' => v.push(12),
-                    b'u' => {
-                        let h = std::str::from_utf8(self.b.get(self.i..self.i + 4).ok_or(())?)
-                            .map_err(|_| ())?;
-                        let cp = u32::from_str_radix(h, 16).map_err(|_| ())?;
-                        self.i += 4;
-                        let ch = char::from_u32(cp).ok_or(())?;
-                        let mut tmp = [0u8; 4];
-                        v.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
-                    }
-                    other => v.push(other),
-                }
-            } else {
-                v.push(c);
-            }
-        }
-        Err(())
-    }
-    fn object(&mut self, prefix: &str, out: &mut Vec<(String, String)>) -> Result<(), ()> {
-        self.expect(b'{')?;
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            return Ok(());
-        }
-        loop {
-            let k = self.string()?;
-            self.expect(b':')?;
-            let key = format!("{prefix}{k}");
-            self.value(&key, out)?;
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    return Ok(());
-                }
-                _ => return Err(()),
-            }
-        }
-    }
-    fn value(&mut self, key: &str, out: &mut Vec<(String, String)>) -> Result<(), ()> {
-        self.ws();
-        match self.peek().ok_or(())? {
-            b'{' => self.object(&format!("{key}."), out),
-            b'[' => {
-                self.i += 1;
-                let mut n = 0;
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.value(&format!("{key}.{n}"), out)?;
-                    n += 1;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
-                }
-            }
-            b'"' | b'\'' => {
-                let s = self.string()?;
-                out.push((key.to_string(), s));
-                Ok(())
-            }
-            _ => {
-                let st = self.i;
-                while let Some(c) = self.peek() {
-                    if c.is_ascii_alphanumeric() || c == b'-' || c == b'+' || c == b'.' {
-                        self.i += 1;
-                    } else {
-                        break;
-                    }
-                }
-                let tok = std::str::from_utf8(&self.b[st..self.i]).map_err(|_| ())?;
-                let v = match tok {
-                    "true" => "on".to_string(),
-                    "false" => "off".to_string(),
-                    "null" => String::new(),
-                    "" => return Err(()),
-                    t => t.to_string(),
-                };
-                out.push((key.to_string(), v));
-                Ok(())
-            }
-        }
-    }
 }
 
 /// QEMU's boolean option values.
@@ -425,7 +224,7 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
     let mut name = req.name.clone();
     if let Some(n) = name.as_deref() {
         if let Some(j) = n.strip_prefix("json:") {
-            for (k, v) in parse_json_filename(j)? {
+            for (k, v) in crate::blockopts::parse_json_filename(j)? {
                 map.insert(k, v);
             }
             name = None;
@@ -682,7 +481,7 @@ fn open_node(
     let mut oo = OpenOptions {
         writable: !flags.read_only,
         writethrough: flags.writethrough,
-        ..Default::default()
+        ..flags.engine.clone()
     };
     if nested {
         let sub = child_opts(map, "file.");
@@ -973,6 +772,39 @@ impl oxqcow::storage::Storage for ImageStorage {
     }
 }
 
+/// A null-co device as a host file for the qemu-img commands: reads give
+/// zeros (what `read-zeroes=on` promises; without it QEMU leaves the
+/// buffer undefined, so zeros are as good), writes are dropped.
+struct NullStorage(u64);
+
+impl oxqcow::storage::Storage for NullStorage {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.0)
+    }
+    fn set_len(&self, _len: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    fn punch_hole(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn allocate(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn allocated_size(&self) -> std::io::Result<u64> {
+        Ok(0)
+    }
+}
+
 /// An open failure in QEMU's words: the engine prefixes every failure
 /// with "Could not open 'PATH': "; QEMU does that only for the host file,
 /// and says "Could not open backing file: …" for the backing chain.
@@ -1258,6 +1090,28 @@ pub fn strerror(errno: i32) -> String {
 }
 
 impl Dev {
+    /// The device as an image for the qemu-img commands (null-co as a raw
+    /// image that reads zeros).
+    pub fn into_image(self) -> Image {
+        match self.be {
+            Backend::Img(i) => i,
+            Backend::Null { size, .. } => Image::raw_on(
+                std::sync::Arc::new(NullStorage(size)),
+                &self.driver,
+                !self.flags.read_only,
+            ),
+        }
+    }
+
+    /// The host file the device's data lives in: the plain file name it
+    /// was opened by, or the deepest `filename` of its options.
+    pub fn host_file(&self) -> Option<String> {
+        if let Some(n) = self.req.name.as_deref().filter(|n| !n.starts_with("json:")) {
+            return Some(n.to_string());
+        }
+        Some(inner_path(&self.explicit)).filter(|p| !p.is_empty())
+    }
+
     pub fn image(&self) -> Option<&Image> {
         match &self.be {
             Backend::Img(i) => Some(i),

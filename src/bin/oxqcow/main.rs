@@ -1,10 +1,13 @@
 //! The `oxqcow` command: qemu-img compatible syntax over the oxqcow
 //! library. This file owns the command line (clap), dispatch to the
 //! per-command modules, and the error convention: every failure is one
-//! `oxqcow: <what>: <why>` message on stderr and exit status 1.
+//! `PROGRAM: <what>: <why>` message on stderr and exit status 1, where
+//! PROGRAM is argv[0]'s base name (`qemu-img` when a wrapper runs the
+//! tool under that name, as the qemu-iotests do).
 
 mod amend;
 mod bench;
+mod blockopts;
 mod check;
 mod commit;
 mod compare;
@@ -14,6 +17,7 @@ mod dump_header;
 mod img_util;
 mod info;
 mod io;
+mod io_open;
 mod map;
 mod measure;
 mod rebase;
@@ -99,8 +103,8 @@ fn main() {
                         .collect();
                     let msg = msg.join(" ");
                     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
-                    eprintln!("oxqcow: {msg}");
-                    eprintln!("Try 'oxqcow --help' for more information");
+                    util::report(msg);
+                    eprintln!("Try '{} --help' for more information", util::prgname());
                     std::process::exit(1);
                 }
             }
@@ -124,7 +128,9 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
     };
     if let Err(msg) = r {
-        eprintln!("oxqcow: {msg}");
+        if !msg.is_empty() {
+            util::report(&msg);
+        }
         std::process::exit(1);
     }
 }

@@ -5,7 +5,8 @@
 //! QEMU's metadata-preallocation detection (data clusters over host holes
 //! read as zero), and the merging of adjacent entries.
 
-use crate::util::{errmsg, file_extent, open_ro, parse_img_size, virtual_size, CliResult};
+use crate::img_util::open_named;
+use crate::util::{errmsg, file_extent, parse_img_size, virtual_size, CliResult};
 use oxqcow::format::entries::L2Entry;
 use oxqcow::format::header::Header;
 use oxqcow::{BlockStatus, Image, OpenOptions, Qcow2};
@@ -32,7 +33,10 @@ pub struct Args {
     /// Accepted for compatibility (images are always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Image file
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// Image file (or json:{...}, or an option string with --image-opts)
     filename: String,
 }
 
@@ -128,7 +132,13 @@ impl LayerInfo {
 
 pub fn run(a: Args) -> CliResult<()> {
     let _ = a.force_share;
-    let img = open_ro(&a.filename, a.fmt.as_deref(), false)?;
+    let named = open_named(
+        &a.filename,
+        a.image_opts,
+        a.fmt.as_deref(),
+        &OpenOptions::default(),
+    )?;
+    let img = named.img;
     let size = virtual_size(&img);
     let start = match &a.start {
         Some(s) => {
@@ -141,7 +151,7 @@ pub fn run(a: Args) -> CliResult<()> {
         None => u64::MAX,
     };
     let end = start.saturating_add(max_len).min(size);
-    let mut layers = chain(&img, &a.filename);
+    let mut layers = chain(&img, named.file.as_deref().unwrap_or(&a.filename));
     let mut entries: Vec<Entry> = Vec::new();
     let mut pos = start;
     while pos < end {

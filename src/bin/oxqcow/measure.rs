@@ -5,7 +5,7 @@
 //! target clusters the source's data touches. Owns the -o option checks
 //! in qemu-img's order and wording, and the persistent-bitmap estimate.
 
-use crate::img_util::{open_image, parse_size_param, usage_error};
+use crate::img_util::{open_named, parse_size_param, usage_error};
 use crate::util::{file_extent, parse_c_number, parse_img_size, split_opts, virtual_size};
 use crate::util::{CliResult, Json, Obj};
 use oxqcow::format::header::Header;
@@ -36,6 +36,9 @@ pub struct Args {
     /// Source image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Open the source in shared mode (accepted, ignored)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -94,7 +97,9 @@ pub fn run(a: Args) -> CliResult<()> {
     let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
     let opts = split_opts(&a.options);
     let src = match file {
-        Some(f) => Some(open_image(f, a.fmt.as_deref(), &OpenOptions::default())?),
+        Some(f) => {
+            Some(open_named(f, a.image_opts, a.fmt.as_deref(), &OpenOptions::default())?.img)
+        }
         None => None,
     };
     let m = match out_fmt {
@@ -142,7 +147,10 @@ pub fn run(a: Args) -> CliResult<()> {
 }
 
 fn invalid_options(fmt: &str, msg: String) -> String {
-    format!("{msg}\noxqcow: Invalid options for file format '{fmt}'")
+    format!(
+        "{msg}\n{}: Invalid options for file format '{fmt}'",
+        crate::util::prgname()
+    )
 }
 
 fn bool_value(k: &str, v: &str) -> Result<bool, String> {

@@ -5,7 +5,7 @@
 //! old chain's data written into the overlay (whole overlay clusters, so
 //! no partial-cluster copy-on-write); then the backing file is changed.
 
-use crate::img_util::{open_image, read_padded, usage_error, QProgress};
+use crate::img_util::{open_image, open_named, read_padded, usage_error, QProgress};
 use crate::util::{errmsg, resolve_backing, CliResult};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 
@@ -20,6 +20,9 @@ pub struct Args {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Cache mode of the image (accepted, ignored)
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
@@ -66,7 +69,7 @@ pub fn run(a: Args) -> CliResult<()> {
         writable: true,
         ..Default::default()
     };
-    let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let Image::Qcow2(q) = &img else {
         return Err(format!(
             "Could not change the backing file to '{backing}': Operation not supported"
@@ -325,7 +328,7 @@ fn rebase_unsafe(a: &Args, backing: Option<&str>) -> CliResult<()> {
         no_backing: true,
         ..Default::default()
     };
-    let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let name = backing.unwrap_or("");
     let Image::Qcow2(q) = &img else {
         return Err(format!(

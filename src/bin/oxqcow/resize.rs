@@ -3,7 +3,7 @@
 //! --shrink rule with qemu-img's error and warning, raw preallocation of
 //! the new tail, and qemu-img's refusals worded as it words them.
 
-use crate::img_util::{open_image, parse_size_param, usage_error};
+use crate::img_util::{open_named, parse_size_param, usage_error};
 use crate::util::{errmsg, virtual_size, CliResult};
 use oxqcow::{Error, Image, OpenOptions};
 use std::os::unix::io::AsRawFd;
@@ -16,6 +16,9 @@ pub struct Args {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Allow the new size to be smaller than the current one
     #[arg(long = "shrink")]
     shrink: bool,
@@ -53,7 +56,7 @@ pub fn run(a: Args) -> CliResult<()> {
         writable: true,
         ..Default::default()
     };
-    let img = open_image(file, a.fmt.as_deref(), &opts)?;
+    let img = open_named(file, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let cur = virtual_size(&img);
     let new = match rel {
         0 => amount as i128,
@@ -70,8 +73,8 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     let new = new as u64;
     if new < cur && !a.shrink {
-        eprintln!("oxqcow: Use the --shrink option to perform a shrink operation.");
-        eprintln!("oxqcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+        crate::util::report("Use the --shrink option to perform a shrink operation.");
+        crate::util::report("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
         std::process::exit(1);
     }
     match &img {

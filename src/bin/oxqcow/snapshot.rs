@@ -3,7 +3,7 @@
 //! listing, read-write otherwise, never the backing file) and qemu-img's
 //! error wording; the list table is info's.
 
-use crate::img_util::{open_image, usage_error};
+use crate::img_util::{open_named, usage_error};
 use crate::util::{errmsg, CliResult};
 use oxqcow::{Error, Image, OpenOptions};
 
@@ -15,6 +15,9 @@ pub struct Args {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
+    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// List the snapshots (the default)
     #[arg(short = 'l', long = "list")]
     list: bool,
@@ -59,7 +62,7 @@ pub fn run(a: Args) -> CliResult<()> {
         no_backing: true,
         ..Default::default()
     };
-    let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let q = match &img {
         Image::Qcow2(q) => Some(q),
         Image::Raw(_) => None,

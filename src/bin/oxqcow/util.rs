@@ -10,8 +10,31 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// A failed command: the text after `oxqcow: `.
+/// A failed command: the text after `PROGRAM: ` (see `prgname`); empty
+/// when the command has reported the failure itself.
 pub type CliResult<T> = Result<T, String>;
+
+/// The program name that messages start with: argv[0]'s base name, so a
+/// wrapper that runs the tool as `qemu-img` (or `oxqcow io` as `qemu-io`)
+/// prints exactly what the QEMU tool prints.
+pub fn prgname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let a0 = std::env::args_os().next().unwrap_or_default();
+        let a0 = a0.to_string_lossy();
+        let base = a0.rsplit('/').next().unwrap_or_default();
+        if base.is_empty() {
+            "oxqcow".to_string()
+        } else {
+            base.to_string()
+        }
+    })
+}
+
+/// error_report(): `PROGRAM: msg` on stderr.
+pub fn report(msg: &str) {
+    eprintln!("{}: {msg}", prgname());
+}
 
 /// Words a library error without Rust's " (os error N)" suffix.
 pub fn errmsg(e: &oxqcow::Error) -> String {

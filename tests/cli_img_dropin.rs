@@ -1,0 +1,323 @@
+//! `oxqcow` as a drop-in for qemu-img beyond the single commands that
+//! tests/cli_img.rs covers: the program name in messages, images named by
+//! `json:{...}` or `--image-opts` strings, `dd`, convert's backing file
+//! (-B, -o backing_file) and progress line, info --backing-chain, create's
+//! backing-file checks. Each case runs the same command line through
+//! qemu-img and oxqcow on copies of one set of files and compares what
+//! they print and leave behind.
+
+mod common;
+use common::case::*;
+use common::*;
+
+/// Runs `oxqcow` under another name, as the qemu-iotests wrapper does
+/// (`exec -a qemu-img oxqcow`): a symlink named `name` in `dir`.
+fn as_named(dir: &std::path::Path, name: &str, args: &[&str]) -> (i32, String, String) {
+    let link = dir.join(name);
+    if !link.exists() {
+        std::os::unix::fs::symlink(BIN, &link).unwrap();
+    }
+    run_in(dir, &link.display().to_string(), args)
+}
+
+#[test]
+fn messages_carry_the_program_name() {
+    let d = Scratch::new("dropin-prg");
+    let dir = d.path("");
+    let bad = ["info", "nonexist.qcow2"];
+    let (_, _, q) = run_in(&dir, "qemu-img", &bad);
+    let (code, _, o) = as_named(&dir, "qemu-img", &bad);
+    assert_eq!(code, 1);
+    assert_eq!(q, o, "error text under the name qemu-img");
+    assert!(o.starts_with("qemu-img: Could not open"), "{o}");
+    let (_, _, o) = as_named(&dir, "myimg", &bad);
+    assert!(o.starts_with("myimg: Could not open"), "{o}");
+    // Usage errors too.
+    let (code, _, o) = as_named(&dir, "qemu-img", &["info", "--bogus", "x"]);
+    assert_eq!(code, 1);
+    assert!(o.starts_with("qemu-img: "), "{o}");
+    assert!(o.contains("Try 'qemu-img --help'"), "{o}");
+}
+
+#[test]
+fn json_names_and_image_opts_open_like_qemu_img() {
+    let d = Scratch::new("dropin-names");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+    );
+    c.prep(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io_in(&c.setup, "base.qcow2", &["write -P 1 0 2M"]);
+    qemu_io_in(&c.setup, "top.qcow2", &["write -P 2 1M 2M"]);
+    let json = "json:{'driver':'qcow2','file':{'driver':'file','filename':'top.qcow2'}}";
+    let opts = "driver=qcow2,file.driver=file,file.filename=top.qcow2";
+    let blkdebug =
+        "driver=blkdebug,image.driver=qcow2,image.file.driver=file,image.file.filename=top.qcow2,align=4k";
+    for args in [
+        &["info", json][..],
+        &["info", "--output=json", json],
+        &["info", "--backing-chain", "--image-opts", opts],
+        &[
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=top.qcow2",
+        ],
+        &["map", "--image-opts", opts],
+        &["map", "--output=json", json],
+        &["map", "--image-opts", blkdebug],
+        &["check", "--image-opts", opts],
+        &["check", json],
+        &[
+            "compare",
+            "--image-opts",
+            opts,
+            "driver=qcow2,file.filename=top.qcow2",
+        ],
+        &["compare", json, "base.qcow2"],
+        // Failures: a missing file, -f with --image-opts.
+        &[
+            "info",
+            "json:{'driver':'qcow2','file':{'driver':'file','filename':'nonex'}}",
+        ],
+        &["map", "--image-opts", "driver=qcow2,file.filename=nonex"],
+        &["info", "--image-opts", "-f", "qcow2", opts],
+    ] {
+        c.same(args);
+    }
+    // null-co as a source: zeros, converted sparse and not.
+    let null = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }";
+    for sparse in ["512", "0"] {
+        let (code, _) = c.same(&["convert", "-O", "qcow2", "-S", sparse, null, "n.qcow2"]);
+        assert_eq!(code, 0);
+        c.same_map("n.qcow2");
+        c.same_view("n.qcow2");
+    }
+}
+
+#[test]
+fn create_checks_the_backing_file_like_qemu_img() {
+    let d = Scratch::new("dropin-create");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+    );
+    for args in [
+        &["create", "-f", "qcow2", "-b", "missing", "x.qcow2"][..],
+        &[
+            "create", "-f", "qcow2", "-b", "missing", "-F", "qcow2", "x.qcow2", "1M",
+        ],
+        &["create", "-f", "qcow2", "-b", "b.qcow2", "x.qcow2"],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "missing", "x.qcow2", "1M",
+        ],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "missing", "-F", "qcow2", "x.qcow2", "1M",
+        ],
+    ] {
+        c.same(args);
+    }
+}
+
+#[test]
+fn convert_with_a_backing_file_for_the_target() {
+    let d = Scratch::new("dropin-convert-b");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"],
+    );
+    qemu_io_in(
+        &c.setup,
+        "base.qcow2",
+        &["write -P 1 0 4M", "write -P 3 6M 64k"],
+    );
+    c.prep(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    // Sectors over the backing file's data, a whole cluster, zero
+    // clusters over backing data, data past the backing file's data.
+    qemu_io_in(
+        &c.setup,
+        "top.qcow2",
+        &[
+            "write -P 2 512 512",
+            "write -P 2 1M 64k",
+            "write -z 2M 128k",
+            "write -P 4 5M 64k",
+            "write -P 0 7M 64k",
+        ],
+    );
+    for args in [
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ][..],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-o",
+            "backing_fmt=qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_file=base.qcow2,backing_fmt=qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-c",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+    ] {
+        let (code, _) = c.same(args);
+        assert_eq!(code, 0, "{args:?}");
+        c.same_map("t.qcow2");
+        c.same_view("t.qcow2");
+        // Compressed clusters are packed differently in the file.
+        c.same_info_but("t.qcow2", "file length");
+        // Only the top image was copied: the target reads like the source.
+        let (code, out, err) = run_in(&c.o, "qemu-img", &["compare", "top.qcow2", "t.qcow2"]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    // What qemu-img refuses, and a backing file that is not there.
+    for args in [
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ][..],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            "t.raw",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_fmt=qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "missing",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+    ] {
+        assert_eq!(c.same(args).0, 1, "{args:?}");
+    }
+}
+
+#[test]
+fn convert_progress_steps_like_qemu_img() {
+    let d = Scratch::new("dropin-convert-p");
+    let c = Case::new(&d);
+    let mk = |name: &str, size: &str, cmds: &[&str]| {
+        c.prep("qemu-img", &["create", "-q", "-f", "qcow2", name, size]);
+        if !cmds.is_empty() {
+            qemu_io_in(&c.setup, name, cmds);
+        }
+    };
+    // 086's layout, extents of 2 MiB pieces and a remainder, many small
+    // extents (steps below the 1% that makes a line), nothing at all.
+    mk(
+        "a.qcow2",
+        "128M",
+        &["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
+    );
+    mk(
+        "b.qcow2",
+        "128M",
+        &["write 1M 9M", "write 64M 3M", "write -z 80M 1M"],
+    );
+    let small: Vec<String> = (0..150)
+        .map(|i| format!("write {}k 64k", i * 128))
+        .collect();
+    let small: Vec<&str> = small.iter().map(|s| s.as_str()).collect();
+    mk("c.qcow2", "64M", &small);
+    mk("e.qcow2", "1M", &[]);
+    for img in ["a.qcow2", "b.qcow2", "c.qcow2", "e.qcow2"] {
+        for extra in [
+            &["-O", "qcow2"][..],
+            &["-S", "0"],
+            &["-c", "-O", "qcow2"],
+            &[],
+        ] {
+            let mut args = vec!["convert", "-p"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&[img, "out"]);
+            let (code, out) = c.same(&args);
+            assert_eq!(code, 0, "{args:?}");
+            assert!(out.starts_with("    (0.00/100%)\r"), "{out:?}");
+            assert!(out.ends_with("    (100.00/100%)\r\n"), "{out:?}");
+        }
+    }
+    // The first line comes before the source is opened, the newline after
+    // the error.
+    assert_eq!(c.same(&["convert", "-p", "missing", "out"]).0, 1);
+}

@@ -1,0 +1,176 @@
+//! Running the same qemu-img command line through qemu-img and through
+//! `oxqcow` on copies of one set of files, and comparing what they print
+//! and what they leave behind (the `Case` of the tool's integration tests).
+
+use super::{run, Scratch};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The tool under test (test binaries of this package are built with it).
+pub const BIN: &str = env!("CARGO_BIN_EXE_oxqcow");
+
+/// Runs `cmd args` in `dir`: (status, stdout, stderr).
+pub fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a tool in `dir` and insists on success.
+pub fn ok_in(dir: &Path, cmd: &str, args: &[&str]) -> String {
+    let (code, out, err) = run_in(dir, cmd, args);
+    assert_eq!(code, 0, "{cmd} {args:?} in {}: {out}{err}", dir.display());
+    out
+}
+
+/// Removes what legitimately differs between the tools' texts: the
+/// program name and the run time of bench.
+pub fn normalize(s: &str) -> String {
+    let s = s
+        .replace("qemu-img: ", "")
+        .replace("oxqcow: ", "")
+        .replace("'qemu-img ", "'TOOL ")
+        .replace("'oxqcow ", "'TOOL ");
+    s.lines()
+        .map(|l| match l.strip_prefix("Run completed in ") {
+            Some(_) => "Run completed in T seconds.".to_string(),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+/// One prepared set of files, run through both tools.
+pub struct Case {
+    pub setup: PathBuf,
+    pub q: PathBuf,
+    pub o: PathBuf,
+}
+
+impl Case {
+    pub fn new(d: &Scratch) -> Case {
+        let setup = d.path("setup");
+        std::fs::create_dir_all(&setup).unwrap();
+        Case {
+            setup,
+            q: d.path("q"),
+            o: d.path("o"),
+        }
+    }
+
+    /// Runs a command in the setup directory (qemu-img / qemu-io / oxqcow).
+    pub fn prep(&self, cmd: &str, args: &[&str]) {
+        ok_in(&self.setup, cmd, args);
+    }
+
+    /// Fresh copies of the setup, the command run by each tool in its copy;
+    /// asserts equal status and texts and returns (status, stdout).
+    pub fn same(&self, args: &[&str]) -> (i32, String) {
+        for dir in [&self.q, &self.o] {
+            let _ = std::fs::remove_dir_all(dir);
+            copy_dir(&self.setup, dir);
+        }
+        let q = run_in(&self.q, "qemu-img", args);
+        let o = run_in(&self.o, BIN, args);
+        assert_eq!(
+            normalize(&q.1),
+            normalize(&o.1),
+            "stdout differs for {args:?} (stderr: {} / {})",
+            q.2,
+            o.2
+        );
+        assert_eq!(
+            normalize(&q.2),
+            normalize(&o.2),
+            "stderr differs for {args:?}"
+        );
+        assert_eq!(q.0, o.0, "exit status differs for {args:?}");
+        (q.0, q.1)
+    }
+
+    /// Both copies of `file` read the same guest data; ours is clean.
+    pub fn same_view(&self, file: &str) {
+        let (q, o) = (self.q.join(file), self.o.join(file));
+        let (code, out, err) = run(
+            "qemu-img",
+            &[
+                "compare",
+                &q.display().to_string(),
+                &o.display().to_string(),
+            ],
+        );
+        assert_eq!(code, 0, "guest views of {file} differ: {out}{err}");
+        if !file.ends_with(".raw") {
+            let (code, out, err) = run_in(&self.o, "qemu-img", &["check", file]);
+            assert_eq!(code, 0, "qemu-img check {file} after oxqcow: {out}{err}");
+        }
+    }
+
+    /// Both copies of `file` have the same allocation map.
+    pub fn same_map(&self, file: &str) {
+        let q = ok_in(&self.q, "qemu-img", &["map", "--output=json", file]);
+        let o = ok_in(&self.o, "qemu-img", &["map", "--output=json", file]);
+        if q != o {
+            let diff: Vec<String> = q
+                .lines()
+                .zip(o.lines())
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| format!("qemu-img: {a}\noxqcow:   {b}"))
+                .collect();
+            panic!("allocation of {file} differs:\n{}", diff.join("\n"));
+        }
+    }
+
+    /// `qemu-img info` says the same about both copies (disk use aside).
+    pub fn same_info(&self, file: &str) {
+        self.same_info_but(file, "disk size:");
+    }
+
+    /// `qemu-img info` says the same about both copies, apart from disk
+    /// use and lines containing `skip`.
+    pub fn same_info_but(&self, file: &str, skip: &str) {
+        let mask = |t: String| -> String {
+            t.lines()
+                .filter(|l| !l.contains("disk size:") && !l.contains(skip))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let q = mask(ok_in(&self.q, "qemu-img", &["info", file]));
+        let o = mask(ok_in(&self.o, "qemu-img", &["info", file]));
+        assert_eq!(q, o, "qemu-img info {file} differs");
+    }
+}
+
+pub fn qemu_io_in(dir: &Path, file: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(file);
+    let (code, out, err) = run_in(dir, "qemu-io", &args);
+    assert!(
+        code == 0 && !out.contains("failed") && err.is_empty(),
+        "qemu-io {cmds:?}: {out}{err}"
+    );
+}
