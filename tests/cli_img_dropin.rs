@@ -321,3 +321,92 @@ fn convert_progress_steps_like_qemu_img() {
     // the error.
     assert_eq!(c.same(&["convert", "-p", "missing", "out"]).0, 1);
 }
+
+#[test]
+fn dd_copies_like_qemu_img() {
+    let d = Scratch::new("dropin-dd");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "in.qcow2", "1M"],
+    );
+    qemu_io_in(
+        &c.setup,
+        "in.qcow2",
+        &[
+            "write -P 0xa 0 512k",
+            "write -z 512k 64k",
+            "write -P 0xb 700k 100k",
+        ],
+    );
+    std::fs::write(c.setup.join("in.raw"), vec![7u8; 100_000]).unwrap();
+    // 159's and 170's block sizes (5 bytes only for a while: qemu-img is
+    // slow at it), then count and skip (counted from the start of the
+    // input, as qemu-img does), a raw input whose size is not whole
+    // sectors, and --image-opts.
+    let mut cases: Vec<Vec<String>> = [
+        "bs=5 count=2000",
+        "bs=512",
+        "bs=1999",
+        "bs=1K",
+        "bs=64K",
+        "bs=1M",
+    ]
+    .iter()
+    .map(|bs| format!("-O qcow2 {bs} if=in.qcow2 of=out.qcow2"))
+    .chain(
+        [
+            "if=in.qcow2 of=out.raw",
+            "-O qcow2 bs=1000 count=3 skip=2 if=in.qcow2 of=out.qcow2",
+            "bs=64k count=100 if=in.qcow2 of=out.raw",
+            "bs=64k count=4 skip=2 if=in.qcow2 of=out.raw",
+            "bs=1.5k count=2 count=3 if=in.qcow2 of=out.raw",
+            "count=0x10 if=in.qcow2 of=out.raw",
+            "-f raw if=in.raw of=out.qcow2 -O qcow2",
+            "--image-opts if=driver=qcow2,file.filename=in.qcow2 of=out.raw bs=4k",
+            // A skip past the end: a warning and an empty output.
+            "bs=64k skip=100 if=in.qcow2 of=out.raw",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    )
+    .map(|s| s.split(' ').map(String::from).collect())
+    .collect();
+    for case in &mut cases {
+        case.insert(0, "dd".into());
+        let args: Vec<&str> = case.iter().map(|s| s.as_str()).collect();
+        let (code, _) = c.same(&args);
+        assert_eq!(code, 0, "{args:?}");
+        let out = args.iter().find_map(|a| a.strip_prefix("of=")).unwrap();
+        c.same_view(out);
+        c.same_map(out);
+    }
+    // Operand and option errors.
+    for bad in [
+        &["bs=0", "if=in.qcow2", "of=out"][..],
+        &["bs=abc", "if=in.qcow2", "of=out"],
+        &["bs=3G", "if=in.qcow2", "of=out"],
+        &["count=-1", "if=in.qcow2", "of=out"],
+        &["count=1k", "if=in.qcow2", "of=out"],
+        &["skip=x", "if=in.qcow2", "of=out"],
+        &["foo=1", "if=in.qcow2", "of=out"],
+        &["bogus", "if=in.qcow2", "of=out"],
+        &["if=in.qcow2"],
+        &[],
+        &["if=missing", "of=out"],
+        &["if=", "of=out"],
+        &["-O", "foo", "if=in.qcow2", "of=out"],
+        &["if=in.qcow2", "of=nodir/out"],
+        &[
+            "--image-opts",
+            "-f",
+            "qcow2",
+            "if=driver=qcow2,file.filename=in.qcow2",
+            "of=out",
+        ],
+    ] {
+        let mut args = vec!["dd"];
+        args.extend_from_slice(bad);
+        assert_eq!(c.same(&args).0, 1, "{args:?}");
+    }
+}

@@ -137,11 +137,12 @@ pub fn run(a: Args) -> CliResult<()> {
     r
 }
 
-/// What the target is created with.
-struct Target {
-    options: Vec<(String, String)>,
-    backing: Option<String>,
-    backing_fmt: Option<String>,
+/// What a new target is created with (dd's: nothing but its size).
+#[derive(Default)]
+pub struct Target {
+    pub options: Vec<(String, String)>,
+    pub backing: Option<String>,
+    pub backing_fmt: Option<String>,
 }
 
 impl Target {
@@ -218,7 +219,7 @@ fn convert(
 }
 
 /// Creates the destination, empty, with the source's size.
-fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult<()> {
+pub fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult<()> {
     if fmt == "raw" {
         let mut prealloc = "off".to_string();
         for (k, v) in t.options.iter().cloned() {

@@ -74,6 +74,9 @@ pub fn parse_cache_mode(s: &str) -> Option<CacheMode> {
 /// for a missing file, `Could not open 'F': Could not open backing file:
 /// ...` for a broken backing chain.
 pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResult<Image> {
+    if path.is_empty() {
+        return Err("Could not open '': The 'file' block driver requires a file name".into());
+    }
     if let Err(e) = std::fs::File::open(path) {
         return Err(format!(
             "Could not open '{path}': Could not open '{path}': {}",

@@ -13,6 +13,7 @@ mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod dump_header;
 mod img_util;
 mod info;
@@ -43,6 +44,8 @@ struct Cli {
 enum Cmd {
     /// Create a new image
     Create(create::Args),
+    /// Copy input to output block by block (qemu-img dd: if=, of=, bs=, count=, skip=)
+    Dd(dd::Args),
     /// Show information about an image
     Info(info::Args),
     /// Show the allocation map of an image
@@ -112,6 +115,7 @@ fn main() {
     };
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
+        Cmd::Dd(a) => dd::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Io(a) => io::run(a),
