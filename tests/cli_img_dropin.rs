@@ -410,3 +410,84 @@ fn dd_copies_like_qemu_img() {
         assert_eq!(c.same(&args).0, 1, "{args:?}");
     }
 }
+
+#[test]
+fn extent_size_hints_and_compressed_rebase_refusals() {
+    let d = Scratch::new("dropin-hint");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"],
+    );
+    c.prep("qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    for args in [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=off,extent_size_hint=0",
+            "x.qcow2",
+            "64M",
+        ][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata,extent_size_hint=1M",
+            "x.qcow2",
+            "64M",
+        ],
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "extent_size_hint=64k",
+            "x.raw",
+            "1M",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "extent_size_hint=1M",
+            "t.qcow2",
+            "x.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-o",
+            "extent_size_hint=1M",
+            "t.qcow2",
+            "x.raw",
+        ],
+    ] {
+        assert_eq!(c.same(args).0, 0, "{args:?}");
+        let out = args[args.len() - 2..].iter().find(|a| a.starts_with("x."));
+        if let Some(&out) = out.filter(|o| o.ends_with(".qcow2")) {
+            c.same_map(out);
+        }
+    }
+    // Values qemu-img refuses: not a size, negative, more than 32 bits.
+    for v in ["abc", "-1", "5G"] {
+        let o = format!("extent_size_hint={v}");
+        for fmt in ["qcow2", "raw"] {
+            let (code, _) = c.same(&["create", "-f", fmt, "-o", &o, "y", "1M"]);
+            assert_eq!(code, 1, "{fmt} {o}");
+        }
+    }
+    // rebase -c of an image without compression (raw) is refused first.
+    for args in [
+        &["rebase", "-c", "-f", "raw", "-b", "", "r.raw"][..],
+        &["rebase", "-c", "-u", "-f", "raw", "-b", "", "r.raw"],
+        &["rebase", "-f", "raw", "-b", "", "r.raw"],
+    ] {
+        assert_eq!(c.same(args).0, 1, "{args:?}");
+    }
+    assert_eq!(c.same(&["rebase", "-c", "-u", "-b", "", "t.qcow2"]).0, 0);
+}

@@ -52,6 +52,11 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     /// 0 zlib, 1 zstd.
     pub compression_type: u8,
+    /// The new file's extent size hint (see
+    /// [`crate::storage::set_extent_size_hint`]): None gives QEMU's
+    /// default of 1 MiB where the file system takes it; a hint given
+    /// explicitly must be set, and fit in 32 bits.
+    pub extent_size_hint: Option<u64>,
 }
 
 impl Default for CreateOptions {
@@ -66,6 +71,7 @@ impl Default for CreateOptions {
             backing_fmt: None,
             preallocation: Preallocation::Off,
             compression_type: 0,
+            extent_size_hint: None,
         }
     }
 }
@@ -108,6 +114,7 @@ impl CreateOptions {
             "backing_file" => self.backing_file = Some(value.to_string()),
             "backing_fmt" => self.backing_fmt = Some(value.to_string()),
             "preallocation" => self.preallocation = Preallocation::parse(value)?,
+            "extent_size_hint" => self.extent_size_hint = Some(parse_size(value)?),
             "compression_type" => {
                 self.compression_type = match value {
                     "zlib" => 0,
@@ -276,10 +283,27 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             )));
         }
     }
+    let hint = extent_size_hint(o.extent_size_hint)?;
     let f = FileStorage::create(path)
         .map_err(|e| Error::io(format!("Could not create '{name}'"), e))?;
+    apply_extent_size_hint(f.file(), hint, o.extent_size_hint.is_some())?;
     let file: Arc<dyn Storage> = Arc::new(f);
     create_on(file, path, o)
+}
+
+/// The extent size hint to give a new file (QEMU's default: 1 MiB).
+pub fn extent_size_hint(given: Option<u64>) -> Result<u32> {
+    u32::try_from(given.unwrap_or(1 << 20))
+        .map_err(|_| Error::InvalidArgument("Extent size hint is too large".into()))
+}
+
+/// Sets a new file's extent size hint. Only a hint that was asked for
+/// explicitly must succeed; the default one is best effort, as in QEMU.
+pub fn apply_extent_size_hint(file: &std::fs::File, hint: u32, explicit: bool) -> Result<()> {
+    match crate::storage::set_extent_size_hint(file, hint) {
+        Err(e) if explicit => Err(Error::io("Failed to set extent size hint".to_string(), e)),
+        _ => Ok(()),
+    }
 }
 
 /// Lays the image out on any storage (the file must be empty).

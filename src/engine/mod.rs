@@ -25,7 +25,10 @@ pub use amend::AmendOptions;
 pub use backing::{probe, Layer, RawLayer};
 pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};
-pub use create::{create, create_on, max_size, parse_size, CreateOptions, Preallocation};
+pub use create::{
+    apply_extent_size_hint, create, create_on, extent_size_hint, max_size, parse_size,
+    CreateOptions, Preallocation,
+};
 
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;

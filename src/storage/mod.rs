@@ -10,7 +10,7 @@ mod file;
 mod mem;
 
 pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
-pub use file::FileStorage;
+pub use file::{set_extent_size_hint, FileStorage};
 pub use mem::MemStorage;
 
 use std::io;

@@ -222,6 +222,7 @@ fn convert(
 pub fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult<()> {
     if fmt == "raw" {
         let mut prealloc = "off".to_string();
+        let mut hint = None;
         for (k, v) in t.options.iter().cloned() {
             match k.as_str() {
                 "preallocation" if ["off", "falloc", "full"].contains(&v.as_str()) => prealloc = v,
@@ -231,10 +232,11 @@ pub fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult
                     ))
                 }
                 "size" => {}
+                "extent_size_hint" => hint = Some(crate::img_util::parse_size_param(&k, &v)?),
                 _ => return Err(format!("Invalid parameter '{k}'")),
             }
         }
-        return create_raw(path, size, &prealloc);
+        return create_raw(path, size, &prealloc, hint);
     }
     let mut co = CreateOptions::default();
     for (k, v) in &t.options {
@@ -243,9 +245,6 @@ pub fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult
             "version" => return Err("Invalid parameter 'version'".into()),
             _ => co.set(k, v).map_err(|e| errmsg(&e))?,
         }
-    }
-    if t.backing.is_none() && t.backing_fmt.is_some() {
-        return Err("Backing format cannot be used without backing file".into());
     }
     co.size = size;
     co.backing_file = t.backing.clone();

@@ -3,10 +3,11 @@
 //! taking the size from the backing file when none is given, and the
 //! `Formatting '…', fmt=… …` line in qemu-img 10's field order.
 
+use crate::img_util::parse_size_param;
 use crate::util::virtual_size;
 use crate::util::{errmsg, ioerr, open_ro, parse_c_number, parse_img_size, resolve_backing};
 use crate::util::{split_opts, CliResult};
-use oxqcow::engine::{create, CreateOptions};
+use oxqcow::engine::{apply_extent_size_hint, create, extent_size_hint, CreateOptions};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -73,6 +74,10 @@ fn create_qcow2(a: &Args, size: Option<u64>) -> CliResult<()> {
             "refcount_bits" => {
                 let n = parse_c_number(v)
                     .ok_or_else(|| "Parameter 'refcount_bits' expects a number".to_string())?;
+                co.set(k, &n.to_string()).map_err(|e| errmsg(&e))?;
+            }
+            "cluster_size" | "extent_size_hint" => {
+                let n = parse_size_param(k, v)?;
                 co.set(k, &n.to_string()).map_err(|e| errmsg(&e))?;
             }
             // qemu-img knows only "compat".
@@ -175,6 +180,9 @@ fn formatting_line_qcow2(file: &str, co: &CreateOptions, given: &Given) -> Strin
         given.get("lazy_refcounts").unwrap_or("off"),
     );
     push("refcount_bits", &co.refcount_bits.to_string());
+    if let Some(h) = co.extent_size_hint {
+        push("extent_size_hint", &h.to_string());
+    }
     s
 }
 
@@ -200,12 +208,7 @@ fn create_raw_cmd(a: &Args, size: Option<u64>) -> CliResult<()> {
                 }
                 prealloc = Some(v)
             }
-            "extent_size_hint" => {
-                hint = Some(parse_img_size(&v).map_err(|_| {
-                    "Parameter 'extent_size_hint' expects a non-negative number below 2^64"
-                        .to_string()
-                })?)
-            }
+            "extent_size_hint" => hint = Some(parse_size_param(&k, &v)?),
             "backing_file" => return Err("Backing file not supported for file format 'raw'".into()),
             _ => return Err(format!("Invalid parameter '{k}'")),
         }
@@ -229,16 +232,19 @@ fn create_raw_cmd(a: &Args, size: Option<u64>) -> CliResult<()> {
         Path::new(&a.filename),
         size,
         prealloc.as_deref().unwrap_or("off"),
+        hint,
     )
 }
 
 /// Creates (or truncates) a raw image of `size` bytes, rounded up to whole
-/// sectors. Like QEMU, the first block is written so that the file has
-/// one allocated block to probe alignment with; the rest stays sparse
-/// unless `prealloc` is falloc or full.
-pub fn create_raw(path: &Path, size: u64, prealloc: &str) -> CliResult<()> {
+/// sectors, with an extent size hint (`hint`, or 1 MiB where the file
+/// system takes one). Like QEMU, the first block is written so that the
+/// file has one allocated block to probe alignment with; the rest stays
+/// sparse unless `prealloc` is falloc or full.
+pub fn create_raw(path: &Path, size: u64, prealloc: &str, hint: Option<u64>) -> CliResult<()> {
     let name = path.display();
     let size = size.div_ceil(512) * 512;
+    let hint_bytes = extent_size_hint(hint).map_err(|e| errmsg(&e))?;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -246,6 +252,7 @@ pub fn create_raw(path: &Path, size: u64, prealloc: &str) -> CliResult<()> {
         .truncate(true)
         .open(path)
         .map_err(|e| format!("Could not create '{name}': {}", ioerr(&e)))?;
+    apply_extent_size_hint(&f, hint_bytes, hint.is_some()).map_err(|e| errmsg(&e))?;
     let werr = |e: std::io::Error| format!("Could not write to '{name}': {}", ioerr(&e));
     f.set_len(size).map_err(werr)?;
     match prealloc {

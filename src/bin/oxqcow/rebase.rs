@@ -71,9 +71,7 @@ pub fn run(a: Args) -> CliResult<()> {
     };
     let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let Image::Qcow2(q) = &img else {
-        return Err(format!(
-            "Could not change the backing file to '{backing}': Operation not supported"
-        ));
+        return Err(not_qcow2(&a, &backing));
     };
     let new = if backing.is_empty() {
         None
@@ -322,6 +320,15 @@ fn copy_differences(
     Ok(())
 }
 
+/// Why a raw image cannot be rebased: -c is refused first (raw has no
+/// compression), then the backing file change itself.
+fn not_qcow2(a: &Args, backing: &str) -> String {
+    if a.compress {
+        return "Compression not supported for this file format".into();
+    }
+    format!("Could not change the backing file to '{backing}': Operation not supported")
+}
+
 fn rebase_unsafe(a: &Args, backing: Option<&str>) -> CliResult<()> {
     let opts = OpenOptions {
         writable: true,
@@ -331,9 +338,7 @@ fn rebase_unsafe(a: &Args, backing: Option<&str>) -> CliResult<()> {
     let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let name = backing.unwrap_or("");
     let Image::Qcow2(q) = &img else {
-        return Err(format!(
-            "Could not change the backing file to '{name}': Operation not supported"
-        ));
+        return Err(not_qcow2(a, name));
     };
     let file = backing.filter(|b| !b.is_empty());
     if file.is_some() && a.backing_fmt.is_none() {
