@@ -88,6 +88,10 @@ fn json_names_and_image_opts_open_like_qemu_img() {
             "driver=qcow2,file.filename=top.qcow2",
         ],
         &["compare", json, "base.qcow2"],
+        // A protocol prefix: blkdebug without a config passes through.
+        &["map", "blkdebug::top.qcow2"],
+        &["check", "blkdebug::top.qcow2"],
+        &["compare", "blkdebug::top.qcow2", "top.qcow2"],
         // Failures: a missing file, -f with --image-opts.
         &[
             "info",
@@ -128,10 +132,40 @@ fn create_checks_the_backing_file_like_qemu_img() {
         &[
             "create", "-f", "qcow2", "-u", "-b", "missing", "-F", "qcow2", "x.qcow2", "1M",
         ],
+        // Commas in values are doubled in the "Formatting" line.
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a,b", "-F", "qcow2", "x.qcow2", "1M",
+        ],
+        // A json: backing file is opened by the block layer, not as a path.
+        &[
+            "create", "-f", "qcow2", "-b", JSON_B, "-F", "qcow2", "x.qcow2",
+        ],
+        &["create", "-f", "qcow2", "-b", JSON_B, "x.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            JSON_MISSING,
+            "-F",
+            "qcow2",
+            "x.qcow2",
+        ],
     ] {
         c.same(args);
     }
+    c.prep(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", JSON_B, "-F", "qcow2", "j.qcow2",
+        ],
+    );
+    c.same(&["info", "j.qcow2"]);
+    c.same(&["info", "--backing-chain", "--output=json", "j.qcow2"]);
 }
+
+const JSON_B: &str = "json:{'driver':'qcow2','file':{'driver':'file','filename':'b.qcow2'}}";
+const JSON_MISSING: &str = "json:{'driver':'qcow2','file':{'driver':'file','filename':'nonex'}}";
 
 #[test]
 fn convert_with_a_backing_file_for_the_target() {

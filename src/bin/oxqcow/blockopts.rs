@@ -4,6 +4,28 @@
 //! Shared by `oxqcow io` and the qemu-img commands, which then open the
 //! graph the options describe with `io_open::open`.
 
+/// Whether a name carries a protocol prefix ("nbd:…", "blkdebug::…").
+pub fn protocol_of(name: &str) -> Option<&str> {
+    let colon = name.find(':')?;
+    let slash = name.find('/').unwrap_or(usize::MAX);
+    if colon < slash && colon > 0 {
+        let p = &name[..colon];
+        if p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Whether a file name is really a block-layer specification (a
+/// `json:{...}` name, or a protocol prefix such as "blkdebug::FILE" or
+/// "nbd:..."), which `io_open::open` resolves, rather than a host file.
+pub fn is_spec_name(name: &str) -> bool {
+    name.starts_with("json:") || protocol_of(name).is_some()
+}
+
 /// Splits a QemuOpts string: `k=v,k2=v2`, ",," for a literal comma, a
 /// bare key meaning "on". Returns the pairs in order.
 pub fn parse_qemu_opts(s: &str) -> Result<Vec<(String, String)>, String> {

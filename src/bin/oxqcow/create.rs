@@ -3,7 +3,8 @@
 //! taking the size from the backing file when none is given, and the
 //! `Formatting '…', fmt=… …` line in qemu-img 10's field order.
 
-use crate::img_util::parse_size_param;
+use crate::blockopts::is_spec_name;
+use crate::img_util::{open_named, parse_size_param};
 use crate::util::virtual_size;
 use crate::util::{errmsg, ioerr, open_ro, parse_c_number, parse_img_size, resolve_backing};
 use crate::util::{split_opts, CliResult};
@@ -129,9 +130,24 @@ fn check_backing(
             None => Err(without_fmt.into()),
         };
     }
-    let path = resolve_backing(&a.filename, backing);
-    let img = open_ro(&path.display().to_string(), fmt, true)
-        .map_err(|e| format!("{e}\nCould not open backing image."))?;
+    let path = resolve_backing(&a.filename, backing).display().to_string();
+    let img = if is_spec_name(&path) {
+        let opts = oxqcow::OpenOptions {
+            no_backing: true,
+            ..Default::default()
+        };
+        // The block layer's own error, without the name of the spec.
+        open_named(&path, false, fmt, &opts)
+            .map(|n| n.img)
+            .map_err(|e| {
+                e.strip_prefix(&format!("Could not open '{path}': "))
+                    .map(str::to_string)
+                    .unwrap_or(e)
+            })
+    } else {
+        open_ro(&path, fmt, true)
+    }
+    .map_err(|e| format!("{e}\nCould not open backing image."))?;
     if fmt.is_none() {
         return Err(format!(
             "{without_fmt}\nDetected format of {}.",
@@ -145,7 +161,8 @@ fn check_backing(
 /// it always shows, given values verbatim for the ones shown when set.
 fn formatting_line_qcow2(file: &str, co: &CreateOptions, given: &Given) -> String {
     let mut s = format!("Formatting '{file}', fmt=qcow2");
-    let mut push = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
+    // Values print as QemuOpts spell them: a comma doubled.
+    let mut push = |k: &str, v: &str| s.push_str(&format!(" {k}={}", v.replace(',', ",,")));
     for k in ["encryption", "encrypt.format"] {
         if let Some(v) = given.get(k) {
             push(k, v);

@@ -5,7 +5,7 @@
 //! texts, opening what the command line names (file names, `json:`
 //! names, `--image-opts` strings), and the `-p` progress line.
 
-use crate::blockopts::parse_qemu_opts;
+use crate::blockopts::{is_spec_name, parse_qemu_opts};
 use crate::io_open::{self, Flags, OpenReq};
 use crate::util::{errmsg, ioerr, parse_c_number, prgname, report, CliResult};
 use oxqcow::{Image, OpenOptions};
@@ -112,11 +112,15 @@ pub struct Named {
     pub img: Image,
     /// The host file holding it, when there is one (not for null-co).
     pub file: Option<String>,
+    /// What reports call it, as QEMU names the node: the name given
+    /// ("blkdebug::F" included), or for options the host file.
+    pub name: String,
 }
 
-/// Opens what a command line names: a file name, a `json:{...}` name,
-/// or with --image-opts a QemuOpts string (`driver=qcow2,file.filename=F`).
-/// The last two go through the block-option parser `oxqcow io` uses.
+/// Opens what a command line names: a file name, a `json:{...}` name or
+/// one with a protocol prefix, or with --image-opts a QemuOpts string
+/// (`driver=qcow2,file.filename=F`). All but plain file names go through
+/// the block-option parser and graph opener that `oxqcow io` uses.
 pub fn open_named(
     spec: &str,
     image_opts: bool,
@@ -126,10 +130,11 @@ pub fn open_named(
     if image_opts && fmt.is_some() {
         return Err("--image-opts and --format are mutually exclusive".into());
     }
-    if !image_opts && !spec.starts_with("json:") {
+    if !image_opts && !is_spec_name(spec) {
         return Ok(Named {
             img: open_image(spec, fmt, opts)?,
             file: Some(spec.to_string()),
+            name: spec.to_string(),
         });
     }
     let could_not = |e: String| format!("Could not open '{spec}': {e}");
@@ -152,9 +157,14 @@ pub fn open_named(
     }
     let dev = io_open::open(req).map_err(could_not)?;
     let file = dev.host_file();
+    let name = match &file {
+        Some(f) if image_opts || spec.starts_with("json:") => f.clone(),
+        _ => spec.to_string(),
+    };
     Ok(Named {
         img: dev.into_image(),
         file,
+        name,
     })
 }
 

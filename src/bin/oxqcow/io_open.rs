@@ -198,21 +198,6 @@ const BOOL_OPTS: &[&str] = &[
     "read-zeroes",
 ];
 
-/// Whether a name carries a protocol prefix ("nbd:…", "blkdebug::…").
-fn protocol_of(name: &str) -> Option<&str> {
-    let colon = name.find(':')?;
-    let slash = name.find('/').unwrap_or(usize::MAX);
-    if colon < slash && colon > 0 {
-        let p = &name[..colon];
-        if p.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Some(p);
-        }
-    }
-    None
-}
-
 fn unsupported_driver(d: &str) -> String {
     format!("oxqcow does not implement the '{d}' block driver")
 }
@@ -259,7 +244,7 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
     }
     let (map, name, zero_limits) = strip_blkdebug(map, name)?;
     if let Some(n) = name.as_deref() {
-        if let Some(p) = protocol_of(n) {
+        if let Some(p) = crate::blockopts::protocol_of(n) {
             return Err(unsupported_driver(p));
         }
     }
@@ -514,7 +499,7 @@ fn open_node(
 /// The host file of a node: the file name, or file.filename.
 fn node_path(map: &BTreeMap<String, String>, name: Option<&str>) -> Result<String, String> {
     if let Some(n) = name {
-        if let Some(p) = protocol_of(n) {
+        if let Some(p) = crate::blockopts::protocol_of(n) {
             return Err(unsupported_driver(p));
         }
         return Ok(n.to_string());
@@ -1106,7 +1091,8 @@ impl Dev {
     /// The host file the device's data lives in: the plain file name it
     /// was opened by, or the deepest `filename` of its options.
     pub fn host_file(&self) -> Option<String> {
-        if let Some(n) = self.req.name.as_deref().filter(|n| !n.starts_with("json:")) {
+        let plain = |n: &&str| !crate::blockopts::is_spec_name(n);
+        if let Some(n) = self.req.name.as_deref().filter(plain) {
             return Some(n.to_string());
         }
         Some(inner_path(&self.explicit)).filter(|p| !p.is_empty())

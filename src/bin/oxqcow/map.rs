@@ -85,7 +85,10 @@ impl Entry {
 /// One image of the chain, with what the map needs to know beyond block
 /// status, looked up on first use.
 struct LayerInfo {
+    /// What the map's File column calls it.
     name: String,
+    /// Its host file.
+    path: String,
     format: &'static str,
     size: u64,
     /// The image opened on its own (qcow2 only), for L2 entries and header.
@@ -103,7 +106,7 @@ impl LayerInfo {
                 no_backing: true,
                 ..Default::default()
             };
-            let q = Qcow2::open(Path::new(&self.name), &opts).map_err(|e| errmsg(&e))?;
+            let q = Qcow2::open(Path::new(&self.path), &opts).map_err(|e| errmsg(&e))?;
             self.qcow = Some(q);
         }
         Ok(self.qcow.as_ref().expect("opened above"))
@@ -111,8 +114,8 @@ impl LayerInfo {
 
     fn file(&mut self) -> CliResult<&File> {
         if self.file.is_none() {
-            let f = File::open(&self.name).map_err(|e| {
-                format!("Could not open '{}': {}", self.name, crate::util::ioerr(&e))
+            let f = File::open(&self.path).map_err(|e| {
+                format!("Could not open '{}': {}", self.path, crate::util::ioerr(&e))
             })?;
             self.file = Some(f);
         }
@@ -151,7 +154,7 @@ pub fn run(a: Args) -> CliResult<()> {
         None => u64::MAX,
     };
     let end = start.saturating_add(max_len).min(size);
-    let mut layers = chain(&img, named.file.as_deref().unwrap_or(&a.filename));
+    let mut layers = chain(&img, &named.name, named.file.as_deref());
     let mut entries: Vec<Entry> = Vec::new();
     let mut pos = start;
     while pos < end {
@@ -214,10 +217,12 @@ fn c_hex(v: u64) -> String {
     }
 }
 
-/// The images of the chain, top first.
-fn chain(img: &Image, top_name: &str) -> Vec<LayerInfo> {
+/// The images of the chain, top first; the top one is called `top_name`
+/// and lives in `top_file`.
+fn chain(img: &Image, top_name: &str, top_file: Option<&str>) -> Vec<LayerInfo> {
     let mut v = vec![LayerInfo {
         name: top_name.to_string(),
+        path: top_file.unwrap_or(top_name).to_string(),
         format: img.format(),
         size: img.size(),
         qcow: None,
@@ -228,6 +233,7 @@ fn chain(img: &Image, top_name: &str) -> Vec<LayerInfo> {
     while let Some(layer) = l {
         v.push(LayerInfo {
             name: layer.filename().to_string(),
+            path: layer.filename().to_string(),
             format: layer.format(),
             size: layer.size(),
             qcow: None,

@@ -72,10 +72,11 @@ pub fn virtual_size(img: &Image) -> u64 {
 }
 
 /// Resolves a backing file name as QEMU does: relative names are taken
-/// relative to the directory of the overlay.
+/// relative to the directory of the overlay; `json:` names and names with
+/// a protocol prefix stand as they are.
 pub fn resolve_backing(overlay: &str, backing: &str) -> PathBuf {
     let p = Path::new(backing);
-    if p.is_absolute() {
+    if p.is_absolute() || crate::blockopts::is_spec_name(backing) {
         return p.to_path_buf();
     }
     match Path::new(overlay).parent() {
