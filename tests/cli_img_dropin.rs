@@ -525,3 +525,50 @@ fn extent_size_hints_and_compressed_rebase_refusals() {
     }
     assert_eq!(c.same(&["rebase", "-c", "-u", "-b", "", "t.qcow2"]).0, 0);
 }
+
+#[test]
+fn shrinking_gives_the_file_tail_back_like_qemu_img() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Scratch::new("dropin-shrink");
+    let c = Case::new(&d);
+    // 250's layout, smaller: the first 10 MiB of guest data live at the
+    // end of the file, the last 10 MiB near its start.
+    c.prep(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1M,preallocation=metadata",
+            "a.qcow2",
+            "300M",
+        ],
+    );
+    qemu_io_in(
+        &c.setup,
+        "a.qcow2",
+        &[
+            "discard 0 10M",
+            "discard 290M 10M",
+            "write 290M 10M",
+            "write 0 10M",
+        ],
+    );
+    let (code, _) = c.same(&["resize", "--shrink", "a.qcow2", "5M"]);
+    assert_eq!(code, 0);
+    c.same_map("a.qcow2");
+    c.same_view("a.qcow2");
+    let meta = |dir: &std::path::Path| std::fs::metadata(dir.join("a.qcow2")).unwrap();
+    let (q, o) = (meta(&c.q), meta(&c.o));
+    assert_eq!(q.len(), o.len(), "file length after the shrink");
+    // The tail's clusters are given back to the file system in one piece
+    // (fragmentation of the host file may still differ by a block).
+    assert!(
+        o.blocks() <= q.blocks() + 8,
+        "{} vs {}",
+        o.blocks(),
+        q.blocks()
+    );
+}

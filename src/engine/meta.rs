@@ -502,11 +502,20 @@ impl Meta {
             self.sync()?; // rule 4
             let pending = std::mem::take(&mut self.pending_unref);
             self.frees_pending = false;
+            // Adjacent ranges are punched in one request, as QEMU merges
+            // its queued discards: fewer, larger holes in the host file.
+            let mut punches: Vec<(u64, u64)> = Vec::new();
             for &(off, len, punch) in &pending {
                 self.update_refcount(off, len, -1)?;
                 if punch {
-                    self.punch_if_free(off, len)?;
+                    match punches.last_mut() {
+                        Some(last) if last.0 + last.1 == off => last.1 += len,
+                        _ => punches.push((off, len)),
+                    }
                 }
+            }
+            for (off, len) in punches {
+                self.punch_if_free(off, len)?;
             }
         }
         if !self.lazy {
@@ -535,11 +544,19 @@ impl Meta {
     pub(super) fn punch_if_free(&mut self, off: u64, len: u64) -> Result<()> {
         let first = off / self.cs;
         let last = (off + len - 1) / self.cs;
-        for c in first..=last {
-            if self.refcount(c)? == 0 {
-                self.file
-                    .punch_hole(c * self.cs, self.cs)
-                    .map_err(|e| self.io("discard", e))?;
+        // Runs of free clusters, each punched in one request.
+        let mut run: Option<u64> = None;
+        for c in first..=last + 1 {
+            let free = c <= last && self.refcount(c)? == 0;
+            match (free, run) {
+                (true, None) => run = Some(c),
+                (false, Some(s)) => {
+                    self.file
+                        .punch_hole(s * self.cs, (c - s) * self.cs)
+                        .map_err(|e| self.io("discard", e))?;
+                    run = None;
+                }
+                _ => {}
             }
         }
         Ok(())

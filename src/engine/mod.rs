@@ -343,6 +343,9 @@ impl Qcow2 {
         m.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        if new_size < old {
+            m.truncate_to_used()?;
+        }
         Ok(())
     }
 

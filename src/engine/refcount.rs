@@ -327,6 +327,27 @@ impl Meta {
         self.sync()
     }
 
+    /// Gives the file back past its last used cluster, as QEMU does after
+    /// shrinking an image. The frees that emptied the tail are made durable
+    /// first, so no durable metadata ever points past the new end.
+    pub fn truncate_to_used(&mut self) -> Result<()> {
+        self.flush()?;
+        let used_end = (self.last_used_cluster()? + 1) * self.cs;
+        if used_end >= self.file_len()? {
+            return Ok(());
+        }
+        self.file
+            .set_len(used_end)
+            .map_err(|e| self.io("truncate file", e))?;
+        self.written_end = self.written_end.min(used_end);
+        if self.free_byte_offset >= used_end {
+            self.free_byte_offset = 0;
+        }
+        // Shorter than any length reserve_zero_tail started from.
+        self.extended_from = None;
+        self.sync()
+    }
+
     /// Gives back the zero tail [`Meta::reserve_zero_tail`] added: the file
     /// ends at its last used cluster again (never shorter than it was).
     pub fn trim_zero_tail(&mut self) -> Result<()> {
