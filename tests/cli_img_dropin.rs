@@ -43,24 +43,8 @@ fn messages_carry_the_program_name() {
 fn json_names_and_image_opts_open_like_qemu_img() {
     let d = Scratch::new("dropin-names");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-    );
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    c.qcow2("base.qcow2", "64M", &[]);
+    c.qcow2("top.qcow2", "", &["-b", "base.qcow2", "-F", "qcow2"]);
     qemu_io_in(&c.setup, "base.qcow2", &["write -P 1 0 2M"]);
     qemu_io_in(&c.setup, "top.qcow2", &["write -P 2 1M 2M"]);
     let json = "json:{'driver':'qcow2','file':{'driver':'file','filename':'top.qcow2'}}";
@@ -116,10 +100,7 @@ fn json_names_and_image_opts_open_like_qemu_img() {
 fn create_checks_the_backing_file_like_qemu_img() {
     let d = Scratch::new("dropin-create");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
-    );
+    c.qcow2("b.qcow2", "1M", &[]);
     for args in [
         &["create", "-f", "qcow2", "-b", "missing", "x.qcow2"][..],
         &[
@@ -154,12 +135,7 @@ fn create_checks_the_backing_file_like_qemu_img() {
     ] {
         c.same(args);
     }
-    c.prep(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", JSON_B, "-F", "qcow2", "j.qcow2",
-        ],
-    );
+    c.qcow2("j.qcow2", "", &["-b", JSON_B, "-F", "qcow2"]);
     c.same(&["info", "j.qcow2"]);
     c.same(&["info", "--backing-chain", "--output=json", "j.qcow2"]);
 }
@@ -171,29 +147,13 @@ const JSON_MISSING: &str = "json:{'driver':'qcow2','file':{'driver':'file','file
 fn convert_with_a_backing_file_for_the_target() {
     let d = Scratch::new("dropin-convert-b");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"],
-    );
+    c.qcow2("base.qcow2", "8M", &[]);
     qemu_io_in(
         &c.setup,
         "base.qcow2",
         &["write -P 1 0 4M", "write -P 3 6M 64k"],
     );
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    c.qcow2("top.qcow2", "", &["-b", "base.qcow2", "-F", "qcow2"]);
     // Sectors over the backing file's data, a whole cluster, zero
     // clusters over backing data, data past the backing file's data.
     qemu_io_in(
@@ -263,48 +223,31 @@ fn convert_with_a_backing_file_for_the_target() {
         assert_eq!(code, 0, "{out}{err}");
     }
     // What qemu-img refuses, and a backing file that is not there.
-    for args in [
+    c.all_fail(
+        "convert",
         &[
-            "convert",
-            "-O",
-            "qcow2",
-            "-B",
-            "base.qcow2",
-            "top.qcow2",
-            "t.qcow2",
-        ][..],
-        &[
-            "convert",
-            "-O",
-            "raw",
-            "-B",
-            "base.qcow2",
-            "top.qcow2",
-            "t.raw",
+            &["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "t.qcow2"],
+            &["-O", "raw", "-B", "base.qcow2", "top.qcow2", "t.raw"],
+            &[
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_fmt=qcow2",
+                "top.qcow2",
+                "t.qcow2",
+            ],
+            &[
+                "-O",
+                "qcow2",
+                "-B",
+                "missing",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "t.qcow2",
+            ],
         ],
-        &[
-            "convert",
-            "-O",
-            "qcow2",
-            "-o",
-            "backing_fmt=qcow2",
-            "top.qcow2",
-            "t.qcow2",
-        ],
-        &[
-            "convert",
-            "-O",
-            "qcow2",
-            "-B",
-            "missing",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "t.qcow2",
-        ],
-    ] {
-        assert_eq!(c.same(args).0, 1, "{args:?}");
-    }
+    );
 }
 
 #[test]
@@ -312,7 +255,7 @@ fn convert_progress_steps_like_qemu_img() {
     let d = Scratch::new("dropin-convert-p");
     let c = Case::new(&d);
     let mk = |name: &str, size: &str, cmds: &[&str]| {
-        c.prep("qemu-img", &["create", "-q", "-f", "qcow2", name, size]);
+        c.qcow2(name, size, &[]);
         if !cmds.is_empty() {
             qemu_io_in(&c.setup, name, cmds);
         }
@@ -360,10 +303,7 @@ fn convert_progress_steps_like_qemu_img() {
 fn dd_copies_like_qemu_img() {
     let d = Scratch::new("dropin-dd");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "in.qcow2", "1M"],
-    );
+    c.qcow2("in.qcow2", "1M", &[]);
     qemu_io_in(
         &c.setup,
         "in.qcow2",
@@ -416,43 +356,39 @@ fn dd_copies_like_qemu_img() {
         c.same_map(out);
     }
     // Operand and option errors.
-    for bad in [
-        &["bs=0", "if=in.qcow2", "of=out"][..],
-        &["bs=abc", "if=in.qcow2", "of=out"],
-        &["bs=3G", "if=in.qcow2", "of=out"],
-        &["count=-1", "if=in.qcow2", "of=out"],
-        &["count=1k", "if=in.qcow2", "of=out"],
-        &["skip=x", "if=in.qcow2", "of=out"],
-        &["foo=1", "if=in.qcow2", "of=out"],
-        &["bogus", "if=in.qcow2", "of=out"],
-        &["if=in.qcow2"],
-        &[],
-        &["if=missing", "of=out"],
-        &["if=", "of=out"],
-        &["-O", "foo", "if=in.qcow2", "of=out"],
-        &["if=in.qcow2", "of=nodir/out"],
+    c.all_fail(
+        "dd",
         &[
-            "--image-opts",
-            "-f",
-            "qcow2",
-            "if=driver=qcow2,file.filename=in.qcow2",
-            "of=out",
+            &["bs=0", "if=in.qcow2", "of=out"][..],
+            &["bs=abc", "if=in.qcow2", "of=out"],
+            &["bs=3G", "if=in.qcow2", "of=out"],
+            &["count=-1", "if=in.qcow2", "of=out"],
+            &["count=1k", "if=in.qcow2", "of=out"],
+            &["skip=x", "if=in.qcow2", "of=out"],
+            &["foo=1", "if=in.qcow2", "of=out"],
+            &["bogus", "if=in.qcow2", "of=out"],
+            &["if=in.qcow2"],
+            &[],
+            &["if=missing", "of=out"],
+            &["if=", "of=out"],
+            &["-O", "foo", "if=in.qcow2", "of=out"],
+            &["if=in.qcow2", "of=nodir/out"],
+            &[
+                "--image-opts",
+                "-f",
+                "qcow2",
+                "if=driver=qcow2,file.filename=in.qcow2",
+                "of=out",
+            ],
         ],
-    ] {
-        let mut args = vec!["dd"];
-        args.extend_from_slice(bad);
-        assert_eq!(c.same(&args).0, 1, "{args:?}");
-    }
+    );
 }
 
 #[test]
 fn extent_size_hints_and_compressed_rebase_refusals() {
     let d = Scratch::new("dropin-hint");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"],
-    );
+    c.qcow2("t.qcow2", "1M", &[]);
     c.prep("qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     for args in [
         &[
@@ -516,13 +452,14 @@ fn extent_size_hints_and_compressed_rebase_refusals() {
         }
     }
     // rebase -c of an image without compression (raw) is refused first.
-    for args in [
-        &["rebase", "-c", "-f", "raw", "-b", "", "r.raw"][..],
-        &["rebase", "-c", "-u", "-f", "raw", "-b", "", "r.raw"],
-        &["rebase", "-f", "raw", "-b", "", "r.raw"],
-    ] {
-        assert_eq!(c.same(args).0, 1, "{args:?}");
-    }
+    c.all_fail(
+        "rebase",
+        &[
+            &["-c", "-f", "raw", "-b", "", "r.raw"],
+            &["-c", "-u", "-f", "raw", "-b", "", "r.raw"],
+            &["-f", "raw", "-b", "", "r.raw"],
+        ],
+    );
     assert_eq!(c.same(&["rebase", "-c", "-u", "-b", "", "t.qcow2"]).0, 0);
 }
 
@@ -533,18 +470,10 @@ fn shrinking_gives_the_file_tail_back_like_qemu_img() {
     let c = Case::new(&d);
     // 250's layout, smaller: the first 10 MiB of guest data live at the
     // end of the file, the last 10 MiB near its start.
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=1M,preallocation=metadata",
-            "a.qcow2",
-            "300M",
-        ],
+    c.qcow2(
+        "a.qcow2",
+        "300M",
+        &["-o", "cluster_size=1M,preallocation=metadata"],
     );
     qemu_io_in(
         &c.setup,

@@ -83,6 +83,28 @@ impl Case {
         ok_in(&self.setup, cmd, args);
     }
 
+    /// Creates a qcow2 image in the setup with qemu-img (`extra`: more
+    /// `create` options, e.g. `-b base -F qcow2`); `size` may be empty.
+    pub fn qcow2(&self, name: &str, size: &str, extra: &[&str]) {
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        args.extend_from_slice(extra);
+        args.push(name);
+        if !size.is_empty() {
+            args.push(size);
+        }
+        self.prep("qemu-img", &args);
+    }
+
+    /// Runs `cmd` with each argument list through both tools: the same
+    /// texts, and both fail with status 1.
+    pub fn all_fail(&self, cmd: &str, cases: &[&[&str]]) {
+        for a in cases {
+            let mut args = vec![cmd];
+            args.extend_from_slice(a);
+            assert_eq!(self.same(&args).0, 1, "{args:?}");
+        }
+    }
+
     /// Fresh copies of the setup, the command run by each tool in its copy;
     /// asserts equal status and texts and returns (status, stdout).
     pub fn same(&self, args: &[&str]) -> (i32, String) {

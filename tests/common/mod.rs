@@ -5,7 +5,6 @@
 pub mod case;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);
@@ -36,15 +35,7 @@ impl Drop for Scratch {
 
 /// Runs a command and returns (status code, stdout, stderr).
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    case::run_in(Path::new("."), cmd, args)
 }
 
 pub fn qemu_img(args: &[&str]) -> String {
