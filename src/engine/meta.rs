@@ -515,6 +515,30 @@ impl Meta {
         self.sync()
     }
 
+    /// The common writethrough flush with lazy refcounts, split so that its
+    /// sync runs without the metadata lock: when every dirty L2 entry may
+    /// precede its data (rule 1's exception), no L1 entry and no unref is
+    /// waiting and refcounts stay in memory (rule 2 with lazy refcounts),
+    /// the whole flush is "write the L2 tables, then sync", and nothing
+    /// orders the sync against requests that start meanwhile. Returns false,
+    /// having written nothing, when [`Meta::flush`] is needed instead.
+    pub fn write_l2_for_unlocked_sync(&mut self) -> Result<bool> {
+        if !self.writable {
+            return Ok(true);
+        }
+        if !self.lazy
+            || self.data_sync_needed
+            || !self.l1_dirty.is_empty()
+            || !self.pending_unref.is_empty()
+        {
+            return Ok(false);
+        }
+        for off in self.l2_cache.dirty_offsets() {
+            self.write_slot(Which::L2, off)?;
+        }
+        Ok(true)
+    }
+
     /// Writes the refcount blocks too, so that nothing is left dirty (close,
     /// and before the dirty bit is cleared).
     pub fn flush_all(&mut self) -> Result<()> {

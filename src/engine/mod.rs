@@ -248,7 +248,7 @@ impl Qcow2 {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
-                let r = self.lock().flush();
+                let r = self.flush_now();
                 st = self.flushes.lock().unwrap_or_else(relock);
                 st.running = false;
                 if r.is_ok() {
@@ -259,6 +259,24 @@ impl Qcow2 {
             }
             st = self.flush_done.wait(st).unwrap_or_else(relock);
         }
+    }
+
+    /// One flush of the metadata and the file. When the metadata part is
+    /// only L2 writes that need no sync before them, the sync itself runs
+    /// after the lock is dropped, so that requests keep planning, writing
+    /// data and linking while the disk works.
+    fn flush_now(&self) -> Result<()> {
+        let mut m = self.lock();
+        if !m.write_l2_for_unlocked_sync()? {
+            return m.flush();
+        }
+        drop(m);
+        if !self.writable {
+            return Ok(());
+        }
+        self.file
+            .sync()
+            .map_err(|e| Error::io(format!("{}: sync", self.name), e))
     }
 
     /// Waits until no request is in flight and returns the metadata lock.
