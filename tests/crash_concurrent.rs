@@ -55,7 +55,8 @@ fn run_threads(lazy: bool) -> (Arc<CrashStorage>, Vec<u8>, Vec<Returned>) {
                 for i in 0..PER_THREAD {
                     let id = t * PER_THREAD + i + 1;
                     // Interleaved clusters, some writes spanning two.
-                    let off = (i * THREADS + t) * CS + if id % 3 == 0 { CS / 2 } else { 0 };
+                    let off =
+                        (i * THREADS + t) * CS + if id.is_multiple_of(3) { CS / 2 } else { 0 };
                     img.write_at(&fill(id, CS), off).unwrap();
                     let at = storage.trace_len();
                     returned.lock().unwrap().push((at, off, id));
