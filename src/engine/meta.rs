@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, RefcountWidth, COPIED};
 use crate::format::header::Header;
 use crate::format::*;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -114,6 +114,11 @@ impl Meta {
 
     pub(super) fn io(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{}: {what}", self.name), e)
+    }
+
+    /// Tells the host file where the engine is (blkdebug events).
+    pub fn event(&self, ev: DebugEvent) {
+        self.file.debug_event(ev);
     }
 
     pub fn write_file(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
@@ -269,6 +274,7 @@ impl Meta {
             )));
         }
         let mut data = vec![0u8; self.cs as usize];
+        self.event(DebugEvent::L2Load);
         self.read_file(&mut data, off, "read L2 table")?;
         self.evict_l2_if_full()?;
         self.l2_cache.insert(off, data, false);
@@ -293,6 +299,8 @@ impl Meta {
     }
 
     pub(super) fn load_refblock(&mut self, off: u64) -> Result<()> {
+        // QEMU raises this for every refcount block lookup, cached or not.
+        self.event(DebugEvent::RefblockLoad);
         if self.rb_cache.contains(off) {
             return Ok(());
         }
@@ -330,6 +338,10 @@ impl Meta {
 
     /// Writes the changed part of a cached table and marks it clean.
     fn write_slot(&mut self, which: Which, off: u64) -> Result<()> {
+        self.file.debug_event(match which {
+            Which::L2 => DebugEvent::L2Update,
+            Which::Refblock => DebugEvent::RefblockUpdatePart,
+        });
         let (cache, what) = match which {
             Which::L2 => (&mut self.l2_cache, "write L2 table"),
             Which::Refblock => (&mut self.rb_cache, "write refcount block"),
@@ -403,12 +415,17 @@ impl Meta {
             return Ok(off);
         }
         let data = if off != 0 {
+            self.event(DebugEvent::L2AllocCowRead);
             self.load_l2(off)?;
             self.l2_cache.get(off).unwrap().data.clone()
         } else {
             vec![0u8; self.cs as usize]
         };
         let new = self.alloc_clusters(1)?;
+        // QEMU writes the new table at once; here it goes out with the
+        // next write-back (raising l2_update then), so an error armed by
+        // this event hits the request's next I/O.
+        self.event(DebugEvent::L2AllocWrite);
         // As QEMU's l2_allocate(): the refcount of a new L2 table is made
         // durable at once, lazy refcounts or not.
         self.write_refblocks()?;
@@ -490,6 +507,7 @@ impl Meta {
             self.sync()?; // rule 4
             let pending = std::mem::take(&mut self.pending_unref);
             for &(off, len, punch) in &pending {
+                self.event(DebugEvent::ClusterFree);
                 self.update_refcount(off, len, -1)?;
                 if punch {
                     self.punch_if_free(off, len)?;
@@ -511,10 +529,12 @@ impl Meta {
     }
 
     fn write_l1_entries(&mut self) -> Result<()> {
-        let dirty = std::mem::take(&mut self.l1_dirty);
-        for i in dirty {
+        while let Some(&i) = self.l1_dirty.first() {
             let off = self.header.l1_table_offset + i as u64 * 8;
+            self.event(DebugEvent::L1Update);
+            // A failed entry stays dirty for the next flush.
             self.write_file(&self.l1[i].to_be_bytes(), off, "write L1 table")?;
+            self.l1_dirty.remove(&i);
         }
         Ok(())
     }
@@ -542,6 +562,7 @@ impl Meta {
         }
         self.flush()?;
         let bytes = new_size * 8;
+        self.event(DebugEvent::L1GrowAllocTable);
         let new = self.alloc_clusters(bytes.div_ceil(self.cs))?;
         let mut table = self.l1.clone();
         table.resize(new_size as usize, 0);
@@ -550,8 +571,10 @@ impl Meta {
         if !self.lazy {
             self.write_refblocks()?;
         }
+        self.event(DebugEvent::L1GrowWriteTable);
         self.write_file(&b, new, "write L1 table")?;
         self.sync()?;
+        self.event(DebugEvent::L1GrowActivateTable);
         let mut hdr = [0u8; 12];
         put32(&mut hdr, 0, new_size as u32);
         put64(&mut hdr, 4, new);

@@ -29,7 +29,7 @@ pub use create::{create, create_on, max_size, parse_size, CreateOptions, Preallo
 
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use io::Run;
 use meta::Meta;
 use std::path::{Path, PathBuf};
@@ -248,6 +248,10 @@ impl Qcow2 {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
+                // QEMU's block layer raises both on the image's file for
+                // every flush of the image.
+                self.file.debug_event(DebugEvent::FlushToOs);
+                self.file.debug_event(DebugEvent::FlushToDisk);
                 let r = self.lock().flush();
                 st = self.flushes.lock().unwrap_or_else(relock);
                 st.running = false;
@@ -326,6 +330,7 @@ impl Qcow2 {
             for i in first_dead..m.l1.len() {
                 let off = m.l1[i] & crate::format::OFFSET_MASK;
                 if off != 0 {
+                    m.event(DebugEvent::L1ShrinkFreeL2Clusters);
                     m.flush()?;
                     m.l1[i] = 0;
                     m.l1_dirty.insert(i);
@@ -375,6 +380,7 @@ impl Qcow2 {
     /// file's data, or zeros), as `qemu-img commit` leaves an overlay.
     pub fn make_empty(&self) -> Result<()> {
         self.lock().ensure_writable()?;
+        self.file.debug_event(DebugEvent::EmptyImagePrepare);
         let size = self.size();
         let end = size.div_ceil(self.cs) * self.cs;
         if end > 0 {
