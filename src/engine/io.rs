@@ -250,7 +250,7 @@ impl Qcow2 {
             Ok(()) => self.link(&mut m, &plan),
             Err(e) => {
                 for p in plan.iter().filter(|p| p.fresh) {
-                    m.pending_unref.push((p.host, cs, false));
+                    m.free_unlinked(p.host, cs);
                 }
                 Err(e)
             }

@@ -422,23 +422,46 @@ impl Meta {
             vec![0u8; self.cs as usize]
         };
         let new = self.alloc_clusters(1)?;
-        // QEMU writes the new table at once; here it goes out with the
-        // next write-back (raising l2_update then), so an error armed by
-        // this event hits the request's next I/O.
-        self.event(DebugEvent::L2AllocWrite);
-        // As QEMU's l2_allocate(): the refcount of a new L2 table is made
-        // durable at once, lazy refcounts or not.
-        self.write_refblocks()?;
-        self.sync()?;
+        if let Err(e) = self.write_new_l2(new, &data) {
+            self.free_unlinked(new, self.cs);
+            return Err(e);
+        }
         self.evict_l2_if_full()?;
-        self.l2_cache.insert(new, data, true);
+        self.l2_cache.insert(new, data, false);
         self.metadata.insert(new / self.cs, MetaKind::ActiveL2);
         self.l1[l1i] = new | COPIED;
-        self.l1_dirty.insert(l1i);
+        self.event(DebugEvent::L1Update);
+        let entry = self.header.l1_table_offset + l1i as u64 * 8;
+        if let Err(err) = self.write_file(&self.l1[l1i].to_be_bytes(), entry, "write L1 table") {
+            self.l1[l1i] = e;
+            self.l2_cache.remove(new);
+            self.metadata.remove(&(new / self.cs));
+            self.free_unlinked(new, self.cs);
+            return Err(err);
+        }
         if off != 0 {
             self.pending_unref.push((off, self.cs, false));
         }
+        if let Err(err) = self.sync() {
+            // The entry may be on disk already: keep the new table, and
+            // let the next flush write and sync the entry again.
+            self.l1_dirty.insert(l1i);
+            return Err(err);
+        }
         Ok(new)
+    }
+
+    /// Writes a new L2 table as QEMU's l2_allocate() does, before anything
+    /// points at it: its refcount durable (lazy refcounts or not), then
+    /// the table itself durable (rule 3), so that the L1 entry can follow
+    /// at once.
+    fn write_new_l2(&mut self, new: u64, data: &[u8]) -> Result<()> {
+        self.write_refblocks()?;
+        self.sync()?;
+        self.event(DebugEvent::L2AllocWrite);
+        self.event(DebugEvent::L2Update);
+        self.write_file(data, new, "write L2 table")?;
+        self.sync()
     }
 
     /// Sets the raw L2 entry of `gc`; the table must come from `l2_for_write`.
@@ -458,6 +481,15 @@ impl Meta {
         let slot = self.l2_cache.get(l2_off).unwrap();
         put64(&mut slot.data, idx * 8, raw);
         slot.touch(idx * 8, idx * 8 + 8);
+    }
+
+    /// Gives back clusters that were allocated but never linked into any
+    /// table (a write that failed before its L2 update): nothing on disk or
+    /// in the caches points at them, so rule 4 does not apply and they can
+    /// be reused at once, as QEMU reuses them.
+    pub fn free_unlinked(&mut self, off: u64, len: u64) {
+        // If the refcount block cannot be read now, they leak: no harm.
+        let _ = self.update_refcount(off, len, -1);
     }
 
     /// Queues the release of whatever host storage an old L2 entry held.

@@ -403,20 +403,37 @@ impl Qcow2 {
 
     /// Flushes everything and, with lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
+        let (tables, refblocks) = self.close_caches();
+        tables.and(refblocks)
+    }
+
+    /// [`Qcow2::close`], with the outcome of its two write-backs apart, as
+    /// QEMU reports them when closing ("Failed to flush the L2 table
+    /// cache" / "... the refcount block cache"): the L2 side (dirty L2 and
+    /// L1 entries, the refcount blocks they depend on, freed clusters)
+    /// and then the remaining refcount blocks, tried even when the first
+    /// failed. The image is marked clean only when both succeeded.
+    pub fn close_caches(&self) -> (Result<()>, Result<()>) {
         if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
+            return (Ok(()), Ok(()));
         }
         let mut m = self.quiesce();
         if !m.writable {
-            return Ok(());
+            return (Ok(()), Ok(()));
         }
-        m.flush_all()?;
-        m.trim_zero_tail()?;
-        if m.is_dirty() && !m.corrupt {
-            m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
-            m.write_header()?;
+        let tables = m.flush();
+        let refblocks = m.write_refblocks().and_then(|_| m.sync());
+        if tables.is_err() || refblocks.is_err() {
+            return (tables, refblocks);
         }
-        Ok(())
+        let r = m.trim_zero_tail().and_then(|_| {
+            if m.is_dirty() && !m.corrupt {
+                m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
+                m.write_header()?;
+            }
+            Ok(())
+        });
+        (Ok(()), r)
     }
 }
 
