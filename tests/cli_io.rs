@@ -876,6 +876,22 @@ fn blkdebug_top_node_and_config_errors() {
         ];
         same(&d, m1, &a, None);
     }
+    // What qemu-io says about such a device.
+    same(
+        &d,
+        m1,
+        &[
+            "--image-opts",
+            "-c",
+            "info",
+            "-c",
+            "length",
+            "-c",
+            "map",
+            "driver=blkdebug,image.driver=qcow2,image.file.filename=IMG",
+        ],
+        None,
+    );
     // Config file and option errors, in QEMU's words.
     for (i, text) in [
         "[inject-error]\nevent = \"read_aio\"\nfoo = \"1\"\n",

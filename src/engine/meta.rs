@@ -2,7 +2,9 @@
 //! table, the L2 and refcount-block caches, the cluster allocator, and the
 //! write-back that keeps them crash safe.
 //!
-//! Write ordering, enforced in [`Meta::flush`] and [`Meta::evict`]:
+//! Write ordering, enforced in [`Meta::flush`], [`Meta::evict`] and, for a
+//! new L2 table (written with its L1 entry at once, as QEMU does it),
+//! [`Meta::l2_for_write`]:
 //! 1. Guest data is synced before any L2 table that points at it is written.
 //! 2. Without lazy refcounts, refcount blocks are written and synced before
 //!    the L2 tables (and L1 entries) that depend on them; with lazy

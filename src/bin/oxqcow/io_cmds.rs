@@ -862,11 +862,15 @@ fn length_f(s: &mut Session, _w: &[String]) -> i32 {
 fn info_f(s: &mut Session, _w: &[String]) -> i32 {
     s.drain();
     let d = dev(s);
-    let mut lines = vec![format!("format name: {}", d.driver)];
+    // A blkdebug node on top is what qemu-io describes: its information
+    // is its image's, without the format-specific part.
+    let top = !d.top_dbg.is_empty();
+    let driver = if top { "blkdebug" } else { d.driver.as_str() };
+    let mut lines = vec![format!("format name: {driver}")];
     // Protocol drivers have a protocol name too, printed the same way.
     if matches!(
-        d.driver.as_str(),
-        "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio"
+        driver,
+        "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio" | "blkdebug"
     ) {
         lines.push(lines[0].clone());
     }
@@ -884,6 +888,12 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
                 "vm state offset: {}",
                 cvtstr(q.vm_state_offset() as f64)
             ));
+            if top {
+                for l in lines {
+                    s.out.line(&l);
+                }
+                return 0;
+            }
             lines.push("Format specific information:".into());
             let v3 = h.version >= 3;
             lines.push(format!("    compat: {}", if v3 { "1.1" } else { "0.10" }));
