@@ -5,6 +5,7 @@
 //! [`engine`] (caches, allocator, mapping, I/O) → [`image`] (the safe API)
 //! → `ffi` (the C ABI) and the `oxqcow` tool.
 
+pub mod blockdev;
 pub mod engine;
 pub mod error;
 pub mod ffi;

@@ -37,6 +37,12 @@ pub struct RawLayer {
 }
 
 impl RawLayer {
+    /// A raw layer over an already open storage (a blkdebug node, say).
+    pub fn on(file: Arc<dyn Storage>, name: String) -> Result<RawLayer> {
+        let size = file.len().map_err(|e| Error::io(name.clone(), e))?;
+        Ok(RawLayer { file, size, name })
+    }
+
     pub fn open(path: &Path) -> Result<RawLayer> {
         let name = path.display().to_string();
         let f = FileStorage::open(path, false, false)
@@ -119,6 +125,9 @@ pub fn open_backing(
             "Backing chain of '{}' is deeper than {MAX_CHAIN_DEPTH} images",
             overlay.display()
         )));
+    }
+    if let Some(json) = name.strip_prefix("json:") {
+        return crate::blockdev::open_json_layer(json, fmt, depth, opts);
     }
     let path = resolve(overlay, name);
     let fmt = match fmt {

@@ -10,6 +10,7 @@ use super::meta::Meta;
 use super::{decompress, Qcow2, MAX_CHUNK};
 use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, COPIED};
+use crate::storage::DebugEvent;
 use std::sync::atomic::Ordering;
 
 /// How a run of guest clusters maps to the host (one L2 table at most).
@@ -127,6 +128,7 @@ impl Qcow2 {
             match run {
                 Run::Data(host) => {
                     let h = host + (cur & (self.cs - 1));
+                    self.file.debug_event(DebugEvent::ReadAio);
                     self.file
                         .read_at(out, h)
                         .map_err(|e| Error::io(format!("{}: read", self.name), e))?;
@@ -148,6 +150,7 @@ impl Qcow2 {
         match &self.backing {
             None => out.fill(0),
             Some(b) => {
+                self.file.debug_event(DebugEvent::ReadBackingAio);
                 let bsize = b.size();
                 let n = if off >= bsize {
                     0
@@ -165,6 +168,7 @@ impl Qcow2 {
 
     pub(super) fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut input = vec![0u8; len as usize];
+        self.file.debug_event(DebugEvent::ReadCompressed);
         self.file
             .read_at(&mut input, offset)
             .map_err(|e| Error::io(format!("{}: read compressed cluster", self.name), e))?;
@@ -246,7 +250,7 @@ impl Qcow2 {
             Ok(()) => self.link(&mut m, &plan),
             Err(e) => {
                 for p in plan.iter().filter(|p| p.fresh) {
-                    m.pending_unref.push((p.host, cs, false));
+                    m.free_unlinked(p.host, cs);
                 }
                 Err(e)
             }
@@ -373,8 +377,12 @@ impl Qcow2 {
             let doff = (data_start - off) as usize;
             if g_start == group[0].start && g_end == last.end {
                 // No fill needed: write the caller's bytes directly.
+                self.file.debug_event(DebugEvent::WriteAio);
                 self.pwrite(&data[doff..doff + data_len as usize], host0)?;
             } else {
+                // As QEMU's merged copy-on-write: the old data is read,
+                // then written with the new in one request.
+                self.file.debug_event(DebugEvent::CowRead);
                 let mut buf = vec![0u8; total as usize];
                 for (k, w) in group.iter().enumerate() {
                     let base = (k as u64 * cs) as i64 - g_start as i64;
@@ -397,6 +405,7 @@ impl Qcow2 {
                 let s = (data_start - (group[0].gc << self.cb) - g_start) as usize;
                 buf[s..s + data_len as usize]
                     .copy_from_slice(&data[doff..doff + data_len as usize]);
+                self.file.debug_event(DebugEvent::WriteAio);
                 self.pwrite(&buf, host0)?;
             }
             i = j;

@@ -2,7 +2,9 @@
 //! table, the L2 and refcount-block caches, the cluster allocator, and the
 //! write-back that keeps them crash safe.
 //!
-//! Write ordering, enforced in [`Meta::flush`] and [`Meta::evict`]:
+//! Write ordering, enforced in [`Meta::flush`], [`Meta::evict`] and, for a
+//! new L2 table (written with its L1 entry at once, as QEMU does it),
+//! [`Meta::l2_for_write`]:
 //! 1. Guest data is synced before any L2 table that points at it is written.
 //! 2. Without lazy refcounts, refcount blocks are written and synced before
 //!    the L2 tables (and L1 entries) that depend on them; with lazy
@@ -23,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, RefcountWidth, COPIED};
 use crate::format::header::Header;
 use crate::format::*;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -118,6 +120,11 @@ impl Meta {
 
     pub(super) fn io(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{}: {what}", self.name), e)
+    }
+
+    /// Tells the host file where the engine is (blkdebug events).
+    pub fn event(&self, ev: DebugEvent) {
+        self.file.debug_event(ev);
     }
 
     pub fn write_file(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
@@ -273,6 +280,7 @@ impl Meta {
             )));
         }
         let mut data = vec![0u8; self.cs as usize];
+        self.event(DebugEvent::L2Load);
         self.read_file(&mut data, off, "read L2 table")?;
         self.evict_l2_if_full()?;
         self.l2_cache.insert(off, data, false);
@@ -299,6 +307,8 @@ impl Meta {
     /// `ti` is the refcount-table index the offset came from, named in the
     /// corruption message as QEMU names it.
     pub(super) fn load_refblock(&mut self, off: u64, ti: u64) -> Result<()> {
+        // QEMU raises this for every refcount block lookup, cached or not.
+        self.event(DebugEvent::RefblockLoad);
         if self.rb_cache.contains(off) {
             return Ok(());
         }
@@ -341,6 +351,10 @@ impl Meta {
 
     /// Writes the changed part of a cached table and marks it clean.
     fn write_slot(&mut self, which: Which, off: u64) -> Result<()> {
+        self.file.debug_event(match which {
+            Which::L2 => DebugEvent::L2Update,
+            Which::Refblock => DebugEvent::RefblockUpdatePart,
+        });
         let (cache, what) = match which {
             Which::L2 => (&mut self.l2_cache, "write L2 table"),
             Which::Refblock => (&mut self.rb_cache, "write refcount block"),
@@ -414,25 +428,53 @@ impl Meta {
             return Ok(off);
         }
         let data = if off != 0 {
+            self.event(DebugEvent::L2AllocCowRead);
             self.load_l2(off)?;
             self.l2_cache.get(off).unwrap().data.clone()
         } else {
             vec![0u8; self.cs as usize]
         };
         let new = self.alloc_clusters(1)?;
-        // As QEMU's l2_allocate(): the refcount of a new L2 table is made
-        // durable at once, lazy refcounts or not.
-        self.write_refblocks()?;
-        self.sync()?;
+        if let Err(e) = self.write_new_l2(new, &data) {
+            self.free_unlinked(new, self.cs);
+            return Err(e);
+        }
         self.evict_l2_if_full()?;
-        self.l2_cache.insert(new, data, true);
+        self.l2_cache.insert(new, data, false);
         self.metadata.insert(new / self.cs, MetaKind::ActiveL2);
         self.l1[l1i] = new | COPIED;
-        self.l1_dirty.insert(l1i);
+        self.event(DebugEvent::L1Update);
+        let entry = self.header.l1_table_offset + l1i as u64 * 8;
+        if let Err(err) = self.write_file(&self.l1[l1i].to_be_bytes(), entry, "write L1 table") {
+            self.l1[l1i] = e;
+            self.l2_cache.remove(new);
+            self.metadata.remove(&(new / self.cs));
+            self.free_unlinked(new, self.cs);
+            return Err(err);
+        }
         if off != 0 {
             self.pending_unref.push((off, self.cs, false));
         }
+        if let Err(err) = self.sync() {
+            // The entry may be on disk already: keep the new table, and
+            // let the next flush write and sync the entry again.
+            self.l1_dirty.insert(l1i);
+            return Err(err);
+        }
         Ok(new)
+    }
+
+    /// Writes a new L2 table as QEMU's l2_allocate() does, before anything
+    /// points at it: its refcount durable (lazy refcounts or not), then
+    /// the table itself durable (rule 3), so that the L1 entry can follow
+    /// at once.
+    fn write_new_l2(&mut self, new: u64, data: &[u8]) -> Result<()> {
+        self.write_refblocks()?;
+        self.sync()?;
+        self.event(DebugEvent::L2AllocWrite);
+        self.event(DebugEvent::L2Update);
+        self.write_file(data, new, "write L2 table")?;
+        self.sync()
     }
 
     /// Sets the raw L2 entry of `gc`; the table must come from `l2_for_write`.
@@ -452,6 +494,15 @@ impl Meta {
         let slot = self.l2_cache.get(l2_off).unwrap();
         put64(&mut slot.data, idx * 8, raw);
         slot.touch(idx * 8, idx * 8 + 8);
+    }
+
+    /// Gives back clusters that were allocated but never linked into any
+    /// table (a write that failed before its L2 update): nothing on disk or
+    /// in the caches points at them, so rule 4 does not apply and they can
+    /// be reused at once, as QEMU reuses them.
+    pub fn free_unlinked(&mut self, off: u64, len: u64) {
+        // If the refcount block cannot be read now, they leak: no harm.
+        let _ = self.update_refcount(off, len, -1);
     }
 
     /// Queues the release of whatever host storage an old L2 entry held.
@@ -506,6 +557,7 @@ impl Meta {
             // its queued discards: fewer, larger holes in the host file.
             let mut punches: Vec<(u64, u64)> = Vec::new();
             for &(off, len, punch) in &pending {
+                self.event(DebugEvent::ClusterFree);
                 self.update_refcount(off, len, -1)?;
                 if punch {
                     match punches.last_mut() {
@@ -524,6 +576,30 @@ impl Meta {
         self.sync()
     }
 
+    /// The common writethrough flush with lazy refcounts, split so that its
+    /// sync runs without the metadata lock: when every dirty L2 entry may
+    /// precede its data (rule 1's exception), no L1 entry and no unref is
+    /// waiting and refcounts stay in memory (rule 2 with lazy refcounts),
+    /// the whole flush is "write the L2 tables, then sync", and nothing
+    /// orders the sync against requests that start meanwhile. Returns false,
+    /// having written nothing, when [`Meta::flush`] is needed instead.
+    pub fn write_l2_for_unlocked_sync(&mut self) -> Result<bool> {
+        if !self.writable {
+            return Ok(true);
+        }
+        if !self.lazy
+            || self.data_sync_needed
+            || !self.l1_dirty.is_empty()
+            || !self.pending_unref.is_empty()
+        {
+            return Ok(false);
+        }
+        for off in self.l2_cache.dirty_offsets() {
+            self.write_slot(Which::L2, off)?;
+        }
+        Ok(true)
+    }
+
     /// Writes the refcount blocks too, so that nothing is left dirty (close,
     /// and before the dirty bit is cleared).
     pub fn flush_all(&mut self) -> Result<()> {
@@ -533,10 +609,12 @@ impl Meta {
     }
 
     fn write_l1_entries(&mut self) -> Result<()> {
-        let dirty = std::mem::take(&mut self.l1_dirty);
-        for i in dirty {
+        while let Some(&i) = self.l1_dirty.first() {
             let off = self.header.l1_table_offset + i as u64 * 8;
+            self.event(DebugEvent::L1Update);
+            // A failed entry stays dirty for the next flush.
             self.write_file(&self.l1[i].to_be_bytes(), off, "write L1 table")?;
+            self.l1_dirty.remove(&i);
         }
         Ok(())
     }
@@ -572,6 +650,7 @@ impl Meta {
         }
         self.flush()?;
         let bytes = new_size * 8;
+        self.event(DebugEvent::L1GrowAllocTable);
         let new = self.alloc_clusters(bytes.div_ceil(self.cs))?;
         let mut table = self.l1.clone();
         table.resize(new_size as usize, 0);
@@ -580,8 +659,10 @@ impl Meta {
         if !self.lazy {
             self.write_refblocks()?;
         }
+        self.event(DebugEvent::L1GrowWriteTable);
         self.write_file(&b, new, "write L1 table")?;
         self.sync()?;
+        self.event(DebugEvent::L1GrowActivateTable);
         let mut hdr = [0u8; 12];
         put32(&mut hdr, 0, new_size as u32);
         put64(&mut hdr, 4, new);

@@ -32,7 +32,7 @@ pub use create::{
 
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use io::Run;
 use meta::Meta;
 use std::path::{Path, PathBuf};
@@ -251,7 +251,11 @@ impl Qcow2 {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
-                let r = self.lock().flush();
+                // QEMU's block layer raises both on the image's file for
+                // every flush of the image.
+                self.file.debug_event(DebugEvent::FlushToOs);
+                self.file.debug_event(DebugEvent::FlushToDisk);
+                let r = self.flush_now();
                 st = self.flushes.lock().unwrap_or_else(relock);
                 st.running = false;
                 if r.is_ok() {
@@ -262,6 +266,24 @@ impl Qcow2 {
             }
             st = self.flush_done.wait(st).unwrap_or_else(relock);
         }
+    }
+
+    /// One flush of the metadata and the file. When the metadata part is
+    /// only L2 writes that need no sync before them, the sync itself runs
+    /// after the lock is dropped, so that requests keep planning, writing
+    /// data and linking while the disk works.
+    fn flush_now(&self) -> Result<()> {
+        let mut m = self.lock();
+        if !m.write_l2_for_unlocked_sync()? {
+            return m.flush();
+        }
+        drop(m);
+        if !self.writable {
+            return Ok(());
+        }
+        self.file
+            .sync()
+            .map_err(|e| Error::io(format!("{}: sync", self.name), e))
     }
 
     /// Waits until no request is in flight and returns the metadata lock.
@@ -329,6 +351,7 @@ impl Qcow2 {
             for i in first_dead..m.l1.len() {
                 let off = m.l1[i] & crate::format::OFFSET_MASK;
                 if off != 0 {
+                    m.event(DebugEvent::L1ShrinkFreeL2Clusters);
                     m.flush()?;
                     m.l1[i] = 0;
                     m.l1_dirty.insert(i);
@@ -381,6 +404,7 @@ impl Qcow2 {
     /// file's data, or zeros), as `qemu-img commit` leaves an overlay.
     pub fn make_empty(&self) -> Result<()> {
         self.lock().ensure_writable()?;
+        self.file.debug_event(DebugEvent::EmptyImagePrepare);
         let size = self.size();
         let end = size.div_ceil(self.cs) * self.cs;
         if end > 0 {
@@ -403,20 +427,37 @@ impl Qcow2 {
 
     /// Flushes everything and, with lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
+        let (tables, refblocks) = self.close_caches();
+        tables.and(refblocks)
+    }
+
+    /// [`Qcow2::close`], with the outcome of its two write-backs apart, as
+    /// QEMU reports them when closing ("Failed to flush the L2 table
+    /// cache" / "... the refcount block cache"): the L2 side (dirty L2 and
+    /// L1 entries, the refcount blocks they depend on, freed clusters)
+    /// and then the remaining refcount blocks, tried even when the first
+    /// failed. The image is marked clean only when both succeeded.
+    pub fn close_caches(&self) -> (Result<()>, Result<()>) {
         if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
+            return (Ok(()), Ok(()));
         }
         let mut m = self.quiesce();
         if !m.writable {
-            return Ok(());
+            return (Ok(()), Ok(()));
         }
-        m.flush_all()?;
-        m.trim_zero_tail()?;
-        if m.is_dirty() && !m.corrupt {
-            m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
-            m.write_header()?;
+        let tables = m.flush();
+        let refblocks = m.write_refblocks().and_then(|_| m.sync());
+        if tables.is_err() || refblocks.is_err() {
+            return (tables, refblocks);
         }
-        Ok(())
+        let r = m.trim_zero_tail().and_then(|_| {
+            if m.is_dirty() && !m.corrupt {
+                m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
+                m.write_header()?;
+            }
+            Ok(())
+        });
+        (Ok(()), r)
     }
 }
 

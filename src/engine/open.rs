@@ -197,6 +197,7 @@ impl Qcow2 {
             ));
         }
 
+        file.debug_event(crate::storage::DebugEvent::ReftableLoad);
         let reftable = read_table(
             &*file,
             header.refcount_table_offset,

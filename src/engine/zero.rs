@@ -105,6 +105,11 @@ impl Qcow2 {
                         L2Entry::Zero { host: 0, .. } => continue,
                         _ => ZERO,
                     };
+                    // As QEMU: an entry that already says so is not rewritten
+                    // (no L2 update for zeros over zeros).
+                    if new == raw {
+                        continue;
+                    }
                     let l2 = m.l2_for_write(gc)?;
                     m.set_l2_entry(l2, gc, new);
                     if new == ZERO {

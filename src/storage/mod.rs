@@ -2,14 +2,22 @@
 //!
 //! Everything above this layer sees a [`Storage`]: the real file
 //! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`], and
-//! [`CrashStorage`], which also simulates power loss). This layer knows
-//! nothing of qcow2 and never interprets the bytes it moves.
+//! [`CrashStorage`], which also simulates power loss), possibly behind
+//! [`BlkdebugStorage`], QEMU's error-injection filter. This layer knows
+//! nothing of qcow2 and never interprets the bytes it moves; the engine
+//! only tells it, through [`Storage::debug_event`], where in a request it
+//! is (for blkdebug rules).
 
+pub mod blkdebug;
+pub mod blkdebug_config;
 mod crash;
+pub mod event;
 mod file;
 mod mem;
 
+pub use blkdebug::{Blkdebug, BlkdebugStorage};
 pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
+pub use event::DebugEvent;
 pub use file::{set_extent_size_hint, FileStorage};
 pub use mem::MemStorage;
 
@@ -36,4 +44,7 @@ pub trait Storage: Send + Sync {
     fn allocated_size(&self) -> io::Result<u64> {
         self.len()
     }
+    /// The engine is at `ev` (QEMU's blkdebug events). Only blkdebug
+    /// acts on it; it may block the calling thread at a breakpoint.
+    fn debug_event(&self, _ev: DebugEvent) {}
 }

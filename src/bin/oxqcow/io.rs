@@ -7,8 +7,14 @@
 //! wrapper that runs it as `qemu-io` prints exactly what qemu-io prints.
 //! The exit status is 1 when any command failed, else 0.
 
+#[path = "io_async.rs"]
+mod io_async;
 #[path = "io_cmds.rs"]
 mod io_cmds;
+#[path = "io_cor.rs"]
+mod io_cor;
+#[path = "io_filters.rs"]
+pub(crate) mod io_filters;
 #[path = "io_fmt.rs"]
 pub(crate) mod io_fmt;
 
@@ -16,6 +22,7 @@ use crate::blockopts;
 use crate::io_open::{self, aio_mode_ok, Dev, Flags, OpenReq};
 use crate::util::CliResult;
 use io_fmt::{err, Out};
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 #[command(args_override_self = true)]
@@ -40,7 +47,7 @@ pub struct Args {
     /// Disable the host cache (short for -t none)
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
-    /// Copy-on-read (accepted, not implemented)
+    /// Copy-on-read: reads copy data from the backing chain into the image
     #[arg(short = 'C', long = "copy-on-read")]
     copy_on_read: bool,
     /// Misalign buffers (accepted; buffers are not aligned anyway)
@@ -84,11 +91,13 @@ pub struct Args {
 pub struct Session {
     pub out: Out,
     pub prg: String,
-    pub dev: Option<Dev>,
+    /// Shared with the threads of asynchronous requests (`io_async.rs`).
+    pub dev: Option<Arc<Dev>>,
     pub image_opts: bool,
     /// Report lines of asynchronous requests already done, printed when
     /// qemu-io would next run its event loop.
     pub pending: Vec<String>,
+    pub workers: io_async::Workers,
     pub quit: bool,
 }
 
@@ -100,6 +109,8 @@ impl Session {
 
     /// Prints the reports of finished asynchronous requests.
     pub fn drain(&mut self) {
+        self.wait_workers();
+        self.print_debug_msgs();
         for s in std::mem::take(&mut self.pending) {
             self.out.put(&s);
         }
@@ -107,10 +118,12 @@ impl Session {
 
     /// Closes the device, reporting a failed flush as QEMU does.
     pub fn close_dev(&mut self) {
+        self.finish_workers();
         self.drain();
         if let Some(d) = self.dev.take() {
-            // As blk_unref(): a failed flush at close is not reported.
-            let _ = d.close();
+            for l in d.close() {
+                self.error(&l);
+            }
         }
     }
 
@@ -123,7 +136,7 @@ impl Session {
         let name = req.name.clone();
         match io_open::open(req) {
             Ok(d) => {
-                self.dev = Some(d);
+                self.dev = Some(Arc::new(d));
                 0
             }
             Err(msg) => {
@@ -145,6 +158,7 @@ pub fn run(a: Args) -> CliResult<()> {
         dev: None,
         image_opts: a.image_opts,
         pending: Vec::new(),
+        workers: Default::default(),
         quit: false,
     };
     if a.version {
@@ -155,14 +169,7 @@ pub fn run(a: Args) -> CliResult<()> {
         s.out.flush();
         return Ok(());
     }
-    let _ = (
-        a.copy_on_read,
-        a.misalign,
-        a.native_aio,
-        &a.trace,
-        a.force_share,
-        &a.object,
-    );
+    let _ = (a.misalign, a.native_aio, &a.trace, a.force_share, &a.object);
     let mut flags = Flags::default();
     if a.nocache {
         flags.nocache = true;
@@ -211,6 +218,7 @@ pub fn run(a: Args) -> CliResult<()> {
                         opts,
                         flags,
                         snapshot: a.snapshot,
+                        cor: a.copy_on_read,
                     }
                 }
                 Err(m) => {
@@ -227,6 +235,7 @@ pub fn run(a: Args) -> CliResult<()> {
                 opts,
                 flags,
                 snapshot: a.snapshot,
+                cor: a.copy_on_read,
             }
         };
         if s.openfile(req) != 0 {
