@@ -5,6 +5,7 @@
 //! (`Dev`): the I/O calls qemu-io's commands make, with errno results and
 //! the block layer's request checks.
 
+use oxqcow::crypto::{Format, Secret};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -790,11 +791,13 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
         }
         if fmt == "qcow2" {
             if let Some(bk) = k.strip_prefix("backing.") {
-                if bk == "node-name" || bk == "driver" || bk.starts_with("file.") {
+                if bk == "node-name"
+                    || bk == "driver"
+                    || bk.starts_with("file.")
+                    || bk == "encrypt.key-secret"
+                    || bk == "encrypt.format"
+                {
                     continue;
-                }
-                if bk.starts_with("encrypt.") {
-                    return Err("oxqcow does not implement qcow2 encryption".to_string());
                 }
                 return Err(format!(
                     "Block format 'qcow2' does not support the option '{k}'"
@@ -806,8 +809,11 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
             if k == "data-file" || k.starts_with("data-file.") {
                 return Err("oxqcow does not implement qcow2 external data files".to_string());
             }
-            if k.starts_with("encrypt.") {
-                return Err("oxqcow does not implement qcow2 encryption".to_string());
+            if let Some(e) = k.strip_prefix("encrypt.") {
+                if e == "key-secret" || e == "format" {
+                    continue;
+                }
+                return Err(format!("Parameter '{e}' is unexpected"));
             }
         }
         if fmt == "raw" && (k == "offset" || k == "size") {
@@ -1107,7 +1113,53 @@ fn qcow2_options(
         }
         oo.lazy_refcounts = Some(on);
     }
+    let crypt_method = header(36).map(|b| u32::from_be_bytes(b[32..36].try_into().unwrap()));
+    let (fmt, secret) = encrypt_options(map, "", crypt_method)?;
+    oo.encrypt_format = fmt;
+    oo.key_secret = secret;
+    if map.keys().any(|k| k.starts_with("backing.encrypt.")) {
+        // The backing file's header is not looked at here: its secret is
+        // resolved whether it is encrypted or not.
+        let (fmt, secret) = encrypt_options(map, "backing.", Some(1))?;
+        oo.backing = Some(Box::new(OpenOptions {
+            encrypt_format: fmt,
+            key_secret: secret,
+            backing: None,
+            ..oo.clone()
+        }));
+    }
     Ok(())
+}
+
+/// `PREFIXencrypt.format` and `PREFIXencrypt.key-secret`. As in QEMU, the
+/// secret is looked up only when the image is encrypted in the format the
+/// options ask for (a mismatch is the engine's error to report).
+fn encrypt_options(
+    map: &BTreeMap<String, String>,
+    prefix: &str,
+    crypt_method: Option<u32>,
+) -> Result<(Option<Format>, Option<Secret>), String> {
+    let fmt = match map.get(&format!("{prefix}encrypt.format")) {
+        Some(f) => Some(
+            Format::parse(f)
+                .ok_or_else(|| format!("Parameter 'format' does not accept value '{f}'"))?,
+        ),
+        None => None,
+    };
+    let Some(id) = map.get(&format!("{prefix}encrypt.key-secret")) else {
+        return Ok((fmt, None));
+    };
+    let wanted = match (crypt_method.unwrap_or(0), fmt) {
+        (0, _) => false,
+        (_, None) => true,
+        (m, Some(f)) => (m == 1) == (f == Format::Aes),
+    };
+    let secret = if wanted {
+        Some(crate::secret::get(id)?)
+    } else {
+        None
+    };
+    Ok((fmt, secret))
 }
 
 fn open_null(map: &BTreeMap<String, String>, req: OpenReq, flags: Flags) -> Result<Dev, String> {
