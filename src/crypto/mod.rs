@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use cipher::{CipherSpec, IvGenAlg, Mode, SectorCipher, SECTOR};
 use hash::HashAlg;
 pub use luks::LuksHeader;
-pub use options::{encrypt_create_from_options, is_encrypt_option};
+pub use options::{check_encrypt_option_syntax, encrypt_create_from_options, is_encrypt_option};
 
 /// `crypt_method` of legacy AES images.
 pub const CRYPT_AES: u32 = 1;

@@ -21,6 +21,33 @@ pub fn is_encrypt_option(key: &str) -> bool {
     key == "encryption" || key.starts_with("encrypt.")
 }
 
+/// The checks qemu-img makes while parsing `-o` (before it prints its
+/// "Formatting" line): unknown `encrypt.*` names and values of the wrong
+/// type.
+pub fn check_encrypt_option_syntax(opts: &[(String, String)]) -> Result<()> {
+    let arg = |m: String| Error::InvalidArgument(m);
+    for (k, v) in opts {
+        match k.as_str() {
+            "encryption"
+                if !matches!(v.as_str(), "on" | "off" | "yes" | "no" | "true" | "false") =>
+            {
+                return Err(arg("Parameter 'encryption' expects 'on' or 'off'".into()))
+            }
+            "encrypt.iter-time" if v.parse::<u64>().is_err() => {
+                return Err(arg("Parameter 'encrypt.iter-time' expects a number".into()))
+            }
+            "encryption" | "encrypt.format" | "encrypt.key-secret" => {}
+            _ => match k.strip_prefix("encrypt.") {
+                Some(o) if !LUKS_ONLY.contains(&o) => {
+                    return Err(arg(format!("Invalid parameter '{k}'")))
+                }
+                _ => {}
+            },
+        }
+    }
+    Ok(())
+}
+
 /// Builds the encryption of a new image from `-o` pairs in the order given
 /// (a later value wins); None when the image is not encrypted. `secret`
 /// returns the data of a secret by id (or the error naming it).

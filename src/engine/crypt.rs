@@ -159,17 +159,28 @@ impl Qcow2 {
         }
     }
 
-    /// Writes `buf` (whole sectors when encrypted) at host offset `host`
-    /// holding guest bytes from `guest`, encrypting it first.
-    pub(super) fn write_data_at(&self, buf: &[u8], host: u64, guest: u64) -> Result<()> {
+    /// `buf` (whole sectors) as it is stored at host offset `host` for
+    /// guest offset `guest`: encrypted when the image is.
+    pub(super) fn stored_form<'a>(
+        &self,
+        buf: &'a [u8],
+        host: u64,
+        guest: u64,
+    ) -> std::borrow::Cow<'a, [u8]> {
         match &self.cipher {
-            None => self.pwrite(buf, host),
+            None => std::borrow::Cow::Borrowed(buf),
             Some(c) => {
                 let mut b = buf.to_vec();
                 c.encrypt(host, guest, &mut b);
-                self.pwrite(&b, host)
+                std::borrow::Cow::Owned(b)
             }
         }
+    }
+
+    /// Writes `buf` (whole sectors when encrypted) at host offset `host`
+    /// holding guest bytes from `guest`, encrypting it first.
+    pub(super) fn write_data_at(&self, buf: &[u8], host: u64, guest: u64) -> Result<()> {
+        self.pwrite(&self.stored_form(buf, host, guest), host)
     }
 
     /// Sets up encryption on a freshly created image (QEMU does it after

@@ -5,7 +5,6 @@
 //! (`Dev`): the I/O calls qemu-io's commands make, with errno results and
 //! the block layer's request checks.
 
-use oxqcow::crypto::{Format, Secret};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -1114,13 +1113,13 @@ fn qcow2_options(
         oo.lazy_refcounts = Some(on);
     }
     let crypt_method = header(36).map(|b| u32::from_be_bytes(b[32..36].try_into().unwrap()));
-    let (fmt, secret) = encrypt_options(map, "", crypt_method)?;
+    let (fmt, secret) = crate::secret::encrypt_open_options(map, "", crypt_method)?;
     oo.encrypt_format = fmt;
     oo.key_secret = secret;
     if map.keys().any(|k| k.starts_with("backing.encrypt.")) {
         // The backing file's header is not looked at here: its secret is
         // resolved whether it is encrypted or not.
-        let (fmt, secret) = encrypt_options(map, "backing.", Some(1))?;
+        let (fmt, secret) = crate::secret::encrypt_open_options(map, "backing.", Some(1))?;
         oo.backing = Some(Box::new(OpenOptions {
             encrypt_format: fmt,
             key_secret: secret,
@@ -1129,37 +1128,6 @@ fn qcow2_options(
         }));
     }
     Ok(())
-}
-
-/// `PREFIXencrypt.format` and `PREFIXencrypt.key-secret`. As in QEMU, the
-/// secret is looked up only when the image is encrypted in the format the
-/// options ask for (a mismatch is the engine's error to report).
-fn encrypt_options(
-    map: &BTreeMap<String, String>,
-    prefix: &str,
-    crypt_method: Option<u32>,
-) -> Result<(Option<Format>, Option<Secret>), String> {
-    let fmt = match map.get(&format!("{prefix}encrypt.format")) {
-        Some(f) => Some(
-            Format::parse(f)
-                .ok_or_else(|| format!("Parameter 'format' does not accept value '{f}'"))?,
-        ),
-        None => None,
-    };
-    let Some(id) = map.get(&format!("{prefix}encrypt.key-secret")) else {
-        return Ok((fmt, None));
-    };
-    let wanted = match (crypt_method.unwrap_or(0), fmt) {
-        (0, _) => false,
-        (_, None) => true,
-        (m, Some(f)) => (m == 1) == (f == Format::Aes),
-    };
-    let secret = if wanted {
-        Some(crate::secret::get(id)?)
-    } else {
-        None
-    };
-    Ok((fmt, secret))
 }
 
 fn open_null(map: &BTreeMap<String, String>, req: OpenReq, flags: Flags) -> Result<Dev, String> {

@@ -6,8 +6,8 @@
 //! Errors are QEMU's texts. Other object types and encrypted secrets
 //! (`keyid`, `iv`) are refused.
 
-use oxqcow::crypto::Secret;
-use std::collections::HashMap;
+use oxqcow::crypto::{Format, Secret};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 static SECRETS: OnceLock<HashMap<String, Secret>> = OnceLock::new();
@@ -35,6 +35,44 @@ pub fn get(id: &str) -> Result<Secret, String> {
         .and_then(|m| m.get(id))
         .cloned()
         .ok_or_else(|| format!("No secret with id '{id}'"))
+}
+
+/// `PREFIXencrypt.format` and `PREFIXencrypt.key-secret`. As in QEMU, the
+/// secret is looked up only when the image is encrypted in the format the
+/// options ask for (a mismatch is the engine's error to report).
+pub fn encrypt_open_options(
+    map: &BTreeMap<String, String>,
+    prefix: &str,
+    crypt_method: Option<u32>,
+) -> Result<(Option<Format>, Option<Secret>), String> {
+    let fmt = match map.get(&format!("{prefix}encrypt.format")) {
+        Some(f) => Some(
+            Format::parse(f)
+                .ok_or_else(|| format!("Parameter 'format' does not accept value '{f}'"))?,
+        ),
+        None => None,
+    };
+    let Some(id) = map.get(&format!("{prefix}encrypt.key-secret")) else {
+        return Ok((fmt, None));
+    };
+    let wanted = match (crypt_method.unwrap_or(0), fmt) {
+        (0, _) => false,
+        (_, None) => true,
+        (m, Some(f)) => (m == 1) == (f == Format::Aes),
+    };
+    let secret = if wanted { Some(get(id)?) } else { None };
+    Ok((fmt, secret))
+}
+
+/// The `crypt_method` field of a qcow2 header (None: unreadable).
+pub fn crypt_method(path: &str) -> Option<u32> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 36];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact_at(&mut b, 0)
+        .ok()?;
+    Some(u32::from_be_bytes(b[32..36].try_into().ok()?))
 }
 
 /// One object definition: "secret,id=..." or "qom-type=secret,id=...".
