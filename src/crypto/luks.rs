@@ -86,6 +86,12 @@ fn slot_range(s: &KeySlot, key_bytes: u32) -> (u64, u64) {
     (start, start + key_bytes as u64 * STRIPES as u64)
 }
 
+/// Bytes of a new header with its key material for keys of `key_bytes`:
+/// where its payload starts.
+pub fn area_len(key_bytes: usize) -> u64 {
+    ALIGN + SLOTS as u64 * material_area(key_bytes as u32)
+}
+
 /// Bytes of one slot's key material area (split key, rounded up to ALIGN).
 fn material_area(key_bytes: u32) -> u64 {
     (key_bytes as u64 * STRIPES as u64).div_ceil(ALIGN) * ALIGN
@@ -299,7 +305,7 @@ impl LuksHeader {
 
         let area = material_area(n as u32);
         let first = ALIGN;
-        let payload = first + SLOTS as u64 * area;
+        let payload = area_len(n);
         let mut slots = Vec::with_capacity(SLOTS);
         for i in 0..SLOTS as u64 {
             slots.push(KeySlot {
