@@ -688,3 +688,73 @@ fn downgrade_stores_encrypted_zeros() {
         assert!(qemu_img(&["info", &s(&img)]).contains("compat: 0.10"));
     }
 }
+
+/// `oxqcow measure` counts a LUKS header as qemu-img measure does, and
+/// `oxqcow create -f luks` makes a raw LUKS volume QEMU opens.
+#[test]
+fn measure_and_raw_luks_volumes() {
+    for o in [
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,cluster_size=4k",
+        "encrypt.format=luks,encrypt.key-secret=sec9",
+        "encrypt.format=luks",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+    ] {
+        let args = [
+            "measure",
+            "--object",
+            &object(PW),
+            "-O",
+            "qcow2",
+            "-o",
+            o,
+            "--size",
+            "1G",
+        ];
+        let (qc, qo, qe) = run("qemu-img", &args);
+        let (oc, oo, oe) = run(OX, &args);
+        assert_eq!((oc, oo), (qc, qo), "{o}");
+        assert_eq!(oe.replace("oxqcow:", "qemu-img:"), qe, "{o}");
+    }
+    let d = Scratch::new("enc-rawluks");
+    let v = d.path("v.luks");
+    let (code, out, err) = run(
+        OX,
+        &[
+            "create",
+            "-f",
+            "luks",
+            "--object",
+            &object(PW),
+            "-o",
+            "key-secret=sec0",
+            "-o",
+            "iter-time=10",
+            &s(&v),
+            "1M",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "Formatting '{}', fmt=luks size=1048576 key-secret=sec0 iter-time=10\n",
+            s(&v)
+        )
+    );
+    let (code, out, err) = run(
+        "qemu-io",
+        &[
+            "--object",
+            &object(PW),
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "read -P 0x5a 0 1M",
+            "--image-opts",
+            &format!("driver=luks,key-secret=sec0,file.filename={}", s(&v)),
+        ],
+    );
+    assert!(code == 0 && !out.contains("failed"), "{out}{err}");
+    assert!(qemu_img(&["info", &s(&v)]).contains("virtual size: 1 MiB"));
+}
