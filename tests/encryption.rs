@@ -758,3 +758,30 @@ fn measure_and_raw_luks_volumes() {
     assert!(code == 0 && !out.contains("failed"), "{out}{err}");
     assert!(qemu_img(&["info", &s(&v)]).contains("virtual size: 1 MiB"));
 }
+
+/// qemu-io's `info` command shows the encrypt block; so does oxqcow io's.
+#[test]
+fn io_info_command_shows_encryption() {
+    let d = Scratch::new("enc-ioinfo");
+    for format in ["luks", "aes"] {
+        let img = d.path(&format!("{format}.qcow2"));
+        qemu_create(&img, format, "", "1M");
+        let obj = object(PW);
+        let sp = spec(&img);
+        let args = [
+            "--object",
+            obj.as_str(),
+            "-c",
+            "info",
+            "--image-opts",
+            sp.as_str(),
+        ];
+        let (qc, qo, qe) = run("qemu-io", &args);
+        let mut o = vec!["io"];
+        o.extend(args);
+        let (oc, oo, oe) = run(OX, &o);
+        assert_eq!((oc, oe.as_str()), (qc, qe.as_str()));
+        assert_eq!(oo, qo, "{format}");
+        assert!(qo.contains("    encrypt:\n"), "{qo}");
+    }
+}

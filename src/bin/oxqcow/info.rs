@@ -240,7 +240,7 @@ fn qcow2_specific(file: &File, h: &Header, file_len: u64, enc: Option<&Encryptio
 
 /// The "encrypt" object: the format, and for LUKS the header's fields
 /// (QAPI's QCryptoBlockInfoLUKS order).
-fn encrypt_info(e: &Encryption) -> Obj {
+pub(crate) fn encrypt_info(e: &Encryption) -> Obj {
     let o = Obj::new().put_str("format", e.format().name());
     let Encryption::Luks(l) = e else {
         return o;
