@@ -178,6 +178,9 @@ impl Meta {
             self.count_l1(&mut refs, w, &sl1, false)?;
         }
         refs.inc(w, cs, snap_table.0, snap_table.1);
+        if let Some((off, len)) = self.header.crypto_header {
+            refs.inc(w, cs, off, len.min(u64::MAX - off));
+        }
         refs.inc(
             w,
             cs,

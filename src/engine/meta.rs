@@ -39,6 +39,7 @@ pub enum MetaKind {
     RefcountBlock,
     SnapshotTable,
     InactiveL1,
+    CryptoHeader,
 }
 
 impl MetaKind {
@@ -51,6 +52,7 @@ impl MetaKind {
             MetaKind::RefcountBlock => "refcount block",
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::CryptoHeader => "encryption header",
         }
     }
 }
@@ -186,6 +188,11 @@ impl Meta {
             MetaKind::RefcountTable,
         );
         range(&mut m, snap_table.0, snap_table.1, MetaKind::SnapshotTable);
+        if let Some((off, len)) = self.header.crypto_header {
+            // Untrusted: only the part inside the file can be written over.
+            let len = len.min(self.durable_end.saturating_sub(off));
+            range(&mut m, off, len, MetaKind::CryptoHeader);
+        }
         for &(off, size) in &snapshots {
             range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);
         }

@@ -14,6 +14,7 @@ mod check;
 mod compress;
 mod compressed_write;
 mod create;
+mod crypt;
 mod io;
 mod meta;
 mod open;
@@ -56,6 +57,19 @@ pub struct OpenOptions {
     pub check_mode: bool,
     /// Position in a backing chain (0 for the top image).
     pub chain_depth: u32,
+    /// The password of an encrypted image (the data of the secret QEMU's
+    /// `encrypt.key-secret` names). Not passed down to backing files.
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// The encryption format the caller expects (QEMU's `encrypt.format`);
+    /// an image with another one is refused.
+    pub encrypt_format: Option<crate::crypto::Format>,
+    /// Open to look at metadata only (QEMU's `BDRV_O_NO_IO`, what
+    /// `qemu-img info` does): an encrypted image needs no password, and
+    /// its guest data can then be neither read nor written.
+    pub metadata_only: bool,
+    /// Options for the backing file (QEMU's `backing.*`); None: these
+    /// options, read-only, without the password.
+    pub backing: Option<Box<OpenOptions>>,
 }
 
 /// The allocation state of a guest range, as block status reports it.
@@ -84,6 +98,10 @@ pub struct Qcow2 {
     size: AtomicU64,
     file_end: AtomicU64,
     compression_type: u8,
+    /// How the image is encrypted, if it is.
+    encryption: Option<crate::crypto::Encryption>,
+    /// The keyed data cipher (None: not encrypted, or opened metadata only).
+    cipher: Option<crate::crypto::DataCipher>,
     version: u32,
     writable: bool,
     writethrough: bool,
@@ -154,6 +172,10 @@ impl Qcow2 {
     }
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.file
+    }
+    /// How the image is encrypted (None: plain).
+    pub fn encryption(&self) -> Option<&crate::crypto::Encryption> {
+        self.encryption.as_ref()
     }
     pub fn lazy_refcounts(&self) -> bool {
         self.lock().lazy

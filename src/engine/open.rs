@@ -9,6 +9,7 @@
 use super::backing::open_backing;
 use super::cache::TableCache;
 use super::check::{FIX_ERRORS, FIX_LEAKS};
+use super::crypt::open_encryption;
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
@@ -67,11 +68,6 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let cb = header.cluster_bits;
 
-        if header.crypt_method != 0 {
-            return Err(Error::Unsupported(
-                "encrypted qcow2 images are not supported by oxqcow".into(),
-            ));
-        }
         if header.incompatible_features & INCOMPAT_DATA_FILE != 0 || header.data_file.is_some() {
             return Err(Error::Unsupported(
                 "qcow2 images with an external data file are not supported by oxqcow".into(),
@@ -187,6 +183,8 @@ impl Qcow2 {
             }
         }
 
+        let (encryption, cipher) = open_encryption(&*file, &header, file_len, opts)?;
+
         let lazy = opts
             .lazy_refcounts
             .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
@@ -289,6 +287,8 @@ impl Qcow2 {
             size: AtomicU64::new(size),
             file_end: AtomicU64::new(file_len),
             compression_type,
+            encryption,
+            cipher,
             version,
             writable: opts.writable,
             writethrough: opts.writethrough,

@@ -72,7 +72,7 @@ pub struct Args {
     /// Force shared permissions (accepted; oxqcow takes no image locks)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Define an object (secrets are not used: encryption is not implemented)
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
     #[arg(long = "object", value_name = "OBJECTDEF")]
     object: Vec<String>,
     /// Treat FILE as an option string (driver=qcow2,file.filename=...)
@@ -180,7 +180,11 @@ pub fn run(a: Args) -> CliResult<()> {
         s.out.flush();
         return Ok(());
     }
-    let _ = (a.misalign, a.native_aio, &a.trace, a.force_share, &a.object);
+    let _ = (a.misalign, a.native_aio, &a.trace, a.force_share);
+    if let Err(m) = crate::secret::define(&a.object) {
+        s.error(&m);
+        std::process::exit(1);
+    }
     let mut flags = Flags::default();
     if a.nocache {
         flags.nocache = true;

@@ -907,6 +907,15 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
                 lines.push(format!("    lazy refcounts: {lazy}"));
             }
             lines.push(format!("    refcount bits: {}", 1u32 << h.refcount_order));
+            if let Some(e) = q.encryption() {
+                let o = crate::util::Obj::new().put(
+                    "encrypt",
+                    crate::util::Json::Obj(crate::info::encrypt_info(e)),
+                );
+                let mut t = String::new();
+                crate::util::dump_human(&o, 4, &mut t);
+                lines.extend(t.lines().map(String::from));
+            }
             if v3 {
                 let corrupt = h.incompatible_features & oxqcow::format::INCOMPAT_CORRUPT != 0;
                 lines.push(format!("    corrupt: {corrupt}"));

@@ -568,11 +568,13 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
         }
         if fmt == "qcow2" {
             if let Some(bk) = k.strip_prefix("backing.") {
-                if bk == "node-name" || bk == "driver" || bk.starts_with("file.") {
+                if bk == "node-name"
+                    || bk == "driver"
+                    || bk.starts_with("file.")
+                    || bk == "encrypt.key-secret"
+                    || bk == "encrypt.format"
+                {
                     continue;
-                }
-                if bk.starts_with("encrypt.") {
-                    return Err("oxqcow does not implement qcow2 encryption".to_string());
                 }
                 return Err(format!(
                     "Block format 'qcow2' does not support the option '{k}'"
@@ -584,8 +586,11 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
             if k == "data-file" || k.starts_with("data-file.") {
                 return Err("oxqcow does not implement qcow2 external data files".to_string());
             }
-            if k.starts_with("encrypt.") {
-                return Err("oxqcow does not implement qcow2 encryption".to_string());
+            if let Some(e) = k.strip_prefix("encrypt.") {
+                if e == "key-secret" || e == "format" {
+                    continue;
+                }
+                return Err(format!("Parameter '{e}' is unexpected"));
             }
         }
         if fmt == "raw" && (k == "offset" || k == "size") {
@@ -884,6 +889,21 @@ fn qcow2_options(
             );
         }
         oo.lazy_refcounts = Some(on);
+    }
+    let crypt_method = header(36).map(|b| u32::from_be_bytes(b[32..36].try_into().unwrap()));
+    let (fmt, secret) = crate::secret::encrypt_open_options(map, "", crypt_method)?;
+    oo.encrypt_format = fmt;
+    oo.key_secret = secret;
+    if map.keys().any(|k| k.starts_with("backing.encrypt.")) {
+        // The backing file's header is not looked at here: its secret is
+        // resolved whether it is encrypted or not.
+        let (fmt, secret) = crate::secret::encrypt_open_options(map, "backing.", Some(1))?;
+        oo.backing = Some(Box::new(OpenOptions {
+            encrypt_format: fmt,
+            key_secret: secret,
+            backing: None,
+            ..oo.clone()
+        }));
     }
     Ok(())
 }

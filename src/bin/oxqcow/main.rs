@@ -18,6 +18,7 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+mod secret;
 mod snapshot;
 mod util;
 
