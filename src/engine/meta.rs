@@ -37,10 +37,11 @@ pub enum MetaKind {
     RefcountBlock,
     SnapshotTable,
     InactiveL1,
+    BitmapDirectory,
 }
 
 impl MetaKind {
-    fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             MetaKind::Header => "qcow2_header",
             MetaKind::ActiveL1 => "active L1 table",
@@ -49,6 +50,7 @@ impl MetaKind {
             MetaKind::RefcountBlock => "refcount block",
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::BitmapDirectory => "bitmap directory",
         }
     }
 }
@@ -175,6 +177,9 @@ impl Meta {
             MetaKind::RefcountTable,
         );
         range(&mut m, snap_table.0, snap_table.1, MetaKind::SnapshotTable);
+        if let Some((off, len)) = super::bitmaps::directory_region(&self.header) {
+            range(&mut m, off, len, MetaKind::BitmapDirectory);
+        }
         for &(off, size) in &snapshots {
             range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);
         }

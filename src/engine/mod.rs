@@ -9,6 +9,7 @@
 
 mod amend;
 mod backing;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
@@ -90,6 +91,8 @@ pub struct Qcow2 {
     closed: AtomicBool,
     flushes: Mutex<FlushTickets>,
     flush_done: Condvar,
+    /// Persistent dirty bitmaps of a read-write session (see bitmaps.rs).
+    bitmaps: Mutex<bitmaps::Bitmaps>,
 }
 
 /// Group-commit bookkeeping for [`Qcow2::flush`].
@@ -289,6 +292,7 @@ impl Qcow2 {
     fn resize_unchecked(&self, new_size: u64) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
+        self.bitmaps_lock().check_resizable()?;
         let cs = self.cs;
         let old = m.header.size;
         if new_size > create::max_size(self.cb) {
@@ -340,6 +344,7 @@ impl Qcow2 {
         m.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        self.bitmaps_lock().resize(new_size);
         Ok(())
     }
 
@@ -395,7 +400,8 @@ impl Qcow2 {
         self.size().div_ceil(l2_span) * l2_span
     }
 
-    /// Flushes everything and, with lazy refcounts, clears the dirty bit.
+    /// Flushes everything, writes the persistent bitmaps back and, with
+    /// lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -405,6 +411,9 @@ impl Qcow2 {
             return Ok(());
         }
         m.flush_all()?;
+        if !m.corrupt {
+            self.bitmaps_lock().store(&mut m, self.size())?;
+        }
         m.trim_zero_tail()?;
         if m.is_dirty() && !m.corrupt {
             m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
