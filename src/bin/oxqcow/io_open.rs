@@ -1372,11 +1372,16 @@ impl Dev {
         match &self.be {
             Backend::Img(i) => {
                 let unmap = unmap && self.flags.unmap;
+                // The persistent bitmaps record the request, not the
+                // pieces (some widened to whole clusters) it is cut into.
                 match i {
                     Image::Qcow2(q) if self.zero_limits.is_some() => {
-                        limited_write_zeroes(q, off, len, unmap, self.zero_limits.unwrap())?
+                        let l = self.zero_limits.unwrap();
+                        q.as_one_request(off, len, || limited_write_zeroes(q, off, len, unmap, l))?
                     }
-                    Image::Qcow2(q) => qcow2_write_zeroes(q, off, len, unmap)?,
+                    Image::Qcow2(q) => {
+                        q.as_one_request(off, len, || qcow2_write_zeroes(q, off, len, unmap))?
+                    }
                     Image::Raw(_) => i.write_zeroes(off, len, unmap).map_err(|e| e.errno())?,
                 }
                 if fua || self.flags.writethrough {
