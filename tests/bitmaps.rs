@@ -471,6 +471,34 @@ fn library_requests_set_the_granules_they_touch() {
 }
 
 #[test]
+fn info_lists_bitmaps_as_qemu_img_does() {
+    let dir = Scratch::new("bitmaps-info");
+    let p = qemu_image(&dir, "i.qcow2");
+    let f = p.display().to_string();
+    let same = |what: &str| {
+        for out in ["human", "json"] {
+            let o = format!("--output={out}");
+            let strip = |s: String| {
+                s.lines()
+                    .filter(|l| !l.contains("disk size") && !l.contains("actual-size"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            let (c1, o1, e1) = run("qemu-img", &["info", &o, &f]);
+            let (c2, o2, e2) = run(BIN, &["info", &o, &f]);
+            assert_eq!((c1, e1.is_empty()), (0, true), "{what}");
+            assert_eq!((c2, strip(o2)), (c1, strip(o1)), "{what} {out}: {e2}");
+        }
+    };
+    same("consistent");
+    let o = io(BIN, &p, &["write 0 64k"]);
+    assert_eq!(o.0, 0, "{o:?}");
+    same("after an oxqcow session");
+    let _ = run("qemu-io", &["-c", "write 6M 64k", "-c", "abort", &f]);
+    same("in use");
+}
+
+#[test]
 fn shrinking_drops_granules_past_the_end() {
     let dir = Scratch::new("bitmaps-shrink");
     let p = qemu_image(&dir, "s.qcow2");
