@@ -116,6 +116,14 @@ impl Qcow2 {
                 "compat=0.10 requires refcount_bits=16".into()
             }));
         }
+        if new_version < 3 && super::bitmaps::active_ext(&hdr).is_some() {
+            // v2 has no autoclear bits: QEMU 10 downgrades anyway and the
+            // bitmaps are lost (inconsistent) at the next open; refuse
+            // instead of losing them silently.
+            return Err(Error::Unsupported(
+                "Cannot downgrade an image with persistent dirty bitmaps (remove them with 'qemu-img bitmap --remove' first)".into(),
+            ));
+        }
         {
             let m = self.lock();
             m.ensure_writable()?;

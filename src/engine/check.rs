@@ -187,6 +187,9 @@ impl Meta {
             self.header.refcount_table_offset,
             self.header.refcount_table_clusters as u64 * cs,
         );
+        for (off, len) in super::bitmaps::referenced_regions(self)? {
+            refs.inc(w, cs, off, len);
+        }
         for (i, &e) in self.reftable.clone().iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 {

@@ -206,6 +206,7 @@ impl Qcow2 {
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         self.lock().ensure_writable()?;
+        self.track_write(off, buf.len() as u64);
         let mut pos = 0u64;
         let len = buf.len() as u64;
         while pos < len {

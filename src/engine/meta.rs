@@ -40,10 +40,11 @@ pub enum MetaKind {
     SnapshotTable,
     InactiveL1,
     CryptoHeader,
+    BitmapDirectory,
 }
 
 impl MetaKind {
-    fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             MetaKind::Header => "qcow2_header",
             MetaKind::ActiveL1 => "active L1 table",
@@ -53,6 +54,7 @@ impl MetaKind {
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
             MetaKind::CryptoHeader => "encryption header",
+            MetaKind::BitmapDirectory => "bitmap directory",
         }
     }
 }
@@ -192,6 +194,9 @@ impl Meta {
             // Untrusted: only the part inside the file can be written over.
             let len = len.min(self.durable_end.saturating_sub(off));
             range(&mut m, off, len, MetaKind::CryptoHeader);
+        }
+        if let Some((off, len)) = super::bitmaps::directory_region(&self.header) {
+            range(&mut m, off, len, MetaKind::BitmapDirectory);
         }
         for &(off, size) in &snapshots {
             range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);

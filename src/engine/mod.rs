@@ -9,6 +9,7 @@
 
 mod amend;
 mod backing;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
@@ -108,6 +109,8 @@ pub struct Qcow2 {
     closed: AtomicBool,
     flushes: Mutex<FlushTickets>,
     flush_done: Condvar,
+    /// Persistent dirty bitmaps of a read-write session (see bitmaps.rs).
+    bitmaps: Mutex<bitmaps::Bitmaps>,
 }
 
 /// Group-commit bookkeeping for [`Qcow2::flush`].
@@ -333,6 +336,7 @@ impl Qcow2 {
     fn resize_unchecked(&self, new_size: u64) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
+        self.bitmaps_lock().check_resizable()?;
         let cs = self.cs;
         let old = m.header.size;
         if new_size > create::max_size(self.cb) {
@@ -385,6 +389,7 @@ impl Qcow2 {
         m.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        self.bitmaps_lock().resize(new_size);
         Ok(())
     }
 
@@ -441,7 +446,8 @@ impl Qcow2 {
         self.size().div_ceil(l2_span) * l2_span
     }
 
-    /// Flushes everything and, with lazy refcounts, clears the dirty bit.
+    /// Flushes everything, writes the persistent bitmaps back and, with
+    /// lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
         let (tables, refblocks) = self.close_caches();
         tables.and(refblocks)
@@ -465,6 +471,11 @@ impl Qcow2 {
         let refblocks = m.write_refblocks().and_then(|_| m.sync());
         if tables.is_err() || refblocks.is_err() {
             return (tables, refblocks);
+        }
+        if !m.corrupt {
+            if let Err(e) = self.bitmaps_lock().store(&mut m, self.size()) {
+                return (Ok(()), Err(e));
+            }
         }
         let r = m.trim_zero_tail().and_then(|_| {
             if m.is_dirty() && !m.corrupt {

@@ -163,6 +163,7 @@ impl Session {
 
 pub fn run(a: Args) -> CliResult<()> {
     let prg = prgname();
+    crate::prefix_warnings(prg.clone());
     let mut s = Session {
         out: Out::new(),
         prg: prg.clone(),

@@ -825,14 +825,22 @@ fn truncate(s: &mut Session, size: u64, prealloc: &str) -> Result<(), (i32, Stri
             img.resize(size)
                 .map_err(|e| (e.errno(), truncate_errmsg(&e)))?;
             if prealloc != "off" && size > old {
-                // Allocate the new area with zeroed data clusters.
-                let zeros = vec![0u8; 1 << 20];
-                let mut pos = old;
-                while pos < size {
-                    let n = (size - pos).min(zeros.len() as u64);
-                    img.write_at(&zeros[..n as usize], pos)
-                        .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
-                    pos += n;
+                // Allocate the new area with zeroed data clusters. Part of
+                // the resize, not a guest write: no bitmap records it.
+                let fill = || -> Result<(), (i32, String)> {
+                    let zeros = vec![0u8; 1 << 20];
+                    let mut pos = old;
+                    while pos < size {
+                        let n = (size - pos).min(zeros.len() as u64);
+                        img.write_at(&zeros[..n as usize], pos)
+                            .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
+                        pos += n;
+                    }
+                    Ok(())
+                };
+                match img.qcow2() {
+                    Some(q) => q.as_one_request(old, 0, fill)?,
+                    None => fill()?,
                 }
             }
             if d.flags.writethrough {

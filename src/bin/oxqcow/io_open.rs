@@ -1204,10 +1204,15 @@ impl Dev {
     /// Zeros in the image as the block layer and qcow2 driver write them.
     pub(crate) fn zero_image(&self, off: u64, len: u64, unmap: bool) -> Result<(), i32> {
         match &self.be {
+            // The persistent bitmaps record the request, not the pieces
+            // (some widened to whole clusters) it is cut into.
             Backend::Img(Image::Qcow2(q)) if self.zero_limits.is_some() => {
-                limited_write_zeroes(q, off, len, unmap, self.zero_limits.unwrap())
+                let l = self.zero_limits.unwrap();
+                q.as_one_request(off, len, || limited_write_zeroes(q, off, len, unmap, l))
             }
-            Backend::Img(Image::Qcow2(q)) => qcow2_write_zeroes(q, off, len, unmap),
+            Backend::Img(Image::Qcow2(q)) => {
+                q.as_one_request(off, len, || qcow2_write_zeroes(q, off, len, unmap))
+            }
             Backend::Img(i) => i.write_zeroes(off, len, unmap).map_err(|e| e.errno()),
             Backend::Null { .. } => Ok(()),
         }
