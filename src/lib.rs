@@ -3,7 +3,8 @@
 //! Layers, each depending only on those before it:
 //! [`format`](mod@format) (on-disk types, pure) → [`storage`] (the host file) →
 //! [`engine`] (caches, allocator, mapping, I/O) → [`image`] (the safe API)
-//! → `ffi` (the C ABI) and the `oxqcow` tool.
+//! → `ffi` (the C ABI) and the `oxqcow` tool. [`nbd`] is a small NBD
+//! client: an export as a raw image or as the host file of a qcow2 image.
 
 pub mod engine;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod ffi;
 pub mod format;
 pub mod image;
 pub mod log;
+pub mod nbd;
 pub mod storage;
 
 pub use engine::{BlockStatus, CreateOptions, OpenOptions, Preallocation, Qcow2};

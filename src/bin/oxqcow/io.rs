@@ -11,6 +11,8 @@
 mod io_cmds;
 #[path = "io_fmt.rs"]
 mod io_fmt;
+#[path = "io_nbd.rs"]
+mod io_nbd;
 #[path = "io_open.rs"]
 pub(crate) mod io_open;
 

@@ -459,6 +459,19 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
         flags.unmap = f.unmap;
     }
     let (map, name, zero_limits) = strip_blkdebug(map, name)?;
+    if let Some(r) = crate::io::io_nbd::open(&map, name.as_deref(), &flags, req.snapshot) {
+        let (img, driver) = r?;
+        let mut explicit = map;
+        explicit.insert("driver".to_string(), driver.clone());
+        return Ok(Dev {
+            be: Backend::Img(img),
+            driver,
+            req,
+            explicit,
+            flags,
+            zero_limits,
+        });
+    }
     if let Some(n) = name.as_deref() {
         if let Some(p) = protocol_of(n) {
             return Err(unsupported_driver(p));
@@ -1252,6 +1265,11 @@ fn reads_zero(q: &oxqcow::Qcow2, off: u64, len: u64) -> Result<bool, i32> {
     Ok(true)
 }
 
+/// The errno of an I/O error (EIO when it has none).
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
 /// An errno as strerror() words it.
 pub fn strerror(errno: i32) -> String {
     crate::util::ioerr(&std::io::Error::from_raw_os_error(errno))
@@ -1324,6 +1342,11 @@ impl Dev {
             return Ok(());
         }
         match &self.be {
+            Backend::Img(Image::Nbd(n)) => {
+                // The server makes the data durable itself (FUA).
+                let fua = (fua || self.flags.writethrough) && !self.flags.no_flush;
+                n.client().write_at(buf, off, fua).map_err(|e| errno_of(&e))
+            }
             Backend::Img(i) => {
                 i.write_at(buf, off).map_err(|e| e.errno())?;
                 if fua || self.flags.writethrough {
@@ -1378,6 +1401,13 @@ impl Dev {
                     }
                     Image::Qcow2(q) => qcow2_write_zeroes(q, off, len, unmap)?,
                     Image::Raw(_) => i.write_zeroes(off, len, unmap).map_err(|e| e.errno())?,
+                    Image::Nbd(n) => {
+                        let fua = (fua || self.flags.writethrough) && !self.flags.no_flush;
+                        return n
+                            .client()
+                            .write_zeroes(off, len, unmap, fua)
+                            .map_err(|e| errno_of(&e));
+                    }
                 }
                 if fua || self.flags.writethrough {
                     self.flush_inner()?;
