@@ -20,6 +20,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_oxqcow");
+
+/// A socket path short enough for sun_path (108 bytes) wherever the
+/// scratch directory is: in the system's temporary directory.
+fn short_sock(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("oxq-{tag}-{}-{n}.sock", std::process::id()))
+}
 const MIB: u64 = 1 << 20;
 
 /// A daemonized NBD server (qemu-nbd --fork, nbdkit without -f), known
@@ -54,7 +63,7 @@ impl Server {
 
     /// qemu-nbd -k SOCK --fork ARGS (ARGS end with the file).
     fn qemu_nbd(dir: &Scratch, args: &[&str]) -> Server {
-        let sock = dir.path("qnbd.sock");
+        let sock = short_sock("qnbd");
         let pidf = dir.path("qnbd.pid");
         let mut a = vec![
             "--fork".to_string(),
@@ -68,7 +77,7 @@ impl Server {
 
     /// nbdkit -U SOCK -P PIDFILE ARGS.
     fn nbdkit(dir: &Scratch, args: &[&str]) -> Server {
-        let sock = dir.path("nbdkit.sock");
+        let sock = short_sock("nbdkit");
         let pidf = dir.path("nbdkit.pid");
         let mut a = vec![
             "-U".to_string(),
@@ -112,6 +121,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.signal(libc::SIGKILL);
+        let _ = std::fs::remove_file(&self.sock);
     }
 }
 
@@ -426,7 +436,7 @@ fn export_names_and_errors() {
         err(&format!("nbd+unix:///bar?socket={s}")),
         "Requested export not available\nserver reported: export 'bar' not present"
     );
-    let missing = dir.path("none.sock").display().to_string();
+    let missing = short_sock("none").display().to_string();
     assert_eq!(
         err(&format!("nbd:unix:{missing}")),
         format!("Failed to connect to '{missing}': No such file or directory (os error 2)")
@@ -506,7 +516,7 @@ fn server_that_goes_away() {
     assert!(e.to_string().starts_with("Failed to connect to '"), "{e}");
 
     // A server that closes during the handshake.
-    let sock = dir.path("closer.sock");
+    let sock = short_sock("closer");
     let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let t = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
@@ -524,6 +534,7 @@ fn server_that_goes_away() {
         "{e}"
     );
     t.join().unwrap();
+    let _ = std::fs::remove_file(&sock);
 }
 
 /// Runs qemu-io or `oxqcow io` (as "qemu-io") and returns its output
@@ -572,7 +583,8 @@ fn oxqcow_io_matches_qemu_io() {
     let raw_opts = format!(
         "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={s},file.export=e"
     );
-    let missing = dir.path("missing.sock").display().to_string();
+    let missing = short_sock("missing").display().to_string();
+    let long = format!("{}/{}.sock", dir.0.display(), "x".repeat(100));
     let cases: Vec<Vec<&str>> = vec![
         vec![
             "-f",
@@ -645,6 +657,7 @@ fn oxqcow_io_matches_qemu_io() {
         ],
         vec!["-f", "raw", "-c", "read 16M 1", "-c", "truncate 32M", &uri],
         vec!["-f", "raw", "-c", "read 0 1", "nbd:unix:MISSING"],
+        vec!["-f", "raw", "-c", "read 0 1", "nbd:unix:LONG"],
         vec![
             "-f",
             "raw",
@@ -663,7 +676,11 @@ fn oxqcow_io_matches_qemu_io() {
     for case in cases {
         let args: Vec<String> = case
             .iter()
-            .map(|a| a.replace("MISSING", &missing).replace("SOCK", &s))
+            .map(|a| {
+                a.replace("MISSING", &missing)
+                    .replace("LONG", &long)
+                    .replace("SOCK", &s)
+            })
             .collect();
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let theirs = io_run(false, &a);

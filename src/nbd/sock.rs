@@ -22,6 +22,10 @@ impl Sock {
         let failed =
             |e: io::Error| Error::io(format!("Failed to connect to '{}'", t.addr_text()), e);
         match &t.addr {
+            NbdAddr::Unix(p) if p.as_os_str().len() >= 108 => Err(Error::InvalidArgument(format!(
+                "UNIX socket path '{}' is too long\nPath must be less than 108 bytes",
+                p.display()
+            ))),
             NbdAddr::Unix(p) => UnixStream::connect(p).map(Sock::Unix).map_err(failed),
             NbdAddr::Tcp { host, port } => {
                 let addrs: Vec<_> = (host.as_str(), *port)
