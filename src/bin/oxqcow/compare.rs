@@ -75,7 +75,7 @@ impl Side {
         };
         let raw = match &img {
             Image::Raw(_) => File::open(name).ok(),
-            Image::Qcow2(_) => None,
+            Image::Qcow2(_) | Image::Nbd(_) => None,
         };
         Side {
             size: virtual_size(&img),

@@ -161,7 +161,7 @@ pub fn run(a: Args) -> CliResult<()> {
     // A raw source's holes can be skipped without reading them.
     let src_file = match &src {
         Image::Raw(_) => File::open(&a.source).ok(),
-        Image::Qcow2(_) => None,
+        Image::Qcow2(_) | Image::Nbd(_) => None,
     };
     let cluster = match (&dst, a.compress) {
         (Image::Qcow2(q), true) => Some(q.cluster_size()),

@@ -89,6 +89,14 @@ fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
     };
     let img = oxqcow::Image::open(std::path::Path::new(path), fmt, &opts)
         .map_err(|e| crate::util::errmsg(&e))?;
+    if let Some(c) = img.nbd() {
+        return Ok(nbd_report(c.name(), virtual_size(&img)));
+    }
+    if oxqcow::nbd::is_nbd_name(path) {
+        return Err(format!(
+            "{path}: oxqcow info reads qcow2 images from files only, not over NBD"
+        ));
+    }
     let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {}", ioerr(&e)))?;
     // QEMU counts the file in whole sectors.
     let file_len = meta.len().div_ceil(512) * 512;
@@ -206,6 +214,39 @@ fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
         human,
         backing,
     })
+}
+
+/// A raw disk served over NBD: QEMU names it by its URI, reports the
+/// nbd protocol node as its child and no disk size.
+fn nbd_report(name: &str, vsize: u64) -> ImageReport {
+    let child = Obj::new()
+        .put("children", Json::List(vec![]))
+        .put_int("virtual-size", vsize)
+        .put_str("filename", name)
+        .put_str("format", "nbd");
+    let json = Obj::new()
+        .put(
+            "children",
+            Json::List(vec![Json::Obj(
+                Obj::new()
+                    .put_str("name", "file")
+                    .put("info", Json::Obj(child)),
+            )]),
+        )
+        .put_int("virtual-size", vsize)
+        .put_str("filename", name)
+        .put_str("format", "raw");
+    let size = format!("{} ({vsize} bytes)", size_to_str(vsize));
+    let human = format!(
+        "image: {name}\nfile format: raw\nvirtual size: {size}\ndisk size: unavailable\n\
+         Child node '/file':\n    filename: {name}\n    protocol type: nbd\n\
+         \x20   file length: {size}\n    disk size: unavailable\n"
+    );
+    ImageReport {
+        json,
+        human,
+        backing: None,
+    }
 }
 
 /// The "format-specific" data of a qcow2 image, in QAPI field order.

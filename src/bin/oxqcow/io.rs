@@ -17,6 +17,8 @@ mod io_cor;
 mod io_filters;
 #[path = "io_fmt.rs"]
 mod io_fmt;
+#[path = "io_nbd.rs"]
+mod io_nbd;
 #[path = "io_open.rs"]
 pub(crate) mod io_open;
 

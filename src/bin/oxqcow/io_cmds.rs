@@ -882,8 +882,13 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
     ) {
         lines.push(lines[0].clone());
     }
+    if d.driver == "nbd" {
+        lines.push("format name: nbd+unix".into());
+    }
     let ret = match &d.be {
-        Backend::Null { .. } => -libc::ENOTSUP,
+        // The nbd driver has no driver information: qemu-io prints the
+        // format name(s) and fails quietly.
+        Backend::Null { .. } | Backend::Img(oxqcow::Image::Nbd(_)) => -libc::ENOTSUP,
         Backend::Img(oxqcow::Image::Raw(_)) => {
             lines.push("cluster size: 0 bytes".into());
             lines.push("vm state offset: 0 bytes".into());

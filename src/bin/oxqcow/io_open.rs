@@ -326,6 +326,23 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
     let (map, cor_node) = io_filters::strip_cor(map)?;
     let st = io_filters::strip_blkdebug(map, name)?;
     let (map, name, zero_limits, nodes) = (st.map, st.name, st.limits, st.nodes);
+    if let Some(r) = crate::io::io_nbd::open(&map, name.as_deref(), &flags, req.snapshot) {
+        let (img, driver) = r?;
+        let mut explicit = map;
+        explicit.insert("driver".to_string(), driver.clone());
+        return Ok(Dev {
+            be: Backend::Img(img),
+            driver,
+            req,
+            explicit,
+            flags,
+            zero_limits,
+            top_dbg: Vec::new(),
+            debug: None,
+            msgs: Arc::default(),
+            cor: cor_node,
+        });
+    }
     if let Some(n) = name.as_deref() {
         if let Some(p) = protocol_of(n) {
             return Err(unsupported_driver(p));
@@ -1054,6 +1071,11 @@ fn reads_zero(q: &oxqcow::Qcow2, off: u64, len: u64) -> Result<bool, i32> {
     Ok(true)
 }
 
+/// The errno of an I/O error (EIO when it has none).
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
 /// An errno as strerror() words it.
 pub fn strerror(errno: i32) -> String {
     crate::util::ioerr(&std::io::Error::from_raw_os_error(errno))
@@ -1135,6 +1157,11 @@ impl Dev {
             return Ok(());
         }
         match &self.be {
+            Backend::Img(Image::Nbd(n)) => {
+                // The server makes the data durable itself (FUA).
+                let fua = (fua || self.flags.writethrough) && !self.flags.no_flush;
+                n.client().write_at(buf, off, fua).map_err(|e| errno_of(&e))
+            }
             Backend::Img(i) => {
                 let wt = fua || self.flags.writethrough;
                 self.through_top(off, buf.len() as u64, IoType::Write, wt, || {
@@ -1213,6 +1240,10 @@ impl Dev {
             Backend::Img(Image::Qcow2(q)) => {
                 q.as_one_request(off, len, || qcow2_write_zeroes(q, off, len, unmap))
             }
+            Backend::Img(Image::Nbd(n)) => n
+                .client()
+                .write_zeroes(off, len, unmap, false)
+                .map_err(|e| errno_of(&e)),
             Backend::Img(i) => i.write_zeroes(off, len, unmap).map_err(|e| e.errno()),
             Backend::Null { .. } => Ok(()),
         }

@@ -62,7 +62,7 @@ pub fn run(a: Args) -> CliResult<()> {
     let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
     let q = match &img {
         Image::Qcow2(q) => Some(q),
-        Image::Raw(_) => None,
+        Image::Raw(_) | Image::Nbd(_) => None,
     };
     let unsupported = || strerror_of(&Error::Unsupported(String::new()));
     match action {
