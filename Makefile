@@ -93,7 +93,9 @@ install-check: all
 	@MAKE="$(MAKE)" CC="$(CC)" BUILD="$(BUILD)" c-tests/install-check.sh
 
 # oxqcow against QEMU's qcow2 driver, side by side (scripts/bench.py; no
-# assertions). BENCH_SCALE=small for a quick run, BENCH_REPS=N repetitions.
+# assertions), then qemu-nbd against nbdkit + our plugin over NBD (scripts/bench_nbd.py).
+# BENCH_SCALE=small for a quick run, BENCH_REPS=N repetitions, BENCH_NBD=0 (skip the
+# NBD section) or BENCH_NBD=only.
 bench: all
 	python3 scripts/bench.py
 

@@ -4,6 +4,9 @@ alternating, in one run; prints medians and ratios (oxqcow / QEMU, and each
 / a raw file).
 
 In process, `qemu-img bench` and `oxqcow bench` get the same arguments.
+Then, over NBD (scripts/bench_nbd.py), qemu-nbd -f qcow2 against nbdkit
+with our plugin, both driven by `qemu-img bench -f raw nbd+unix://...`;
+BENCH_NBD=0 skips that section, BENCH_NBD=only runs it alone.
 Everything runs in BENCH_DIR (default build/bench); sizes shrink with
 BENCH_SCALE=small for a quick look. No result is asserted: machines are
 shared and noisy, and the numbers are for people.
@@ -16,6 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_nbd  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OXQCOW = os.path.join(ROOT, "target", "release", "oxqcow")
@@ -108,6 +114,10 @@ def main():
         sys.exit("build first: make")
     shutil.rmtree(DIR, ignore_errors=True)
     os.makedirs(DIR)
+    nbd = os.environ.get("BENCH_NBD", "1")
+    if nbd == "only":
+        bench_nbd.main()
+        return
     n1 = 500 if SMALL else 4000
     seq = 1024 if SMALL else 16384  # x 64 KiB = 1 GiB
     rows = []
@@ -138,6 +148,8 @@ def main():
     rows += chain_and_convert()
     rows += open_and_check()
     report(rows)
+    if nbd != "0":
+        bench_nbd.main()
 
 
 def chain_and_convert():

@@ -1,8 +1,12 @@
 //! The safe Rust API: an [`Image`] is an open qcow2 or raw image with one
-//! set of operations, whatever its format.
+//! set of operations, whatever its format. A raw image may also be an NBD
+//! export (`Image::Nbd`), and a qcow2 image may live on one: names such as
+//! `nbd:unix:SOCKET` or `nbd+unix:///EXPORT?socket=SOCKET` are opened over
+//! the network, as QEMU opens them.
 
 use crate::engine::{probe, BlockStatus, Layer, OpenOptions, Qcow2};
 use crate::error::{Error, Result};
+use crate::nbd::{is_nbd_name, NbdClient, NbdStorage, NbdTarget};
 use crate::storage::{FileStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +15,14 @@ use std::sync::Arc;
 pub enum Image {
     Qcow2(Box<Qcow2>),
     Raw(RawImage),
+    /// A raw disk served over NBD.
+    Nbd(NbdImage),
+}
+
+/// An NBD export read and written as a raw disk.
+pub struct NbdImage {
+    client: Arc<NbdClient>,
+    writable: bool,
 }
 
 /// A raw image: guest bytes are file bytes.
@@ -21,8 +33,12 @@ pub struct RawImage {
 }
 
 impl Image {
-    /// Opens `path`; `format` None probes it.
+    /// Opens `path`; `format` None probes it. An NBD name (see
+    /// [`crate::nbd::NbdTarget::parse`]) connects to its server.
     pub fn open(path: &Path, format: Option<&str>, opts: &OpenOptions) -> Result<Image> {
+        if let Some(name) = path.to_str().filter(|n| is_nbd_name(n)) {
+            return Image::open_nbd(&NbdTarget::parse(name)?, format, opts);
+        }
         let fmt = match format {
             Some(f) => f,
             None => probe(path)?,
@@ -69,10 +85,63 @@ impl Image {
         }
     }
 
+    /// Opens an NBD export as a raw disk, or as the host file of a qcow2
+    /// image (`format` "qcow2", or None and the export starts with the
+    /// qcow2 magic).
+    pub fn open_nbd(target: &NbdTarget, format: Option<&str>, opts: &OpenOptions) -> Result<Image> {
+        let client = Arc::new(NbdClient::connect(target)?);
+        let name = client.name().to_string();
+        if opts.writable && client.read_only() {
+            return Err(Error::ReadOnly(format!(
+                "{name}: the NBD export is read-only"
+            )));
+        }
+        let fmt = match format {
+            Some(f) => f,
+            None => {
+                let mut b = [0u8; 8];
+                if client.size() >= 8 {
+                    client
+                        .read_at(&mut b, 0)
+                        .map_err(|e| Error::io(format!("{name}: read"), e))?;
+                }
+                let magic = u32::from_be_bytes(b[..4].try_into().unwrap());
+                let version = u32::from_be_bytes(b[4..].try_into().unwrap());
+                if magic == crate::format::QCOW_MAGIC && version >= 2 {
+                    "qcow2"
+                } else {
+                    "raw"
+                }
+            }
+        };
+        match fmt {
+            "raw" => Ok(Image::Nbd(NbdImage {
+                client,
+                writable: opts.writable,
+            })),
+            "qcow2" => {
+                let storage: Arc<dyn Storage> = Arc::new(NbdStorage(client));
+                let q = Qcow2::open_storage(storage, Path::new(&name), opts)?;
+                Ok(Image::Qcow2(Box::new(q)))
+            }
+            other => Err(Error::InvalidArgument(format!(
+                "Unknown file format '{other}'"
+            ))),
+        }
+    }
+
     pub fn format(&self) -> &'static str {
         match self {
             Image::Qcow2(_) => "qcow2",
-            Image::Raw(_) => "raw",
+            Image::Raw(_) | Image::Nbd(_) => "raw",
+        }
+    }
+
+    /// The NBD connection of a raw image served over NBD.
+    pub fn nbd(&self) -> Option<&NbdClient> {
+        match self {
+            Image::Nbd(n) => Some(&n.client),
+            _ => None,
         }
     }
 
@@ -80,6 +149,7 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.size(),
             Image::Raw(r) => r.file.len().unwrap_or(0),
+            Image::Nbd(n) => n.client.size(),
         }
     }
 
@@ -87,6 +157,7 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.read_at(buf, off),
             Image::Raw(r) => r.file.read_at(buf, off).map_err(|e| r.io("read", e)),
+            Image::Nbd(n) => n.client.read_at(buf, off).map_err(|e| n.io("read", e)),
         }
     }
 
@@ -96,6 +167,12 @@ impl Image {
             Image::Raw(r) => {
                 r.check_writable()?;
                 r.file.write_at(buf, off).map_err(|e| r.io("write", e))
+            }
+            Image::Nbd(n) => {
+                n.check_writable()?;
+                n.client
+                    .write_at(buf, off, false)
+                    .map_err(|e| n.io("write", e))
             }
         }
     }
@@ -109,6 +186,12 @@ impl Image {
                     .punch_hole(off, len)
                     .map_err(|e| r.io("write zeroes", e))
             }
+            Image::Nbd(n) => {
+                n.check_writable()?;
+                n.client
+                    .write_zeroes(off, len, unmap, false)
+                    .map_err(|e| n.io("write zeroes", e))
+            }
         }
     }
 
@@ -119,6 +202,10 @@ impl Image {
                 r.check_writable()?;
                 r.file.punch_hole(off, len).map_err(|e| r.io("discard", e))
             }
+            Image::Nbd(n) => {
+                n.check_writable()?;
+                n.client.trim(off, len).map_err(|e| n.io("discard", e))
+            }
         }
     }
 
@@ -126,6 +213,7 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.flush(),
             Image::Raw(r) => r.file.sync().map_err(|e| r.io("flush", e)),
+            Image::Nbd(n) => n.client.flush().map_err(|e| n.io("flush", e)),
         }
     }
 
@@ -136,6 +224,11 @@ impl Image {
                 r.check_writable()?;
                 r.file.set_len(size).map_err(|e| r.io("truncate", e))
             }
+            Image::Nbd(n) if size == n.client.size() => Ok(()),
+            Image::Nbd(n) if size > n.client.size() => {
+                Err(Error::Unsupported("Cannot grow NBD nodes".into()))
+            }
+            Image::Nbd(_) => Err(Error::Unsupported("Cannot shrink NBD nodes".into())),
         }
     }
 
@@ -149,6 +242,21 @@ impl Image {
                 },
                 len,
             )),
+            Image::Nbd(n) => {
+                let (flags, n_len) = n
+                    .client
+                    .block_status(off, len)
+                    .map_err(|e| n.io("block status", e))?;
+                let st = if flags & crate::nbd::proto::STATE_ZERO != 0 {
+                    BlockStatus::Zero { depth: 0 }
+                } else {
+                    BlockStatus::Data {
+                        host: Some(off),
+                        depth: 0,
+                    }
+                };
+                Ok((st, n_len))
+            }
         }
     }
 
@@ -157,13 +265,22 @@ impl Image {
             Image::Qcow2(q) => q.close(),
             Image::Raw(r) if r.writable => r.file.sync().map_err(|e| r.io("flush", e)),
             Image::Raw(_) => Ok(()),
+            Image::Nbd(n) => {
+                let r = if n.writable {
+                    n.client.flush().map_err(|e| n.io("flush", e))
+                } else {
+                    Ok(())
+                };
+                n.client.disconnect();
+                r
+            }
         }
     }
 
     pub fn qcow2(&self) -> Option<&Qcow2> {
         match self {
             Image::Qcow2(q) => Some(q),
-            Image::Raw(_) => None,
+            Image::Raw(_) | Image::Nbd(_) => None,
         }
     }
 
@@ -172,6 +289,7 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.storage().allocated_size().unwrap_or(0),
             Image::Raw(r) => r.file.allocated_size().unwrap_or(0),
+            Image::Nbd(_) => 0,
         }
     }
 
@@ -207,5 +325,25 @@ impl Image {
             name: name.to_string(),
             writable,
         })
+    }
+}
+
+impl NbdImage {
+    /// The connection, for requests the generic API does not have (FUA).
+    pub fn client(&self) -> &NbdClient {
+        &self.client
+    }
+    fn io(&self, what: &str, e: std::io::Error) -> Error {
+        Error::io(format!("{}: {what}", self.client.name()), e)
+    }
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly(format!(
+                "{}: image is opened read-only",
+                self.client.name()
+            )))
+        }
     }
 }

@@ -136,10 +136,19 @@ pub fn open_backing(
     };
     match fmt.as_str() {
         "qcow2" => {
+            let base = match &opts.backing {
+                Some(b) => (**b).clone(),
+                None => OpenOptions {
+                    key_secret: None,
+                    encrypt_format: None,
+                    ..opts.clone()
+                },
+            };
             let o = OpenOptions {
                 writable: false,
                 chain_depth: depth + 1,
-                ..opts.clone()
+                metadata_only: opts.metadata_only,
+                ..base
             };
             Ok(Box::new(Qcow2::open(&path, &o)?))
         }

@@ -56,6 +56,7 @@ impl Qcow2 {
             )));
         }
         self.check_range(off, data.len() as u64)?;
+        self.track_write(off, data.len() as u64);
         let mut full = data.to_vec();
         full.resize(cs as usize, 0);
         let Some(packed) = compress(self.compression_type, &full) else {

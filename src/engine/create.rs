@@ -1,7 +1,8 @@
 //! Image creation, byte for byte as `qemu-img create -f qcow2` lays it out:
 //! header, refcount table and first refcount block in clusters 0–2, the
-//! full header rewrite, the L1 table sized for the image, the backing file,
-//! then preallocation.
+//! full header rewrite, the L1 table sized for the image, preallocation,
+//! the backing file, then encryption (the LUKS header in the clusters after
+//! everything else).
 
 use super::backing::resolve;
 use super::{OpenOptions, Qcow2};
@@ -57,6 +58,9 @@ pub struct CreateOptions {
     /// default of 1 MiB where the file system takes it; a hint given
     /// explicitly must be set, and fit in 32 bits.
     pub extent_size_hint: Option<u64>,
+    /// Encrypt the image (the resolved `encrypt.*` options, with the
+    /// password; see `crypto::encrypt_create_from_options`).
+    pub encrypt: Option<crate::crypto::EncryptCreate>,
 }
 
 impl Default for CreateOptions {
@@ -72,6 +76,7 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             compression_type: 0,
             extent_size_hint: None,
+            encrypt: None,
         }
     }
 }
@@ -126,9 +131,11 @@ impl CreateOptions {
                     }
                 }
             }
+            // Encryption needs a secret, which an option string cannot
+            // carry: callers resolve `encrypt.*` options into `encrypt`.
             "encryption" | "encrypt.format" if bool_opt(value).ok() != Some(false) => {
                 return Err(Error::Unsupported(
-                    "qcow2 encryption is not supported by oxqcow".into(),
+                    "qcow2 encryption needs a key secret, which this interface cannot pass".into(),
                 ))
             }
             "encryption" => {}
@@ -372,6 +379,9 @@ pub fn create_on(file: Arc<dyn Storage>, path: &Path, o: &CreateOptions) -> Resu
         m.header.backing_file = Some(b.clone());
         m.header.backing_format = o.backing_fmt.clone();
         m.write_header()?;
+    }
+    if let Some(e) = &o.encrypt {
+        img.set_up_encryption(e)?;
     }
     img.close()
 }

@@ -39,10 +39,12 @@ pub enum MetaKind {
     RefcountBlock,
     SnapshotTable,
     InactiveL1,
+    CryptoHeader,
+    BitmapDirectory,
 }
 
 impl MetaKind {
-    fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             MetaKind::Header => "qcow2_header",
             MetaKind::ActiveL1 => "active L1 table",
@@ -51,6 +53,8 @@ impl MetaKind {
             MetaKind::RefcountBlock => "refcount block",
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::CryptoHeader => "encryption header",
+            MetaKind::BitmapDirectory => "bitmap directory",
         }
     }
 }
@@ -186,6 +190,14 @@ impl Meta {
             MetaKind::RefcountTable,
         );
         range(&mut m, snap_table.0, snap_table.1, MetaKind::SnapshotTable);
+        if let Some((off, len)) = self.header.crypto_header {
+            // Untrusted: only the part inside the file can be written over.
+            let len = len.min(self.durable_end.saturating_sub(off));
+            range(&mut m, off, len, MetaKind::CryptoHeader);
+        }
+        if let Some((off, len)) = super::bitmaps::directory_region(&self.header) {
+            range(&mut m, off, len, MetaKind::BitmapDirectory);
+        }
         for &(off, size) in &snapshots {
             range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);
         }

@@ -9,11 +9,13 @@
 
 mod amend;
 mod backing;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
 mod compressed_write;
 mod create;
+mod crypt;
 mod io;
 mod meta;
 mod open;
@@ -59,6 +61,19 @@ pub struct OpenOptions {
     pub check_mode: bool,
     /// Position in a backing chain (0 for the top image).
     pub chain_depth: u32,
+    /// The password of an encrypted image (the data of the secret QEMU's
+    /// `encrypt.key-secret` names). Not passed down to backing files.
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// The encryption format the caller expects (QEMU's `encrypt.format`);
+    /// an image with another one is refused.
+    pub encrypt_format: Option<crate::crypto::Format>,
+    /// Open to look at metadata only (QEMU's `BDRV_O_NO_IO`, what
+    /// `qemu-img info` does): an encrypted image needs no password, and
+    /// its guest data can then be neither read nor written.
+    pub metadata_only: bool,
+    /// Options for the backing file (QEMU's `backing.*`); None: these
+    /// options, read-only, without the password.
+    pub backing: Option<Box<OpenOptions>>,
 }
 
 /// The allocation state of a guest range, as block status reports it.
@@ -87,12 +102,18 @@ pub struct Qcow2 {
     size: AtomicU64,
     file_end: AtomicU64,
     compression_type: u8,
+    /// How the image is encrypted, if it is.
+    encryption: Option<crate::crypto::Encryption>,
+    /// The keyed data cipher (None: not encrypted, or opened metadata only).
+    cipher: Option<crate::crypto::DataCipher>,
     version: u32,
     writable: bool,
     writethrough: bool,
     closed: AtomicBool,
     flushes: Mutex<FlushTickets>,
     flush_done: Condvar,
+    /// Persistent dirty bitmaps of a read-write session (see bitmaps.rs).
+    bitmaps: Mutex<bitmaps::Bitmaps>,
 }
 
 /// Group-commit bookkeeping for [`Qcow2::flush`].
@@ -157,6 +178,10 @@ impl Qcow2 {
     }
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.file
+    }
+    /// How the image is encrypted (None: plain).
+    pub fn encryption(&self) -> Option<&crate::crypto::Encryption> {
+        self.encryption.as_ref()
     }
     pub fn lazy_refcounts(&self) -> bool {
         self.lock().lazy
@@ -314,6 +339,7 @@ impl Qcow2 {
     fn resize_unchecked(&self, new_size: u64) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
+        self.bitmaps_lock().check_resizable()?;
         let cs = self.cs;
         let old = m.header.size;
         if new_size > create::max_size(self.cb) {
@@ -366,6 +392,7 @@ impl Qcow2 {
         m.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        self.bitmaps_lock().resize(new_size);
         if new_size < old {
             m.truncate_to_used()?;
         }
@@ -425,7 +452,8 @@ impl Qcow2 {
         self.size().div_ceil(l2_span) * l2_span
     }
 
-    /// Flushes everything and, with lazy refcounts, clears the dirty bit.
+    /// Flushes everything, writes the persistent bitmaps back and, with
+    /// lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
         let (tables, refblocks) = self.close_caches();
         tables.and(refblocks)
@@ -449,6 +477,11 @@ impl Qcow2 {
         let refblocks = m.write_refblocks().and_then(|_| m.sync());
         if tables.is_err() || refblocks.is_err() {
             return (tables, refblocks);
+        }
+        if !m.corrupt {
+            if let Err(e) = self.bitmaps_lock().store(&mut m, self.size()) {
+                return (Ok(()), Err(e));
+            }
         }
         let r = m.trim_zero_tail().and_then(|_| {
             if m.is_dirty() && !m.corrupt {

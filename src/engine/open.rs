@@ -7,8 +7,10 @@
 //! allocation is sized by an unchecked count.
 
 use super::backing::open_backing;
+use super::bitmaps;
 use super::cache::TableCache;
 use super::check::{FIX_ERRORS, FIX_LEAKS};
+use super::crypt::open_encryption;
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
@@ -67,11 +69,6 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let cb = header.cluster_bits;
 
-        if header.crypt_method != 0 {
-            return Err(Error::Unsupported(
-                "encrypted qcow2 images are not supported by oxqcow".into(),
-            ));
-        }
         if header.incompatible_features & INCOMPAT_DATA_FILE != 0 || header.data_file.is_some() {
             return Err(Error::Unsupported(
                 "qcow2 images with an external data file are not supported by oxqcow".into(),
@@ -91,14 +88,11 @@ impl Qcow2 {
         if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
             return Err(Error::Invalid("data-file-raw requires a data file".into()));
         }
-        if header.bitmaps_ext.is_some()
-            && header.autoclear_features & AUTOCLEAR_BITMAPS != 0
-            && opts.writable
-        {
-            return Err(Error::Unsupported(
-                "qcow2 images with persistent dirty bitmaps can only be opened read-only by oxqcow"
-                    .into(),
-            ));
+        // A stale bitmaps extension (autoclear bit 0 cleared by a program
+        // without bitmap support) is dropped by the next header write.
+        let drop_bitmaps = bitmaps::stale_ext(&header) && opts.writable;
+        if drop_bitmaps {
+            header.bitmaps_ext = None;
         }
 
         // Refcount table.
@@ -187,6 +181,8 @@ impl Qcow2 {
             }
         }
 
+        let (encryption, cipher) = open_encryption(&*file, &header, file_len, opts)?;
+
         let lazy = opts
             .lazy_refcounts
             .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
@@ -274,7 +270,11 @@ impl Qcow2 {
             snapshot_table: snap_table,
         };
         meta.rebuild_metadata_map();
-        if clear_autoclear {
+        // Validated on every open; held in memory (and tracked) only by a
+        // read-write session on an image not marked corrupt.
+        let track_bitmaps = opts.writable && !meta.corrupt;
+        let bitmaps = bitmaps::load(&mut meta, size, track_bitmaps)?;
+        if clear_autoclear || drop_bitmaps {
             meta.write_header()?;
         }
         let img = Qcow2 {
@@ -289,12 +289,15 @@ impl Qcow2 {
             size: AtomicU64::new(size),
             file_end: AtomicU64::new(file_len),
             compression_type,
+            encryption,
+            cipher,
             version,
             writable: opts.writable,
             writethrough: opts.writethrough,
             closed: AtomicBool::new(!opts.writable),
             flushes: Default::default(),
             flush_done: Condvar::new(),
+            bitmaps: Default::default(),
         };
         if dirty && opts.writable && !opts.check_mode {
             // Lazy refcounts left the image dirty: repair before first use,
@@ -310,6 +313,13 @@ impl Qcow2 {
                 }
                 Err(e) => return Err(Error::Corrupt(format!("Could not repair dirty image: {e}"))),
             }
+        }
+        if track_bitmaps {
+            let mut bitmaps = bitmaps;
+            let mut m = img.lock();
+            bitmaps.mark_in_use(&mut m)?;
+            drop(m);
+            *img.bitmaps_lock() = bitmaps;
         }
         Ok(img)
     }

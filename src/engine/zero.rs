@@ -15,6 +15,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_range(off, len)?;
         self.lock().ensure_writable()?;
+        self.track_write(off, len);
         let end = off + len;
         let (a, b) = self.whole_clusters(off, end);
         if a >= b {
@@ -144,6 +145,7 @@ impl Qcow2 {
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_range(off, len)?;
         self.lock().ensure_writable()?;
+        self.track_write(off, len);
         if self.version < 3 && self.backing.is_some() {
             // v2 has no zero flag: unmapping would expose the backing
             // file, so QEMU 10 leaves the data alone, and so do we.

@@ -31,7 +31,10 @@ pub struct Args {
     /// Open the image in shared mode (read-only checks only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// FILENAME is an option string (driver=qcow2,file.filename=...)
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Treat the image names as option strings (driver=qcow2,file.filename=F,encrypt.key-secret=ID)
     #[arg(long = "image-opts")]
     image_opts: bool,
     /// Image file
@@ -40,6 +43,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> CliResult<()> {
     let _ = &a.cache;
+    crate::secret::define(&a.object)?;
     let fix = match a.repair.as_deref() {
         None => 0,
         Some("leaks") => FIX_LEAKS,

@@ -35,7 +35,10 @@ pub struct Args {
     /// Open the images in shared mode (accepted, ignored)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Both images are option strings (driver=qcow2,file.filename=...)
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Treat the image names as option strings (driver=qcow2,file.filename=F,encrypt.key-secret=ID)
     #[arg(long = "image-opts")]
     image_opts: bool,
     /// First image
@@ -174,6 +177,9 @@ pub fn run(a: Args) -> CliResult<()> {
     };
     if a.image_opts && a.fmt2.is_some() {
         fail_with(2, "--image-opts and -F are mutually exclusive");
+    }
+    if let Err(m) = crate::secret::define(&a.object) {
+        fail_with(2, &m);
     }
     let s1 = Side::open(&a.filename1, a.image_opts, a.fmt1.as_deref());
     let s2 = Side::open(&a.filename2, a.image_opts, a.fmt2.as_deref());

@@ -12,6 +12,9 @@ mod job;
 use crate::create::create_raw;
 use crate::img_util::{open_image, open_named, QProgress};
 use crate::util::{errmsg, parse_img_size, split_opts, virtual_size, CliResult};
+use oxqcow::crypto::{
+    check_encrypt_option_syntax, encrypt_create_from_options, is_encrypt_option, EncryptCreate,
+};
 use oxqcow::engine::{create, CreateOptions};
 use oxqcow::{Image, OpenOptions};
 use std::fs::File;
@@ -68,6 +71,9 @@ pub struct Args {
     /// Accepted for compatibility (the source is always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// Source image (or json:{...}, or an option string with --image-opts)
     source: String,
     /// Destination image
@@ -114,6 +120,7 @@ pub fn run(a: Args) -> CliResult<()> {
     if a.compress && a.out_fmt != "qcow2" {
         return Err("Compression not supported for this file format".into());
     }
+    crate::secret::define(&a.object)?;
     let target = Target::from_args(&a);
     if target.backing.is_some() && a.out_fmt == "raw" {
         return Err("Backing file not supported for file format 'raw'".into());
@@ -172,21 +179,30 @@ fn convert(
     sparse: u64,
     progress: &mut QProgress,
 ) -> CliResult<()> {
+    if a.compress && target.options.iter().any(|(k, _)| is_encrypt_option(k)) {
+        return Err("Compression and encryption not supported at the same time".into());
+    }
     let ro = OpenOptions::default();
     let src = open_named(&a.source, a.image_opts, a.fmt.as_deref(), &ro)?;
     let size = virtual_size(&src.img);
     let dst_name = a.destination.clone();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
+    let mut encrypted_prealloc = false;
+    let mut opts = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
     if !a.no_create {
         if target.backing.is_some() && target.backing_fmt.is_none() {
             return Err("Use of backing file requires explicit backing format".into());
         }
-        create_target(Path::new(&a.destination), &a.out_fmt, target, size).map_err(fail)?;
+        let (encrypt, prealloc) =
+            create_target(Path::new(&a.destination), &a.out_fmt, target, size).map_err(fail)?;
+        if let Some(e) = encrypt {
+            opts.key_secret = Some(e.password);
+            encrypted_prealloc = prealloc;
+        }
     }
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
     let dst = open_image(&a.destination, Some(&a.out_fmt), &opts)?;
     if a.no_create && dst.size() < size {
         return Err("output file is smaller than input file".into());
@@ -207,7 +223,8 @@ fn convert(
         src_file: src_file.as_ref(),
         size,
         sparse,
-        zero_init: !a.no_create && !has_backing,
+        // A preallocated encrypted image does not read as zeros.
+        zero_init: !a.no_create && !has_backing && !encrypted_prealloc,
         cluster,
         ordered: !a.oob_writes,
         top_only: has_backing,
@@ -218,8 +235,14 @@ fn convert(
     closed
 }
 
-/// Creates the destination, empty, with the source's size.
-pub fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult<()> {
+/// Creates the destination, empty, with the source's size. Returns its
+/// encryption and whether it is preallocated.
+pub fn create_target(
+    path: &Path,
+    fmt: &str,
+    t: &Target,
+    size: u64,
+) -> CliResult<(Option<EncryptCreate>, bool)> {
     if fmt == "raw" {
         let mut prealloc = "off".to_string();
         let mut hint = None;
@@ -236,18 +259,26 @@ pub fn create_target(path: &Path, fmt: &str, t: &Target, size: u64) -> CliResult
                 _ => return Err(format!("Invalid parameter '{k}'")),
             }
         }
-        return create_raw(path, size, &prealloc, hint);
+        return create_raw(path, size, &prealloc, hint).map(|_| (None, false));
     }
     let mut co = CreateOptions::default();
+    let mut encrypt_opts = Vec::new();
     for (k, v) in &t.options {
         match k.as_str() {
             "size" => {}
             "version" => return Err("Invalid parameter 'version'".into()),
+            _ if is_encrypt_option(k) => encrypt_opts.push((k.clone(), v.clone())),
             _ => co.set(k, v).map_err(|e| errmsg(&e))?,
         }
     }
     co.size = size;
     co.backing_file = t.backing.clone();
     co.backing_fmt = t.backing_fmt.clone();
-    create(path, &co).map_err(|e| errmsg(&e))
+    check_encrypt_option_syntax(&encrypt_opts).map_err(|e| errmsg(&e))?;
+    co.encrypt = encrypt_create_from_options(&encrypt_opts, &mut |id| {
+        crate::secret::get(id).map_err(oxqcow::Error::InvalidArgument)
+    })
+    .map_err(|e| errmsg(&e))?;
+    create(path, &co).map_err(|e| errmsg(&e))?;
+    Ok((co.encrypt, co.preallocation != oxqcow::Preallocation::Off))
 }

@@ -77,7 +77,9 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
     if path.is_empty() {
         return Err("Could not open '': The 'file' block driver requires a file name".into());
     }
-    if let Err(e) = std::fs::File::open(path) {
+    if oxqcow::nbd::is_nbd_name(path) {
+        // An NBD export: the library connects; errors name the server.
+    } else if let Err(e) = std::fs::File::open(path) {
         return Err(format!(
             "Could not open '{path}': Could not open '{path}': {}",
             ioerr(&e)
@@ -99,7 +101,7 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
             None => format!("{own}{msg}"),
         }
     })?;
-    if fmt.is_none() && opts.writable && matches!(img, Image::Raw(_)) {
+    if fmt.is_none() && opts.writable && matches!(img, Image::Raw(_) | Image::Nbd(_)) {
         eprintln!("WARNING: Image format was not specified for '{path}' and probing guessed raw.");
         eprintln!("         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.");
         eprintln!("         Specify the 'raw' format explicitly to remove the restrictions.");

@@ -17,6 +17,8 @@ mod io_cor;
 pub(crate) mod io_filters;
 #[path = "io_fmt.rs"]
 pub(crate) mod io_fmt;
+#[path = "io_nbd.rs"]
+pub(crate) mod io_nbd;
 
 use crate::blockopts;
 use crate::io_open::{self, aio_mode_ok, Dev, Flags, OpenReq};
@@ -71,7 +73,7 @@ pub struct Args {
     /// Force shared permissions (accepted; oxqcow takes no image locks)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Define an object (secrets are not used: encryption is not implemented)
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
     #[arg(long = "object", value_name = "OBJECTDEF")]
     object: Vec<String>,
     /// Treat FILE as an option string (driver=qcow2,file.filename=...)
@@ -152,6 +154,7 @@ impl Session {
 
 pub fn run(a: Args) -> CliResult<()> {
     let prg = crate::util::prgname().to_string();
+    crate::prefix_warnings(prg.clone());
     let mut s = Session {
         out: Out::new(),
         prg: prg.clone(),
@@ -169,7 +172,11 @@ pub fn run(a: Args) -> CliResult<()> {
         s.out.flush();
         return Ok(());
     }
-    let _ = (a.misalign, a.native_aio, &a.trace, a.force_share, &a.object);
+    let _ = (a.misalign, a.native_aio, &a.trace, a.force_share);
+    if let Err(m) = crate::secret::define(&a.object) {
+        s.error(&m);
+        std::process::exit(1);
+    }
     let mut flags = Flags::default();
     if a.nocache {
         flags.nocache = true;

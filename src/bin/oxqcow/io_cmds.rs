@@ -826,14 +826,22 @@ fn truncate(s: &mut Session, size: u64, prealloc: &str) -> Result<(), (i32, Stri
             img.resize(size)
                 .map_err(|e| (e.errno(), truncate_errmsg(&e)))?;
             if prealloc != "off" && size > old {
-                // Allocate the new area with zeroed data clusters.
-                let zeros = vec![0u8; 1 << 20];
-                let mut pos = old;
-                while pos < size {
-                    let n = (size - pos).min(zeros.len() as u64);
-                    img.write_at(&zeros[..n as usize], pos)
-                        .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
-                    pos += n;
+                // Allocate the new area with zeroed data clusters. Part of
+                // the resize, not a guest write: no bitmap records it.
+                let fill = || -> Result<(), (i32, String)> {
+                    let zeros = vec![0u8; 1 << 20];
+                    let mut pos = old;
+                    while pos < size {
+                        let n = (size - pos).min(zeros.len() as u64);
+                        img.write_at(&zeros[..n as usize], pos)
+                            .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
+                        pos += n;
+                    }
+                    Ok(())
+                };
+                match img.qcow2() {
+                    Some(q) => q.as_one_request(old, 0, fill)?,
+                    None => fill()?,
                 }
             }
             if d.flags.writethrough {
@@ -875,8 +883,13 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
     ) {
         lines.push(lines[0].clone());
     }
+    if d.driver == "nbd" {
+        lines.push("format name: nbd+unix".into());
+    }
     let ret = match &d.be {
-        Backend::Null { .. } => -libc::ENOTSUP,
+        // The nbd driver has no driver information: qemu-io prints the
+        // format name(s) and fails quietly.
+        Backend::Null { .. } | Backend::Img(oxqcow::Image::Nbd(_)) => -libc::ENOTSUP,
         Backend::Img(oxqcow::Image::Raw(_)) => {
             lines.push("cluster size: 0 bytes".into());
             lines.push("vm state offset: 0 bytes".into());
@@ -908,6 +921,15 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
                 lines.push(format!("    lazy refcounts: {lazy}"));
             }
             lines.push(format!("    refcount bits: {}", 1u32 << h.refcount_order));
+            if let Some(e) = q.encryption() {
+                let o = crate::util::Obj::new().put(
+                    "encrypt",
+                    crate::util::Json::Obj(crate::info::encrypt_info(e)),
+                );
+                let mut t = String::new();
+                crate::util::dump_human(&o, 4, &mut t);
+                lines.extend(t.lines().map(String::from));
+            }
             if v3 {
                 let corrupt = h.incompatible_features & oxqcow::format::INCOMPAT_CORRUPT != 0;
                 lines.push(format!("    corrupt: {corrupt}"));

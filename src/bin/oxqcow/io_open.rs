@@ -266,6 +266,23 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
     let (map, cor_node) = io_filters::strip_cor(map)?;
     let st = io_filters::strip_blkdebug(map, name)?;
     let (map, name, zero_limits, nodes) = (st.map, st.name, st.limits, st.nodes);
+    if let Some(r) = crate::io::io_nbd::open(&map, name.as_deref(), &flags, req.snapshot) {
+        let (img, driver) = r?;
+        let mut explicit = map;
+        explicit.insert("driver".to_string(), driver.clone());
+        return Ok(Dev {
+            be: Backend::Img(img),
+            driver,
+            req,
+            explicit,
+            flags,
+            zero_limits,
+            top_dbg: Vec::new(),
+            debug: None,
+            msgs: Arc::default(),
+            cor: cor_node,
+        });
+    }
     if let Some(n) = name.as_deref() {
         if let Some(p) = crate::blockopts::protocol_of(n) {
             return Err(unsupported_driver(p));
@@ -508,11 +525,13 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
         }
         if fmt == "qcow2" {
             if let Some(bk) = k.strip_prefix("backing.") {
-                if bk == "node-name" || bk == "driver" || bk.starts_with("file.") {
+                if bk == "node-name"
+                    || bk == "driver"
+                    || bk.starts_with("file.")
+                    || bk == "encrypt.key-secret"
+                    || bk == "encrypt.format"
+                {
                     continue;
-                }
-                if bk.starts_with("encrypt.") {
-                    return Err("oxqcow does not implement qcow2 encryption".to_string());
                 }
                 return Err(format!(
                     "Block format 'qcow2' does not support the option '{k}'"
@@ -524,8 +543,11 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
             if k == "data-file" || k.starts_with("data-file.") {
                 return Err("oxqcow does not implement qcow2 external data files".to_string());
             }
-            if k.starts_with("encrypt.") {
-                return Err("oxqcow does not implement qcow2 encryption".to_string());
+            if let Some(e) = k.strip_prefix("encrypt.") {
+                if e == "key-secret" || e == "format" {
+                    continue;
+                }
+                return Err(format!("Parameter '{e}' is unexpected"));
             }
         }
         if fmt == "raw" && (k == "offset" || k == "size") {
@@ -858,6 +880,21 @@ fn qcow2_options(
         }
         oo.lazy_refcounts = Some(on);
     }
+    let crypt_method = header(36).map(|b| u32::from_be_bytes(b[32..36].try_into().unwrap()));
+    let (fmt, secret) = crate::secret::encrypt_open_options(map, "", crypt_method)?;
+    oo.encrypt_format = fmt;
+    oo.key_secret = secret;
+    if map.keys().any(|k| k.starts_with("backing.encrypt.")) {
+        // The backing file's header is not looked at here: its secret is
+        // resolved whether it is encrypted or not.
+        let (fmt, secret) = crate::secret::encrypt_open_options(map, "backing.", Some(1))?;
+        oo.backing = Some(Box::new(OpenOptions {
+            encrypt_format: fmt,
+            key_secret: secret,
+            backing: None,
+            ..oo.clone()
+        }));
+    }
     Ok(())
 }
 
@@ -1007,6 +1044,11 @@ fn reads_zero(q: &oxqcow::Qcow2, off: u64, len: u64) -> Result<bool, i32> {
     Ok(true)
 }
 
+/// The errno of an I/O error (EIO when it has none).
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
 /// An errno as strerror() words it.
 pub fn strerror(errno: i32) -> String {
     crate::util::ioerr(&std::io::Error::from_raw_os_error(errno))
@@ -1111,6 +1153,11 @@ impl Dev {
             return Ok(());
         }
         match &self.be {
+            Backend::Img(Image::Nbd(n)) => {
+                // The server makes the data durable itself (FUA).
+                let fua = (fua || self.flags.writethrough) && !self.flags.no_flush;
+                n.client().write_at(buf, off, fua).map_err(|e| errno_of(&e))
+            }
             Backend::Img(i) => {
                 let wt = fua || self.flags.writethrough;
                 self.through_top(off, buf.len() as u64, IoType::Write, wt, || {
@@ -1180,10 +1227,19 @@ impl Dev {
     /// Zeros in the image as the block layer and qcow2 driver write them.
     pub(crate) fn zero_image(&self, off: u64, len: u64, unmap: bool) -> Result<(), i32> {
         match &self.be {
+            // The persistent bitmaps record the request, not the pieces
+            // (some widened to whole clusters) it is cut into.
             Backend::Img(Image::Qcow2(q)) if self.zero_limits.is_some() => {
-                limited_write_zeroes(q, off, len, unmap, self.zero_limits.unwrap())
+                let l = self.zero_limits.unwrap();
+                q.as_one_request(off, len, || limited_write_zeroes(q, off, len, unmap, l))
             }
-            Backend::Img(Image::Qcow2(q)) => qcow2_write_zeroes(q, off, len, unmap),
+            Backend::Img(Image::Qcow2(q)) => {
+                q.as_one_request(off, len, || qcow2_write_zeroes(q, off, len, unmap))
+            }
+            Backend::Img(Image::Nbd(n)) => n
+                .client()
+                .write_zeroes(off, len, unmap, false)
+                .map_err(|e| errno_of(&e)),
             Backend::Img(i) => i.write_zeroes(off, len, unmap).map_err(|e| e.errno()),
             Backend::Null { .. } => Ok(()),
         }

@@ -23,6 +23,7 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+mod secret;
 mod snapshot;
 mod util;
 
@@ -113,6 +114,7 @@ fn main() {
             }
         }
     };
+    prefix_warnings(util::prgname().to_string());
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Dd(a) => dd::run(a),
@@ -137,4 +139,17 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// Library warnings (`warning: ...`) get the program's name in front, as
+/// QEMU's warn_report() prints them; the library's other report lines
+/// (check findings, `qcow2: Marking image as corrupt: ...`) go out as they are.
+pub fn prefix_warnings(prog: String) {
+    oxqcow::log::set_hook(Some(Box::new(move |l: &str| {
+        if l.starts_with("warning: ") {
+            eprintln!("{prog}: {l}");
+        } else {
+            eprintln!("{l}");
+        }
+    })));
 }

@@ -155,6 +155,11 @@ pub fn run(a: Args) -> CliResult<()> {
     };
     let end = start.saturating_add(max_len).min(size);
     let mut layers = chain(&img, &named.name, named.file.as_deref());
+    // A raw NBD export: the server's allocation, named by its URI.
+    let nbd = img.nbd().is_some();
+    if let Some(c) = img.nbd() {
+        layers[0].name = c.name().to_string();
+    }
     let mut entries: Vec<Entry> = Vec::new();
     let mut pos = start;
     while pos < end {
@@ -165,7 +170,22 @@ pub fn run(a: Args) -> CliResult<()> {
                 a.filename
             ));
         }
-        for e in describe(&mut layers, st, pos, n)? {
+        let found = if nbd {
+            let zero = matches!(st, BlockStatus::Zero { .. });
+            vec![Entry {
+                start: pos,
+                length: n,
+                depth: 0,
+                present: true,
+                zero,
+                data: !zero,
+                compressed: false,
+                offset: Some(pos),
+            }]
+        } else {
+            describe(&mut layers, st, pos, n)?
+        };
+        for e in found {
             match entries.last_mut() {
                 Some(last) if last.mergeable(&e) => last.length += e.length,
                 _ => entries.push(e),

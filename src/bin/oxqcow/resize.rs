@@ -96,6 +96,7 @@ pub fn run(a: Args) -> CliResult<()> {
                 e => errmsg(&e),
             })?;
         }
+        Image::Nbd(_) => img.resize(new).map_err(|e| errmsg(&e))?,
         Image::Raw(_) => {
             if prealloc == "metadata" {
                 return Err("Unsupported preallocation mode: metadata".into());

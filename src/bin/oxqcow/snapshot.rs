@@ -65,7 +65,7 @@ pub fn run(a: Args) -> CliResult<()> {
     let img = open_named(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?.img;
     let q = match &img {
         Image::Qcow2(q) => Some(q),
-        Image::Raw(_) => None,
+        Image::Raw(_) | Image::Nbd(_) => None,
     };
     let unsupported = || strerror_of(&Error::Unsupported(String::new()));
     match action {

@@ -66,7 +66,7 @@ pub fn open_ro(path: &str, fmt: Option<&str>, no_backing: bool) -> CliResult<Ima
 /// The virtual size QEMU reports: raw images count whole 512-byte sectors.
 pub fn virtual_size(img: &Image) -> u64 {
     match img {
-        Image::Raw(_) => img.size().div_ceil(512) * 512,
+        Image::Raw(_) | Image::Nbd(_) => img.size().div_ceil(512) * 512,
         Image::Qcow2(_) => img.size(),
     }
 }
