@@ -326,12 +326,15 @@ impl Qcow2 {
             m.l2_for_write(first)?;
             let never_written = m.written_end;
             let mut host = m.alloc_clusters(need_alloc)?;
+            m.allocs_since_flush += need_alloc;
             // A run that was never written can have its L2 entries written
             // before its data (rule 1's exception) once the file durably
-            // covers it. Only worth it when every write is flushed at once.
+            // covers it. Only worth it when every write is flushed at once
+            // (writethrough, or flushes that follow nearly every write).
             // Not with encryption: zeros on disk do not read as zeros there.
+            let flushed_often = self.writethrough || m.flush_follows_writes;
             let zero_run =
-                host >= never_written && self.writethrough && m.lazy && self.cipher.is_none();
+                host >= never_written && flushed_often && m.lazy && self.cipher.is_none();
             if zero_run {
                 m.reserve_zero_tail(host + need_alloc * cs)?;
             }

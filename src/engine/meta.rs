@@ -87,6 +87,13 @@ pub struct Meta {
     /// the next guest allocation flushes first so that it can reuse the
     /// space instead of growing the file, as QEMU's allocator would.
     pub frees_pending: bool,
+    /// Clusters allocated for guest writes since the last flush the user
+    /// asked for, and whether those flushes come after (nearly) every
+    /// write: a write-back user that flushes like a writethrough one (NBD
+    /// FUA, a C caller pairing bdrv_pwrite with bdrv_flush) then gets the
+    /// writethrough allocation path (rule 1's zero-tail exception).
+    pub allocs_since_flush: u64,
+    pub flush_follows_writes: bool,
     pub metadata: HashMap<u64, MetaKind>,
     pub lazy: bool,
     pub writable: bool,
@@ -601,6 +608,17 @@ impl Meta {
             self.write_slot(Which::L2, off)?;
         }
         Ok(true)
+    }
+
+    /// Records a flush the user asked for (see `flush_follows_writes`).
+    pub fn note_user_flush(&mut self) {
+        /// At most this many clusters allocated between two flushes make
+        /// the flushes "after every write" (2 MiB with 64 KiB clusters).
+        const FEW: u64 = 32;
+        if self.allocs_since_flush > 0 {
+            self.flush_follows_writes = self.allocs_since_flush <= FEW;
+            self.allocs_since_flush = 0;
+        }
     }
 
     /// Writes the refcount blocks too, so that nothing is left dirty (close,

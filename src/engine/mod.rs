@@ -296,6 +296,7 @@ impl Qcow2 {
     /// data and linking while the disk works.
     fn flush_now(&self) -> Result<()> {
         let mut m = self.lock();
+        m.note_user_flush();
         if !m.write_l2_for_unlocked_sync()? {
             return m.flush();
         }

@@ -255,6 +255,8 @@ impl Qcow2 {
             free_cluster_index: 0,
             pending_unref: Vec::new(),
             frees_pending: false,
+            allocs_since_flush: 0,
+            flush_follows_writes: false,
             metadata: HashMap::new(),
             lazy,
             writable: opts.writable,
