@@ -679,3 +679,75 @@ fn abort_and_signals() {
     let r = run_io(true, &lazy, &c(&["read -P 0x5a 0 512"]), None);
     assert_eq!(r.status, "exit 0", "{}{}", r.out, r.err);
 }
+
+#[test]
+fn backing_driver_overrides_the_backing_format() {
+    // iotest 114: an image whose backing format extension names a driver
+    // that does not exist opens only with `backing.driver` overriding it.
+    let d = Scratch::new("io-backing-driver");
+    let base = d.path("base.img");
+    let b = base.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &b, "1M"]);
+    qemu_io(&base, &["write -P 0x5c 0 64k"]);
+    let img = d.path("top.img");
+    let t = img.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &t]);
+    {
+        let opts = oxqcow::OpenOptions {
+            writable: true,
+            no_backing: true,
+            ..Default::default()
+        };
+        let q = oxqcow::Qcow2::open(&img, &opts).unwrap();
+        q.change_backing_file(Some(&b), Some("foo")).unwrap();
+        q.close().unwrap();
+    }
+    for args in [
+        vec!["-c", "open IMG", "-c", "read -P 0x5c 0 4k"],
+        vec![
+            "-c",
+            "open -o backing.driver=qcow2 IMG",
+            "-c",
+            "read -P 0x5c 0 4k",
+        ],
+        vec![
+            "-c",
+            "open -o backing.driver=raw IMG",
+            "-c",
+            "read -P 0 0 4k",
+        ],
+    ] {
+        let theirs = run_io(false, &img, &args, None);
+        let ours = run_io(true, &img, &args, None);
+        assert_eq!(
+            (&ours.out, &ours.err, &ours.status),
+            (&theirs.out, &theirs.err, &theirs.status),
+            "{args:?}"
+        );
+    }
+    let ok = run_io(
+        true,
+        &img,
+        &[
+            "-c",
+            "open -o backing.driver=qcow2 IMG",
+            "-c",
+            "read -P 0x5c 0 4k",
+        ],
+        None,
+    );
+    assert!(ok.out.contains("read 4096/4096"), "{}", ok.out);
+    // The override reaches the engine: read through the overridden format.
+    let q = oxqcow::Qcow2::open(
+        &img,
+        &oxqcow::OpenOptions {
+            backing_format: Some("qcow2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    q.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x5c));
+    assert!(oxqcow::Qcow2::open(&img, &Default::default()).is_err());
+}

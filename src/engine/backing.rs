@@ -130,6 +130,7 @@ pub fn open_backing(
             let o = OpenOptions {
                 writable: false,
                 chain_depth: depth + 1,
+                backing_format: None,
                 ..opts.clone()
             };
             Ok(Box::new(Qcow2::open(&path, &o)?))

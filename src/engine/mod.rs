@@ -56,6 +56,10 @@ pub struct OpenOptions {
     pub check_mode: bool,
     /// Position in a backing chain (0 for the top image).
     pub chain_depth: u32,
+    /// Format of the backing file, overriding the image's backing format
+    /// extension (QEMU's `backing.driver`). Applies to this image's backing
+    /// file only, not further down the chain.
+    pub backing_format: Option<String>,
 }
 
 /// The allocation state of a guest range, as block status reports it.

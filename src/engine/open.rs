@@ -225,7 +225,9 @@ impl Qcow2 {
             (Some(b), false) => Some(open_backing(
                 path,
                 b,
-                header.backing_format.as_deref(),
+                opts.backing_format
+                    .as_deref()
+                    .or(header.backing_format.as_deref()),
                 opts.chain_depth,
                 opts,
             )?),

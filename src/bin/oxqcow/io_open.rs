@@ -1026,6 +1026,9 @@ fn qcow2_options(
     oo: &mut OpenOptions,
     inner: Option<&Image>,
 ) -> Result<(), String> {
+    if let Some(d) = map.get("backing.driver") {
+        oo.backing_format = Some(d.clone());
+    }
     if let Some(v) = map.get("backing") {
         if v.is_empty() {
             oo.no_backing = true;
