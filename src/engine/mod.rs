@@ -19,6 +19,7 @@ mod meta;
 mod open;
 mod refcount;
 mod snapshot;
+mod vmstate;
 mod zero;
 
 pub use amend::AmendOptions;

@@ -1338,6 +1338,29 @@ impl Dev {
         }
     }
 
+    /// `write -b`: bytes of the VM state area (qcow2 only, as in QEMU).
+    pub fn write_vmstate(&self, buf: &[u8], pos: u64) -> Result<(), i32> {
+        self.check_write()?;
+        match &self.be {
+            Backend::Img(Image::Qcow2(q)) => {
+                q.write_vmstate(buf, pos).map_err(|e| e.errno())?;
+                if self.flags.writethrough {
+                    self.flush_inner()?;
+                }
+                Ok(())
+            }
+            _ => Err(libc::ENOTSUP),
+        }
+    }
+
+    /// `read -b`: bytes of the VM state area.
+    pub fn read_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<(), i32> {
+        match &self.be {
+            Backend::Img(Image::Qcow2(q)) => q.read_vmstate(buf, pos).map_err(|e| e.errno()),
+            _ => Err(libc::ENOTSUP),
+        }
+    }
+
     /// qcow2's compressed write: cluster-aligned, whole clusters (or up
     /// to the end of the image), one compressed cluster at a time.
     pub fn write_compressed(&self, buf: &[u8], off: u64) -> Result<(), i32> {
