@@ -13,6 +13,6 @@ pub mod image;
 pub mod log;
 pub mod storage;
 
-pub use engine::{BlockStatus, CreateOptions, OpenOptions, Preallocation, Qcow2};
+pub use engine::{BlockStatus, CreateOptions, DataFileSource, OpenOptions, Preallocation, Qcow2};
 pub use error::{Error, Result};
 pub use image::Image;

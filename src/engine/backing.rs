@@ -27,6 +27,10 @@ pub trait Layer: Send + Sync {
     fn backing(&self) -> Option<&dyn Layer> {
         None
     }
+    /// The external data file holding the layer's data clusters, if any.
+    fn data_file(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A raw image used as a backing file.
@@ -131,6 +135,7 @@ pub fn open_backing(
                 writable: false,
                 chain_depth: depth + 1,
                 backing_format: None,
+                data_file: None,
                 ..opts.clone()
             };
             Ok(Box::new(Qcow2::open(&path, &o)?))

@@ -9,6 +9,7 @@
 use super::backing::open_backing;
 use super::cache::TableCache;
 use super::check::{FIX_ERRORS, FIX_LEAKS};
+use super::data_file::open_data_file;
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
@@ -72,11 +73,6 @@ impl Qcow2 {
                 "encrypted qcow2 images are not supported by oxqcow".into(),
             ));
         }
-        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 || header.data_file.is_some() {
-            return Err(Error::Unsupported(
-                "qcow2 images with an external data file are not supported by oxqcow".into(),
-            ));
-        }
         if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
             return Err(Error::Unsupported(
                 "qcow2 images with extended L2 entries are not supported by oxqcow".into(),
@@ -88,9 +84,7 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));
         }
-        if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
-            return Err(Error::Invalid("data-file-raw requires a data file".into()));
-        }
+        let data = open_data_file(&header, opts)?;
         if header.bitmaps_ext.is_some()
             && header.autoclear_features & AUTOCLEAR_BITMAPS != 0
             && opts.writable
@@ -245,6 +239,7 @@ impl Qcow2 {
         }
         let mut meta = Meta {
             file: file.clone(),
+            data_file: data.as_ref().map(|d| d.storage.clone()),
             name: name.clone(),
             header,
             cb,
@@ -281,6 +276,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             cond: Condvar::new(),
             file,
+            data,
             path: path.to_path_buf(),
             name,
             backing,

@@ -2,16 +2,19 @@
 //!
 //! Everything above this layer sees a [`Storage`]: the real file
 //! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`], and
-//! [`CrashStorage`], which also simulates power loss). This layer knows
+//! [`CrashStorage`], which also simulates power loss), or one with nothing
+//! behind it ([`NullStorage`], [`AbsentStorage`]). This layer knows
 //! nothing of qcow2 and never interprets the bytes it moves.
 
 mod crash;
 mod file;
 mod mem;
+mod null;
 
 pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
 pub use file::FileStorage;
 pub use mem::MemStorage;
+pub use null::{AbsentStorage, NullStorage};
 
 use std::io;
 
