@@ -804,3 +804,148 @@ fn vm_state_writes_and_reads() {
         None,
     );
 }
+
+#[test]
+fn external_data_files_and_their_options() {
+    // Each program gets its own image and data file; the commands and
+    // options are the same (DATA and X stand for paths).
+    let d = Scratch::new("io-datafile");
+    let x = d.path("x.raw");
+    std::fs::write(&x, vec![0x77u8; 1 << 20]).unwrap();
+    let plain = d.path("plain.img");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &plain.display().to_string(),
+        "1M",
+    ]);
+    let cases: &[&[&str]] = &[
+        &[
+            "-c",
+            "write -P 1 0 100k",
+            "-c",
+            "write -z 64k 64k",
+            "-c",
+            "write -z -u 128k 64k",
+            "-c",
+            "discard 1M 64k",
+            "-c",
+            "write -c 2M 64k",
+            "-c",
+            "write -P 3 3000 70000",
+            "-c",
+            "read -P 3 3000 70000",
+            "-c",
+            "map",
+            "IMG",
+        ],
+        &[
+            "-c",
+            "open -o data-file.filename=X IMG",
+            "-c",
+            "read -P 0x77 0 4k",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=raw,data-file.file.filename=X IMG",
+            "-c",
+            "read -P 0x77 1M 4k",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=null-co,data-file.size=4M IMG",
+            "-c",
+            "write 0 64k",
+            "-c",
+            "read -P 0 0 64k",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=null-co,data-file.read-zeroes=on IMG",
+            "-c",
+            "read -P 0 0 64k",
+        ],
+        &["-c", "open -o data-file=foo IMG"],
+        &["-c", "open -o data-file.driver=file IMG"],
+        &["-c", "open -o data-file.node-name=n IMG"],
+        &["-c", "open -o data-file.driver=raw IMG"],
+        &["-c", "open -o data-file.bogus=1,data-file.filename=X IMG"],
+        &[
+            "-c",
+            "open -o data-file.bogus=1,data-file.filename=/nonexistent IMG",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=null-co,data-file.bogus=1 IMG",
+        ],
+        &["-c", "open -o data-file.filename=X PLAIN"],
+        &[
+            "-c",
+            "write -b -P 5 0 64k",
+            "-c",
+            "read -b -P 5 0 64k",
+            "IMG",
+        ],
+    ];
+    for (i, args) in cases.iter().enumerate() {
+        let mut outs = Vec::new();
+        for ours in [false, true] {
+            let img = d.path(&format!("{i}-{ours}.img"));
+            let data = d.path(&format!("{i}-{ours}.data"));
+            let o = format!("data_file={}", data.display());
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                &img.display().to_string(),
+                "4M",
+            ]);
+            let a: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    a.replace("PLAIN", &plain.display().to_string())
+                        .replace("X", &x.display().to_string())
+                })
+                .collect();
+            let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            let r = run_io(ours, &img, &a, None);
+            let data_name = data.display().to_string();
+            outs.push((
+                r.out.replace(&data_name, "DATA"),
+                r.err.replace(&data_name, "DATA"),
+                r.status,
+            ));
+            if outs.last().unwrap().2 == "exit 0" {
+                assert_clean(&img);
+            }
+        }
+        assert_eq!(outs[0], outs[1], "{args:?}");
+        // Same guest view and the same data file.
+        let (qi, oi) = (
+            d.path(&format!("{i}-false.img")),
+            d.path(&format!("{i}-true.img")),
+        );
+        let (qd, od) = (
+            d.path(&format!("{i}-false.data")),
+            d.path(&format!("{i}-true.data")),
+        );
+        assert!(
+            std::fs::read(&qd).unwrap() == std::fs::read(&od).unwrap(),
+            "{args:?}: data files differ"
+        );
+        let (code, out, err) = run(
+            "qemu-img",
+            &[
+                "compare",
+                &qi.display().to_string(),
+                &oi.display().to_string(),
+            ],
+        );
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    }
+}

@@ -5,6 +5,9 @@
 //! (`Dev`): the I/O calls qemu-io's commands make, with errno results and
 //! the block layer's request checks.
 
+#[path = "io_datafile.rs"]
+mod io_datafile;
+
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -276,7 +279,7 @@ impl JsonP<'_> {
 }
 
 /// QEMU's boolean option values.
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
@@ -284,7 +287,7 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-fn parse_size_opt(key: &str, v: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_opt(key: &str, v: &str) -> Result<u64, String> {
     crate::io::io_fmt::strtosz(v).map_err(|_| {
         format!(
             "Parameter '{key}' expects a non-negative number below 2^64\n\
@@ -414,7 +417,7 @@ fn protocol_of(name: &str) -> Option<&str> {
     None
 }
 
-fn unsupported_driver(d: &str) -> String {
+pub(crate) fn unsupported_driver(d: &str) -> String {
     format!("oxqcow does not implement the '{d}' block driver")
 }
 
@@ -620,7 +623,7 @@ fn strip_blkdebug(
 }
 
 /// The options under `prefix` ("file."), with the prefix removed.
-fn child_opts(map: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+pub(crate) fn child_opts(map: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
     map.iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|r| (r.to_string(), v.clone())))
         .collect()
@@ -804,7 +807,7 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
                 continue;
             }
             if k == "data-file" || k.starts_with("data-file.") {
-                return Err("oxqcow does not implement qcow2 external data files".to_string());
+                continue; // io_datafile.rs
             }
             if k.starts_with("encrypt.") {
                 return Err("oxqcow does not implement qcow2 encryption".to_string());
@@ -825,7 +828,10 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
     Ok(())
 }
 
-fn check_protocol_opts(map: &BTreeMap<String, String>, driver: &str) -> Result<(), String> {
+pub(crate) fn check_protocol_opts(
+    map: &BTreeMap<String, String>,
+    driver: &str,
+) -> Result<(), String> {
     for k in map.keys() {
         if !FILE_OPTS.contains(&k.as_str()) {
             return Err(format!(
@@ -988,6 +994,9 @@ pub fn open_errmsg(e: &oxqcow::Error, path: &str) -> String {
     if is_strerror(rest) {
         return format!("{top}{rest}");
     }
+    if crate::img_util::data_file_error(path, rest) {
+        return collapse(rest);
+    }
     if let Some(r) = rest.strip_prefix("Could not open backing file '") {
         if let Some(i) = r.find("': ") {
             return format!("Could not open backing file: {}", collapse(&r[i + 3..]));
@@ -1029,6 +1038,7 @@ fn qcow2_options(
     if let Some(d) = map.get("backing.driver") {
         oo.backing_format = Some(d.clone());
     }
+    oo.data_file = io_datafile::data_file_source(map)?;
     if let Some(v) = map.get("backing") {
         if v.is_empty() {
             oo.no_backing = true;
