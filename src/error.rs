@@ -44,6 +44,9 @@ pub enum Error {
     /// No space left on the host (or the header cluster is full).
     #[error("{0}")]
     NoSpace(String),
+    /// An encrypted image's password is wrong or missing.
+    #[error("{0}")]
+    Key(String),
 }
 
 impl Error {
@@ -59,6 +62,7 @@ impl Error {
             Error::ReadOnly(_) => libc::EACCES,
             Error::TooLarge(_) => libc::EFBIG,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::Key(_) => libc::EACCES,
         }
     }
 
@@ -85,6 +89,7 @@ impl Error {
             Error::ReadOnly(m) => Error::ReadOnly(format!("{what}: {m}")),
             Error::TooLarge(m) => Error::TooLarge(format!("{what}: {m}")),
             Error::NoSpace(m) => Error::NoSpace(format!("{what}: {m}")),
+            Error::Key(m) => Error::Key(format!("{what}: {m}")),
         }
     }
 }

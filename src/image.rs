@@ -45,6 +45,30 @@ impl Image {
         }
     }
 
+    /// Opens an image of `format` ("qcow2" or "raw") on an already open
+    /// storage (a blkdebug node, say); `name` names it in messages and
+    /// anchors relative backing file names.
+    pub fn open_on(
+        file: Arc<dyn Storage>,
+        name: &str,
+        format: &str,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        match format {
+            "qcow2" => Qcow2::open_storage(file, Path::new(name), opts)
+                .map(|q| Image::Qcow2(Box::new(q)))
+                .map_err(|e| e.context(&format!("Could not open '{name}'"))),
+            "raw" => Ok(Image::Raw(RawImage {
+                file,
+                name: name.to_string(),
+                writable: opts.writable,
+            })),
+            other => Err(Error::InvalidArgument(format!(
+                "Unknown file format '{other}'"
+            ))),
+        }
+    }
+
     pub fn format(&self) -> &'static str {
         match self {
             Image::Qcow2(_) => "qcow2",

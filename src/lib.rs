@@ -1,10 +1,13 @@
 //! oxqcow: a qcow2 block driver in Rust, shipped as a C library.
 //!
 //! Layers, each depending only on those before it:
-//! [`format`](mod@format) (on-disk types, pure) → [`storage`] (the host file) →
+//! [`format`](mod@format) (on-disk types, pure) and [`crypto`] (ciphers,
+//! LUKS headers) → [`storage`] (the host file) →
 //! [`engine`] (caches, allocator, mapping, I/O) → [`image`] (the safe API)
 //! → `ffi` (the C ABI) and the `oxqcow` tool.
 
+pub mod blockdev;
+pub mod crypto;
 pub mod engine;
 pub mod error;
 pub mod ffi;

@@ -949,3 +949,393 @@ fn external_data_files_and_their_options() {
         assert_eq!(code, 0, "{args:?}: {out}{err}");
     }
 }
+
+/// Writes a blkdebug config file into the scratch directory.
+fn blkdebug_conf(d: &Scratch, name: &str, text: &str) -> String {
+    let p = d.path(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn args_of(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn blkdebug_rules_against_qemu() {
+    let d = Scratch::new("io-blkdebug");
+    let m1: &[&str] = &["qcow2", "1M"];
+    let writes = [
+        "write -P 1 0 64k",
+        "write -P 2 64k 64k",
+        "read -P 2 64k 64k",
+    ];
+    // An error armed once at each of these events fails the first write
+    // (the new L2 table is written at once, as QEMU's l2_allocate does).
+    for ev in [
+        "write_aio",
+        "l2_alloc_write",
+        "l2_update",
+        "l1_update",
+        "refblock_update_part",
+        "cluster_alloc",
+        "pwritev",
+    ] {
+        let conf = blkdebug_conf(
+            &d,
+            "once.conf",
+            &format!("[inject-error]\nevent = \"{ev}\"\nerrno = \"28\"\nonce = \"on\"\n"),
+        );
+        let mut a: Vec<String> = Vec::new();
+        for w in writes {
+            a.push("-c".into());
+            a.push(w.into());
+        }
+        a.push(format!("blkdebug:{conf}:IMG"));
+        same(&d, m1, &args_of(&a), None);
+    }
+    // set-state: the error is armed only by a write_aio in state 2, which
+    // the first L2 write-back reaches.
+    let conf = blkdebug_conf(
+        &d,
+        "state.conf",
+        "[set-state]\nevent = \"l2_update\"\nnew_state = \"2\"\n\
+         [inject-error]\nevent = \"write_aio\"\nstate = \"2\"\nonce = \"on\"\n",
+    );
+    let a = [
+        "-c".to_string(),
+        "write -P 1 0 64k".into(),
+        "-c".into(),
+        "write -P 2 64k 64k".into(),
+        "-c".into(),
+        "write -P 3 128k 64k".into(),
+        "-c".into(),
+        "read -P 3 128k 64k".into(),
+        format!("blkdebug:{conf}:IMG"),
+    ];
+    same(&d, m1, &args_of(&a), None);
+    // An error on the first L2 load, armed for good (iotest 089), and
+    // json: options instead of a config file.
+    let a = [
+        "-c".to_string(),
+        "write -P 1 0 64k".into(),
+        "-c".into(),
+        "close".into(),
+        "-c".into(),
+        "open json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', \
+         'inject-error': [{'event': 'l2_load'}], 'image.filename': 'IMG'}}"
+            .into(),
+        "-c".into(),
+        "read -P 1 0 512".into(),
+        "-c".into(),
+        "write 0 512".into(),
+        "IMG".into(),
+    ];
+    same(&d, m1, &args_of(&a), None);
+    // A sector filter and an iotype.
+    let conf = blkdebug_conf(
+        &d,
+        "sector.conf",
+        "[inject-error]\nevent = \"read_aio\"\nsector = \"130\"\niotype = \"read\"\n",
+    );
+    let a = [
+        "-c".to_string(),
+        "write -P 1 0 128k".into(),
+        "-c".into(),
+        "read -P 1 0 64k".into(),
+        "-c".into(),
+        "read -P 1 64k 1k".into(),
+        "-c".into(),
+        "read -P 1 65536 64k".into(),
+        "-c".into(),
+        "write -P 2 66560 512".into(),
+        format!("blkdebug:{conf}:IMG"),
+    ];
+    same(&d, m1, &args_of(&a), None);
+    // A persistent error on L2 write-back in writeback mode: the flush
+    // and the close fail (QEMU's "Failed to flush the L2 table cache").
+    let conf = blkdebug_conf(
+        &d,
+        "wb.conf",
+        "[set-state]\nevent = \"l1_update\"\nnew_state = \"2\"\n\
+         [inject-error]\nevent = \"l2_update\"\nstate = \"2\"\n",
+    );
+    let a = [
+        "-t".to_string(),
+        "writeback".into(),
+        "-c".into(),
+        "write -P 1 0 64k".into(),
+        "-c".into(),
+        "flush".into(),
+        "-c".into(),
+        "write -P 3 2M 64k".into(),
+        format!("blkdebug:{conf}:IMG"),
+    ];
+    for img in ["p.img", "o.img"] {
+        let p = d.path(img).display().to_string();
+        qemu_img(&["create", "-q", "-f", "qcow2", &p, "4M"]);
+    }
+    let theirs = run_io(false, &d.path("p.img"), &args_of(&a), None);
+    let ours = run_io(true, &d.path("o.img"), &args_of(&a), None);
+    assert_eq!(
+        (&ours.out, &ours.err, &ours.status),
+        (&theirs.out, &theirs.err, &theirs.status)
+    );
+    assert!(
+        ours.err.contains("Failed to flush the L2 table cache"),
+        "{}",
+        ours.err
+    );
+    // Both leave the same leaked clusters, and no corruption.
+    let check = |img: &str| run("qemu-img", &["check", &d.path(img).display().to_string()]);
+    let (cq, oq, _) = check("p.img");
+    let (co, oo, _) = check("o.img");
+    assert_eq!((co, oo.clone()), (cq, oq), "{oo}");
+    assert_eq!(co, 3);
+}
+
+#[test]
+fn blkdebug_top_node_and_config_errors() {
+    let d = Scratch::new("io-blkdebug-top");
+    let m1: &[&str] = &["qcow2", "1M"];
+    // A blkdebug node over the qcow2 node: guest requests pass its rules.
+    for (name, text) in [
+        (
+            "pw.conf",
+            "[inject-error]\nevent = \"pwritev\"\nonce = \"on\"\nerrno = \"28\"\n",
+        ),
+        (
+            "rd.conf",
+            "[inject-error]\nevent = \"none\"\niotype = \"read\"\nonce = \"on\"\n",
+        ),
+        (
+            "fl.conf",
+            "[inject-error]\nevent = \"none\"\niotype = \"flush\"\n",
+        ),
+        (
+            "zw.conf",
+            "[inject-error]\nevent = \"pwritev_zero\"\niotype = \"write-zeroes\"\n",
+        ),
+    ] {
+        let conf = blkdebug_conf(&d, name, text);
+        let spec =
+            format!("driver=blkdebug,config={conf},image.driver=qcow2,image.file.filename=IMG");
+        let a = [
+            "--image-opts",
+            "-c",
+            "read 0 4k",
+            "-c",
+            "read 0 4k",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "write -P 2 64k 4k",
+            "-c",
+            "flush",
+            "-c",
+            "write -z 128k 64k",
+            "-c",
+            "discard 0 64k",
+            "-c",
+            "aio_write -P 3 192k 4k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "read -P 2 64k 4k",
+            &spec,
+        ];
+        same(&d, m1, &a, None);
+    }
+    // What qemu-io says about such a device.
+    same(
+        &d,
+        m1,
+        &[
+            "--image-opts",
+            "-c",
+            "info",
+            "-c",
+            "length",
+            "-c",
+            "map",
+            "driver=blkdebug,image.driver=qcow2,image.file.filename=IMG",
+        ],
+        None,
+    );
+    // Config file and option errors, in QEMU's words.
+    for (i, text) in [
+        "[inject-error]\nevent = \"read_aio\"\nfoo = \"1\"\n",
+        "[inject-error]\nerrno = \"5\"\n",
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"x\"\n",
+        "[inject-error]\nevent = \"read_aio\"\nonce = \"maybe\"\n",
+        "[inject-error]\nevent = \"l2_alloc.write\"\n",
+        "[bogus]\nevent = \"read_aio\"\n",
+        "[inject-error]\nevent = \"read_aio\"\niotype = \"x\"\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let conf = blkdebug_conf(&d, &format!("bad{i}.conf"), text);
+        let name = format!("blkdebug:{conf}:IMG");
+        same(&d, m1, &["-c", "read 0 512", &name], None);
+    }
+    let missing = format!("blkdebug:{}:IMG", d.path("none.conf").display());
+    same(&d, m1, &["-c", "read 0 512", &missing], None);
+    same(&d, m1, &["-c", "read 0 512", "blkdebug:IMG"], None);
+    same(
+        &d,
+        m1,
+        &[
+            "--image-opts",
+            "-c",
+            "read 0 512",
+            "driver=qcow2,file.driver=blkdebug,file.image.filename=IMG,\
+             file.inject-error.0.event=read_aio,file.inject-error.0.foo=1",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn blkdebug_breakpoints() {
+    let d = Scratch::new("io-blkdebug-break");
+    // Requests queue up behind one stopped at a breakpoint (iotest 046);
+    // -q keeps the completion order of the queued ones out of the output.
+    let stdin = "break write_aio A\n\
+                 aio_write -P 10 0x8000 0x2000\n\
+                 wait_break A\n\
+                 aio_write -q -P 11 0x2000 0x2000\n\
+                 aio_write -q -P 12 0xc000 0x6000\n\
+                 resume A\n\
+                 aio_flush\n\
+                 read -P 10 0x8000 0x2000\n\
+                 read -P 11 0x2000 0x2000\n\
+                 read -P 12 0xc000 0x6000\n\
+                 read -P 0 0 0x2000\n\
+                 resume A\n\
+                 remove_break A\n\
+                 break bogus B\n\
+                 break l2_update B\n\
+                 remove_break B\n";
+    same(
+        &d,
+        &["qcow2", "1M"],
+        &["-f", "qcow2", "blkdebug::IMG"],
+        Some(stdin),
+    );
+    // Without blkdebug there is nothing to break at.
+    same(
+        &d,
+        &["qcow2", "1M"],
+        &[
+            "-c",
+            "break write_aio A",
+            "-c",
+            "resume A",
+            "-c",
+            "remove_break A",
+            "IMG",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn copy_on_read_against_qemu() {
+    let d = Scratch::new("io-cor");
+    let base = d.path("base.qcow2");
+    let b = base.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &b, "4M"]);
+    qemu_io(
+        &base,
+        &["write -P 5 0 64k", "write -P 6 1M 3k", "write -z 2M 64k"],
+    );
+    let top: &[&str] = &["qcow2", "-b", &b, "-F", "qcow2", "4M"];
+    // Reads copy whole clusters up, zeros as zero clusters.
+    same(
+        &d,
+        top,
+        &c(&[
+            "write -z -u 3M 64k",
+            "read -P 5 1000 2000",
+            "read -P 0 2M 4k",
+            "read 1M 100k",
+            "read 3M 128k",
+            "map",
+        ])
+        .into_iter()
+        .flat_map(|x| if x == "-f" { vec!["-C", "-f"] } else { vec![x] })
+        .collect::<Vec<_>>(),
+        None,
+    );
+    // The copy-on-read filter node, with a blkdebug node under it failing
+    // the copy of one sector (iotests 197, 215).
+    let conf = blkdebug_conf(
+        &d,
+        "cor.conf",
+        "[inject-error]\nevent = \"cor_write\"\nsector = \"2048\"\n",
+    );
+    for spec in [
+        format!(
+            "driver=copy-on-read,file.driver=blkdebug,file.config={conf},file.image.driver=qcow2"
+        ),
+        format!("driver=blkdebug,config={conf},image.driver=qcow2"),
+    ] {
+        let open = if spec.starts_with("driver=blkdebug") {
+            format!("open -C -o {spec} IMG")
+        } else {
+            format!("open -o {spec} IMG")
+        };
+        let a = [
+            "-c",
+            open.as_str(),
+            "-c",
+            "write -z -u 1M 64k",
+            "-c",
+            "read -P 0 1M 128k",
+            "-c",
+            "read 960k 128k",
+            "-c",
+            "map",
+        ];
+        same(&d, top, &a, None);
+    }
+    // Copy-on-read needs a writable image.
+    same(&d, top, &["-C", "-r", "-c", "read 0 512", "IMG"], None);
+    same(
+        &d,
+        top,
+        &[
+            "-r",
+            "-c",
+            "open -r -o driver=copy-on-read,file.driver=qcow2 IMG",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn json_backing_with_blkdebug() {
+    let d = Scratch::new("io-json-backing");
+    let base = d.path("base.qcow2");
+    let b = base.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &b, "1M"]);
+    qemu_io(&base, &["write -P 5 0 64k"]);
+    let json = format!(
+        "json:{{'driver': 'qcow2', 'file': {{'driver': 'blkdebug', \
+         'inject-error': [{{'event': 'read_aio', 'once': true}}], \
+         'image': {{'driver': 'file', 'filename': '{b}'}}}}}}"
+    );
+    same(
+        &d,
+        &["qcow2", "-b", &json, "-F", "qcow2"],
+        &c(&[
+            "read -P 5 0 4k",
+            "read -P 5 0 4k",
+            "write -P 1 4k 4k",
+            "read -P 5 0 4k",
+            "info",
+        ]),
+        None,
+    );
+}

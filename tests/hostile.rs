@@ -104,7 +104,12 @@ fn damaged_headers_are_refused_with_qemus_messages() {
         (&[(4, 32, 4)], "Unsupported qcow2 version 4"),
         (&[(24, 64, 1 << 62)], "Image is too big"),
         (&[(96, 32, 7)], "Reference count entry width too large"),
-        (&[(32, 32, 1)], "encrypted qcow2 images are not supported"),
+        (
+            &[(32, 32, 1)],
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
+        (&[(32, 32, 2)], "Missing CRYPTO header for crypt method 2"),
+        (&[(32, 32, 3)], "Unsupported encryption method 3"),
         (&[(72, 64, 1 << 4)], "extended L2 entries are not supported"),
         (
             &[(72, 64, 1 << 2)],

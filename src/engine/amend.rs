@@ -137,6 +137,14 @@ impl Qcow2 {
                 "compat=0.10 requires refcount_bits=16".into()
             }));
         }
+        if new_version < 3 && super::bitmaps::active_ext(&hdr).is_some() {
+            // v2 has no autoclear bits: QEMU 10 downgrades anyway and the
+            // bitmaps are lost (inconsistent) at the next open; refuse
+            // instead of losing them silently.
+            return Err(Error::Unsupported(
+                "Cannot downgrade an image with persistent dirty bitmaps (remove them with 'qemu-img bitmap --remove' first)".into(),
+            ));
+        }
         {
             let m = self.lock();
             m.ensure_writable()?;
@@ -254,7 +262,7 @@ impl Qcow2 {
         let cs = self.cs;
         let zeros = vec![0u8; cs as usize];
         for l1 in trees {
-            for e in l1 {
+            for (i, e) in l1.into_iter().enumerate() {
                 let l2_off = e & OFFSET_MASK;
                 if l2_off == 0 {
                     continue;
@@ -268,9 +276,12 @@ impl Qcow2 {
                     let L2Entry::Zero { host, .. } = m.decode(raw) else {
                         continue;
                     };
+                    let guest = ((i as u64) << (m.l2_bits + self.cb)) + ((j as u64) << self.cb);
+                    // On an encrypted image zeros are stored encrypted.
+                    let zeros_at = |host: u64| self.stored_form(&zeros, host, guest);
                     let new = if host != 0 {
                         m.check_overlap(host, cs)?;
-                        m.write_file(&zeros, host, "write zeros")?;
+                        m.write_file(&zeros_at(host), host, "write zeros")?;
                         host
                     } else if self.backing.is_none() {
                         0
@@ -280,7 +291,7 @@ impl Qcow2 {
                             m.update_refcount(new, cs, sharers as i64 - 1)?;
                         }
                         m.check_overlap(new, cs)?;
-                        m.write_file(&zeros, new, "write zeros")?;
+                        m.write_file(&zeros_at(new), new, "write zeros")?;
                         new
                     };
                     let copied = new != 0 && m.refcount(new / cs)? == 1;

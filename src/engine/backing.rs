@@ -41,6 +41,12 @@ pub struct RawLayer {
 }
 
 impl RawLayer {
+    /// A raw layer over an already open storage (a blkdebug node, say).
+    pub fn on(file: Arc<dyn Storage>, name: String) -> Result<RawLayer> {
+        let size = file.len().map_err(|e| Error::io(name.clone(), e))?;
+        Ok(RawLayer { file, size, name })
+    }
+
     pub fn open(path: &Path) -> Result<RawLayer> {
         let name = path.display().to_string();
         let f = FileStorage::open(path, false, false)
@@ -124,6 +130,9 @@ pub fn open_backing(
             overlay.display()
         )));
     }
+    if let Some(json) = name.strip_prefix("json:") {
+        return crate::blockdev::open_json_layer(json, fmt, depth, opts);
+    }
     let path = resolve(overlay, name);
     let fmt = match fmt {
         Some(f) => f.to_string(),
@@ -131,12 +140,21 @@ pub fn open_backing(
     };
     match fmt.as_str() {
         "qcow2" => {
+            let base = match &opts.backing {
+                Some(b) => (**b).clone(),
+                None => OpenOptions {
+                    key_secret: None,
+                    encrypt_format: None,
+                    backing_format: None,
+                    data_file: None,
+                    ..opts.clone()
+                },
+            };
             let o = OpenOptions {
                 writable: false,
                 chain_depth: depth + 1,
-                backing_format: None,
-                data_file: None,
-                ..opts.clone()
+                metadata_only: opts.metadata_only,
+                ..base
             };
             Ok(Box::new(Qcow2::open(&path, &o)?))
         }

@@ -217,12 +217,18 @@ impl Meta {
             self.count_l1(&mut refs, w, &sl1, false)?;
         }
         refs.inc(w, cs, snap_table.0, snap_table.1);
+        if let Some((off, len)) = self.header.crypto_header {
+            refs.inc(w, cs, off, len.min(u64::MAX - off));
+        }
         refs.inc(
             w,
             cs,
             self.header.refcount_table_offset,
             self.header.refcount_table_clusters as u64 * cs,
         );
+        for (off, len) in super::bitmaps::referenced_regions(self)? {
+            refs.inc(w, cs, off, len);
+        }
         for (i, &e) in self.reftable.clone().iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 {

@@ -8,6 +8,7 @@ use super::meta::Meta;
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;
+use crate::storage::DebugEvent;
 use std::sync::atomic::Ordering;
 
 impl Meta {
@@ -16,6 +17,7 @@ impl Meta {
     /// host cluster touched gains one reference).
     fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
         let cs = self.cs;
+        self.event(DebugEvent::ClusterAllocBytes);
         let mut off = self.free_byte_offset;
         if off != 0 && self.refcount(off / cs)? >= self.rw.max() {
             off = 0;
@@ -60,6 +62,7 @@ impl Qcow2 {
                 self.name
             )));
         }
+        self.track_write(off, data.len() as u64);
         let mut full = data.to_vec();
         full.resize(cs as usize, 0);
         let Some(packed) = compress(self.compression_type, &full) else {
@@ -71,12 +74,14 @@ impl Qcow2 {
             m.ensure_writable()?;
             let host = m.alloc_bytes(packed.len() as u64)?;
             m.check_overlap(host, packed.len() as u64)?;
+            m.event(DebugEvent::WriteCompressed);
             m.write_file(&packed, host, "write compressed cluster")?;
             self.file_end
                 .fetch_max(host + packed.len() as u64, Ordering::AcqRel);
             m.mark_dirty()?;
             let old = m.l2_entry(gc)?;
             let l2 = m.l2_for_write(gc)?;
+            m.event(DebugEvent::L2UpdateCompressed);
             m.set_l2_entry(
                 l2,
                 gc,

@@ -1,7 +1,8 @@
 //! Image creation, byte for byte as `qemu-img create -f qcow2` lays it out:
 //! header, refcount table and first refcount block in clusters 0–2, the
-//! full header rewrite, the L1 table sized for the image, the backing file,
-//! then preallocation.
+//! full header rewrite, the L1 table sized for the image, preallocation,
+//! the backing file, then encryption (the LUKS header in the clusters after
+//! everything else).
 
 use super::backing::resolve;
 use super::data_file::{create_data_file, DataFileSource};
@@ -58,6 +59,9 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// Keep the data file a valid raw image of the disk ("raw external data").
     pub data_file_raw: bool,
+    /// Encrypt the image (the resolved `encrypt.*` options, with the
+    /// password; see `crypto::encrypt_create_from_options`).
+    pub encrypt: Option<crate::crypto::EncryptCreate>,
 }
 
 impl Default for CreateOptions {
@@ -74,6 +78,7 @@ impl Default for CreateOptions {
             compression_type: 0,
             data_file: None,
             data_file_raw: false,
+            encrypt: None,
         }
     }
 }
@@ -127,9 +132,11 @@ impl CreateOptions {
                     }
                 }
             }
+            // Encryption needs a secret, which an option string cannot
+            // carry: callers resolve `encrypt.*` options into `encrypt`.
             "encryption" | "encrypt.format" if bool_opt(value).ok() != Some(false) => {
                 return Err(Error::Unsupported(
-                    "qcow2 encryption is not supported by oxqcow".into(),
+                    "qcow2 encryption needs a key secret, which this interface cannot pass".into(),
                 ))
             }
             "encryption" => {}
@@ -410,6 +417,9 @@ pub fn create_with_data(
         m.header.backing_file = Some(b.clone());
         m.header.backing_format = o.backing_fmt.clone();
         m.write_header()?;
+    }
+    if let Some(e) = &o.encrypt {
+        img.set_up_encryption(e)?;
     }
     img.close()
 }

@@ -10,6 +10,7 @@ use super::meta::Meta;
 use super::{decompress, Qcow2, MAX_CHUNK};
 use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, COPIED};
+use crate::storage::DebugEvent;
 use std::sync::atomic::Ordering;
 
 /// How a run of guest clusters maps to the host (one L2 table at most).
@@ -131,6 +132,7 @@ impl Qcow2 {
     /// Reads guest bytes through the mapping, without the size check (the
     /// VM state area lies past the end of the disk).
     pub(super) fn read_mapped(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_data_io()?;
         let mut pos = 0usize;
         while pos < buf.len() {
             let cur = off + pos as u64;
@@ -141,10 +143,8 @@ impl Qcow2 {
             let out = &mut buf[pos..pos + len as usize];
             match run {
                 Run::Data(host) => {
-                    let h = host + (cur & (self.cs - 1));
-                    self.data_storage()
-                        .read_at(out, h)
-                        .map_err(|e| Error::io(format!("{}: read", self.name), e))?;
+                    self.file.debug_event(DebugEvent::ReadAio);
+                    self.read_data(out, host + (cur & (self.cs - 1)), cur)?
                 }
                 Run::Zero => out.fill(0),
                 Run::Unallocated => self.read_backing(out, cur)?,
@@ -163,6 +163,7 @@ impl Qcow2 {
         match &self.backing {
             None => out.fill(0),
             Some(b) => {
+                self.file.debug_event(DebugEvent::ReadBackingAio);
                 let bsize = b.size();
                 let n = if off >= bsize {
                     0
@@ -180,6 +181,7 @@ impl Qcow2 {
 
     pub(super) fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut input = vec![0u8; len as usize];
+        self.file.debug_event(DebugEvent::ReadCompressed);
         self.file
             .read_at(&mut input, offset)
             .map_err(|e| Error::io(format!("{}: read compressed cluster", self.name), e))?;
@@ -203,9 +205,8 @@ impl Qcow2 {
             CowSource::Zeros => out.fill(0),
             CowSource::Backing => self.read_backing(out, off)?,
             CowSource::Host(h) => self
-                .data_storage()
-                .read_at(out, h + start)
-                .map_err(|e| Error::io(format!("{}: read for copy-on-write", self.name), e))?,
+                .read_data(out, h + start, off)
+                .map_err(|e| e.context("copy-on-write"))?,
             CowSource::Compressed { offset, len } => {
                 let d = self.read_compressed(offset, len)?;
                 out.copy_from_slice(&d[start as usize..start as usize + out.len()]);
@@ -220,6 +221,7 @@ impl Qcow2 {
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         self.lock().ensure_writable()?;
+        self.track_write(off, buf.len() as u64);
         let mut pos = 0u64;
         let len = buf.len() as u64;
         while pos < len {
@@ -242,6 +244,7 @@ impl Qcow2 {
     }
 
     pub(super) fn write_chunk(&self, data: &[u8], off: u64) -> Result<()> {
+        self.check_data_io()?;
         let cs = self.cs;
         let first = off >> self.cb;
         let last = (off + data.len() as u64 - 1) >> self.cb;
@@ -261,7 +264,7 @@ impl Qcow2 {
             Ok(()) => self.link(&mut m, &plan),
             Err(e) => {
                 for p in plan.iter().filter(|p| p.fresh) {
-                    m.pending_unref.push((p.host, cs, false));
+                    m.free_unlinked(p.host, cs);
                 }
                 Err(e)
             }
@@ -338,6 +341,12 @@ impl Qcow2 {
             return Ok(plan);
         }
         if need_alloc > 0 {
+            if m.frees_pending {
+                // Discarded clusters become reusable only once their unref
+                // is durable (rule 4): pay that flush now rather than grow
+                // the file past space the guest just gave back.
+                m.flush()?;
+            }
             // As QEMU does: the L2 table (new, or a copy of a shared one)
             // is allocated before the data clusters it will map.
             m.l2_for_write(first)?;
@@ -346,7 +355,9 @@ impl Qcow2 {
             // A run that was never written can have its L2 entries written
             // before its data (rule 1's exception) once the file durably
             // covers it. Only worth it when every write is flushed at once.
-            let zero_run = host >= never_written && self.writethrough && m.lazy;
+            // Not with encryption: zeros on disk do not read as zeros there.
+            let zero_run =
+                host >= never_written && self.writethrough && m.lazy && self.cipher.is_none();
             if zero_run {
                 m.reserve_zero_tail(host + need_alloc * cs)?;
             }
@@ -403,7 +414,9 @@ impl Qcow2 {
     }
 
     /// Writes the data (with copy-on-write fill) for a planned chunk,
-    /// merging host-contiguous clusters into one write.
+    /// merging host-contiguous clusters into one write. On an encrypted
+    /// image a partial write covers whole sectors: the rest of its first
+    /// and last sector is read back from the cluster first.
     pub(super) fn write_data(
         &self,
         plan: &mut [ClusterWrite],
@@ -419,42 +432,62 @@ impl Qcow2 {
                 j += 1;
             }
             let group = &plan[i..j];
-            let whole = |w: &ClusterWrite| w.fill;
-            let g_start = if whole(&group[0]) { 0 } else { group[0].start };
+            let first = &group[0];
             let last = &group[group.len() - 1];
-            let g_end = if whole(last) { cs } else { last.end };
-            let host0 = group[0].host + g_start;
+            let g_start = if first.fill {
+                0
+            } else {
+                self.crypt_span(first.start, first.end).0
+            };
+            let g_end = if last.fill {
+                cs
+            } else {
+                self.crypt_span(last.start, last.end).1
+            };
+            let host0 = first.host + g_start;
+            let guest0 = (first.gc << self.cb) + g_start;
             let total = (group.len() as u64 - 1) * cs + g_end - g_start;
-            let data_start = (group[0].gc << self.cb) + group[0].start;
+            let data_start = (first.gc << self.cb) + first.start;
             let data_len = (last.gc << self.cb) + last.end - data_start;
             let doff = (data_start - off) as usize;
-            if g_start == group[0].start && g_end == last.end {
-                // No fill needed: write the caller's bytes directly.
-                self.pwrite(&data[doff..doff + data_len as usize], host0)?;
+            let caller = &data[doff..doff + data_len as usize];
+            if g_start == first.start && g_end == last.end {
+                // No fill needed: write the caller's bytes.
+                self.file.debug_event(DebugEvent::WriteAio);
+                self.write_data_at(caller, host0, guest0)?;
             } else {
+                // As QEMU's merged copy-on-write: the old data is read,
+                // then written with the new in one request.
+                self.file.debug_event(DebugEvent::CowRead);
                 let mut buf = vec![0u8; total as usize];
                 for (k, w) in group.iter().enumerate() {
                     let base = (k as u64 * cs) as i64 - g_start as i64;
-                    if whole(w) {
-                        let b0 = base as usize;
-                        if w.start > 0 {
-                            self.read_source(
-                                w.source,
-                                w.gc,
-                                0,
-                                &mut buf[b0..b0 + w.start as usize],
-                            )?;
+                    // The part of this cluster the buffer covers.
+                    let lo = if k == 0 { g_start } else { 0 };
+                    let hi = if k + 1 == group.len() { g_end } else { cs };
+                    let at = |x: u64| (base + x as i64) as usize;
+                    let gc_off = w.gc << self.cb;
+                    if w.start > lo {
+                        let out = &mut buf[at(lo)..at(w.start)];
+                        if w.fill {
+                            self.read_source(w.source, w.gc, lo, out)?;
+                        } else {
+                            self.read_data(out, w.host + lo, gc_off + lo)?;
                         }
-                        if w.end < cs {
-                            let s = b0 + w.end as usize;
-                            self.read_source(w.source, w.gc, w.end, &mut buf[s..b0 + cs as usize])?;
+                    }
+                    if w.end < hi {
+                        let out = &mut buf[at(w.end)..at(hi)];
+                        if w.fill {
+                            self.read_source(w.source, w.gc, w.end, out)?;
+                        } else {
+                            self.read_data(out, w.host + w.end, gc_off + w.end)?;
                         }
                     }
                 }
-                let s = (data_start - (group[0].gc << self.cb) - g_start) as usize;
-                buf[s..s + data_len as usize]
-                    .copy_from_slice(&data[doff..doff + data_len as usize]);
-                self.pwrite(&buf, host0)?;
+                let s = (data_start - guest0) as usize;
+                buf[s..s + data_len as usize].copy_from_slice(caller);
+                self.file.debug_event(DebugEvent::WriteAio);
+                self.write_data_at(&buf, host0, guest0)?;
             }
             i = j;
         }

@@ -2,7 +2,9 @@
 //! table, the L2 and refcount-block caches, the cluster allocator, and the
 //! write-back that keeps them crash safe.
 //!
-//! Write ordering, enforced in [`Meta::flush`] and [`Meta::evict`]:
+//! Write ordering, enforced in [`Meta::flush`], [`Meta::evict`] and, for a
+//! new L2 table (written with its L1 entry at once, as QEMU does it),
+//! [`Meta::l2_for_write`]:
 //! 1. Guest data is synced before any L2 table that points at it is written
 //!    (in the external data file when the image has one; see `data_file.rs`).
 //! 2. Without lazy refcounts, refcount blocks are written and synced before
@@ -24,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, RefcountWidth, COPIED};
 use crate::format::header::Header;
 use crate::format::*;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -38,10 +40,12 @@ pub enum MetaKind {
     RefcountBlock,
     SnapshotTable,
     InactiveL1,
+    CryptoHeader,
+    BitmapDirectory,
 }
 
 impl MetaKind {
-    fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             MetaKind::Header => "qcow2_header",
             MetaKind::ActiveL1 => "active L1 table",
@@ -50,6 +54,8 @@ impl MetaKind {
             MetaKind::RefcountBlock => "refcount block",
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::CryptoHeader => "encryption header",
+            MetaKind::BitmapDirectory => "bitmap directory",
         }
     }
 }
@@ -80,6 +86,10 @@ pub struct Meta {
     pub free_cluster_index: u64,
     /// (host offset, byte length, punch a hole once free)
     pub pending_unref: Vec<(u64, u64, bool)>,
+    /// Some queued unreference frees a cluster (it dropped a COPIED entry):
+    /// the next guest allocation flushes first so that it can reuse the
+    /// space instead of growing the file, as QEMU's allocator would.
+    pub frees_pending: bool,
     pub metadata: HashMap<u64, MetaKind>,
     pub lazy: bool,
     pub writable: bool,
@@ -117,6 +127,11 @@ impl Meta {
 
     pub(super) fn io(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{}: {what}", self.name), e)
+    }
+
+    /// Tells the host file where the engine is (blkdebug events).
+    pub fn event(&self, ev: DebugEvent) {
+        self.file.debug_event(ev);
     }
 
     pub fn write_file(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
@@ -178,6 +193,14 @@ impl Meta {
             MetaKind::RefcountTable,
         );
         range(&mut m, snap_table.0, snap_table.1, MetaKind::SnapshotTable);
+        if let Some((off, len)) = self.header.crypto_header {
+            // Untrusted: only the part inside the file can be written over.
+            let len = len.min(self.durable_end.saturating_sub(off));
+            range(&mut m, off, len, MetaKind::CryptoHeader);
+        }
+        if let Some((off, len)) = super::bitmaps::directory_region(&self.header) {
+            range(&mut m, off, len, MetaKind::BitmapDirectory);
+        }
         for &(off, size) in &snapshots {
             range(&mut m, off, size as u64 * 8, MetaKind::InactiveL1);
         }
@@ -272,6 +295,7 @@ impl Meta {
             )));
         }
         let mut data = vec![0u8; self.cs as usize];
+        self.event(DebugEvent::L2Load);
         self.read_file(&mut data, off, "read L2 table")?;
         self.evict_l2_if_full()?;
         self.l2_cache.insert(off, data, false);
@@ -295,9 +319,18 @@ impl Meta {
         Ok(())
     }
 
-    pub(super) fn load_refblock(&mut self, off: u64) -> Result<()> {
+    /// `ti` is the refcount-table index the offset came from, named in the
+    /// corruption message as QEMU names it.
+    pub(super) fn load_refblock(&mut self, off: u64, ti: u64) -> Result<()> {
+        // QEMU raises this for every refcount block lookup, cached or not.
+        self.event(DebugEvent::RefblockLoad);
         if self.rb_cache.contains(off) {
             return Ok(());
+        }
+        if off & (self.cs - 1) != 0 {
+            return Err(self.signal_corruption(&format!(
+                "Refblock offset {off:#x} unaligned (reftable index: {ti:#x})"
+            )));
         }
         if off + self.cs > self.file_len()? {
             return Err(self.signal_corruption(&format!(
@@ -333,6 +366,10 @@ impl Meta {
 
     /// Writes the changed part of a cached table and marks it clean.
     fn write_slot(&mut self, which: Which, off: u64) -> Result<()> {
+        self.file.debug_event(match which {
+            Which::L2 => DebugEvent::L2Update,
+            Which::Refblock => DebugEvent::RefblockUpdatePart,
+        });
         let (cache, what) = match which {
             Which::L2 => (&mut self.l2_cache, "write L2 table"),
             Which::Refblock => (&mut self.rb_cache, "write refcount block"),
@@ -417,25 +454,53 @@ impl Meta {
             return Ok(off);
         }
         let data = if off != 0 {
+            self.event(DebugEvent::L2AllocCowRead);
             self.load_l2(off)?;
             self.l2_cache.get(off).unwrap().data.clone()
         } else {
             vec![0u8; self.cs as usize]
         };
         let new = self.alloc_clusters(1)?;
-        // As QEMU's l2_allocate(): the refcount of a new L2 table is made
-        // durable at once, lazy refcounts or not.
-        self.write_refblocks()?;
-        self.sync()?;
+        if let Err(e) = self.write_new_l2(new, &data) {
+            self.free_unlinked(new, self.cs);
+            return Err(e);
+        }
         self.evict_l2_if_full()?;
-        self.l2_cache.insert(new, data, true);
+        self.l2_cache.insert(new, data, false);
         self.metadata.insert(new / self.cs, MetaKind::ActiveL2);
         self.l1[l1i] = new | COPIED;
-        self.l1_dirty.insert(l1i);
+        self.event(DebugEvent::L1Update);
+        let entry = self.header.l1_table_offset + l1i as u64 * 8;
+        if let Err(err) = self.write_file(&self.l1[l1i].to_be_bytes(), entry, "write L1 table") {
+            self.l1[l1i] = e;
+            self.l2_cache.remove(new);
+            self.metadata.remove(&(new / self.cs));
+            self.free_unlinked(new, self.cs);
+            return Err(err);
+        }
         if off != 0 {
             self.pending_unref.push((off, self.cs, false));
         }
+        if let Err(err) = self.sync() {
+            // The entry may be on disk already: keep the new table, and
+            // let the next flush write and sync the entry again.
+            self.l1_dirty.insert(l1i);
+            return Err(err);
+        }
         Ok(new)
+    }
+
+    /// Writes a new L2 table as QEMU's l2_allocate() does, before anything
+    /// points at it: its refcount durable (lazy refcounts or not), then
+    /// the table itself durable (rule 3), so that the L1 entry can follow
+    /// at once.
+    fn write_new_l2(&mut self, new: u64, data: &[u8]) -> Result<()> {
+        self.write_refblocks()?;
+        self.sync()?;
+        self.event(DebugEvent::L2AllocWrite);
+        self.event(DebugEvent::L2Update);
+        self.write_file(data, new, "write L2 table")?;
+        self.sync()
     }
 
     /// Sets the raw L2 entry of `gc`; the table must come from `l2_for_write`.
@@ -457,6 +522,15 @@ impl Meta {
         slot.touch(idx * 8, idx * 8 + 8);
     }
 
+    /// Gives back clusters that were allocated but never linked into any
+    /// table (a write that failed before its L2 update): nothing on disk or
+    /// in the caches points at them, so rule 4 does not apply and they can
+    /// be reused at once, as QEMU reuses them.
+    pub fn free_unlinked(&mut self, off: u64, len: u64) {
+        // If the refcount block cannot be read now, they leak: no harm.
+        let _ = self.update_refcount(off, len, -1);
+    }
+
     /// Queues the release of whatever host storage an old L2 entry held
     /// (a data cluster of an external data file is released at once).
     pub fn unref_entry(&mut self, raw: u64, punch: bool) -> Result<()> {
@@ -465,6 +539,7 @@ impl Meta {
         }
         if let Some((off, len)) = self.decode(raw).host_range() {
             let len = if len == 0 { self.cs } else { len };
+            self.frees_pending |= raw & COPIED != 0;
             self.pending_unref.push((off, len, punch));
         }
         Ok(())
@@ -508,7 +583,9 @@ impl Meta {
         if !self.pending_unref.is_empty() {
             self.sync()?; // rule 4
             let pending = std::mem::take(&mut self.pending_unref);
+            self.frees_pending = false;
             for &(off, len, punch) in &pending {
+                self.event(DebugEvent::ClusterFree);
                 self.update_refcount(off, len, -1)?;
                 if punch {
                     self.punch_if_free(off, len)?;
@@ -522,6 +599,33 @@ impl Meta {
         self.sync()
     }
 
+    /// The common writethrough flush with lazy refcounts, split so that its
+    /// sync runs without the metadata lock: when every dirty L2 entry may
+    /// precede its data (rule 1's exception), no L1 entry and no unref is
+    /// waiting and refcounts stay in memory (rule 2 with lazy refcounts),
+    /// the whole flush is "write the L2 tables, then sync", and nothing
+    /// orders the sync against requests that start meanwhile. Returns false,
+    /// having written nothing, when [`Meta::flush`] is needed instead.
+    pub fn write_l2_for_unlocked_sync(&mut self) -> Result<bool> {
+        if !self.writable {
+            return Ok(true);
+        }
+        // With an external data file, the data file must be synced before
+        // the L2 tables (rule 1): only the full flush does that.
+        if !self.lazy
+            || self.data_sync_needed
+            || self.has_data_file()
+            || !self.l1_dirty.is_empty()
+            || !self.pending_unref.is_empty()
+        {
+            return Ok(false);
+        }
+        for off in self.l2_cache.dirty_offsets() {
+            self.write_slot(Which::L2, off)?;
+        }
+        Ok(true)
+    }
+
     /// Writes the refcount blocks too, so that nothing is left dirty (close,
     /// and before the dirty bit is cleared).
     pub fn flush_all(&mut self) -> Result<()> {
@@ -531,10 +635,12 @@ impl Meta {
     }
 
     fn write_l1_entries(&mut self) -> Result<()> {
-        let dirty = std::mem::take(&mut self.l1_dirty);
-        for i in dirty {
+        while let Some(&i) = self.l1_dirty.first() {
             let off = self.header.l1_table_offset + i as u64 * 8;
+            self.event(DebugEvent::L1Update);
+            // A failed entry stays dirty for the next flush.
             self.write_file(&self.l1[i].to_be_bytes(), off, "write L1 table")?;
+            self.l1_dirty.remove(&i);
         }
         Ok(())
     }
@@ -562,6 +668,7 @@ impl Meta {
         }
         self.flush()?;
         let bytes = new_size * 8;
+        self.event(DebugEvent::L1GrowAllocTable);
         let new = self.alloc_clusters(bytes.div_ceil(self.cs))?;
         let mut table = self.l1.clone();
         table.resize(new_size as usize, 0);
@@ -570,8 +677,10 @@ impl Meta {
         if !self.lazy {
             self.write_refblocks()?;
         }
+        self.event(DebugEvent::L1GrowWriteTable);
         self.write_file(&b, new, "write L1 table")?;
         self.sync()?;
+        self.event(DebugEvent::L1GrowActivateTable);
         let mut hdr = [0u8; 12];
         put32(&mut hdr, 0, new_size as u32);
         put64(&mut hdr, 4, new);

@@ -9,11 +9,13 @@
 
 mod amend;
 mod backing;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
 mod compressed_write;
 mod create;
+mod crypt;
 mod data_file;
 mod io;
 mod meta;
@@ -34,7 +36,7 @@ pub use data_file::DataFileSource;
 
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use io::Run;
 use meta::Meta;
 use std::path::{Path, PathBuf};
@@ -68,10 +70,20 @@ pub struct OpenOptions {
     /// The external data file to use instead of the one the header names
     /// (QEMU's `data-file`); refused for images without one.
     pub data_file: Option<DataFileSource>,
-    /// Open for metadata only (QEMU's BDRV_O_NO_IO, what `qemu-img info`
-    /// does): an external data file is not opened, and reading or writing
-    /// guest data fails.
+    /// The password of an encrypted image (the data of the secret QEMU's
+    /// `encrypt.key-secret` names). Not passed down to backing files.
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// The encryption format the caller expects (QEMU's `encrypt.format`);
+    /// an image with another one is refused.
+    pub encrypt_format: Option<crate::crypto::Format>,
+    /// Open to look at metadata only (QEMU's `BDRV_O_NO_IO`, what
+    /// `qemu-img info` does): an external data file is not opened, an
+    /// encrypted image needs no password, and guest data can then be
+    /// neither read nor written.
     pub metadata_only: bool,
+    /// Options for the backing file (QEMU's `backing.*`); None: these
+    /// options, read-only, without the password.
+    pub backing: Option<Box<OpenOptions>>,
 }
 
 /// The allocation state of a guest range, as block status reports it.
@@ -102,12 +114,18 @@ pub struct Qcow2 {
     size: AtomicU64,
     file_end: AtomicU64,
     compression_type: u8,
+    /// How the image is encrypted, if it is.
+    encryption: Option<crate::crypto::Encryption>,
+    /// The keyed data cipher (None: not encrypted, or opened metadata only).
+    cipher: Option<crate::crypto::DataCipher>,
     version: u32,
     writable: bool,
     writethrough: bool,
     closed: AtomicBool,
     flushes: Mutex<FlushTickets>,
     flush_done: Condvar,
+    /// Persistent dirty bitmaps of a read-write session (see bitmaps.rs).
+    bitmaps: Mutex<bitmaps::Bitmaps>,
 }
 
 /// Group-commit bookkeeping for [`Qcow2::flush`].
@@ -172,6 +190,10 @@ impl Qcow2 {
     }
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.file
+    }
+    /// How the image is encrypted (None: plain).
+    pub fn encryption(&self) -> Option<&crate::crypto::Encryption> {
+        self.encryption.as_ref()
     }
     pub fn lazy_refcounts(&self) -> bool {
         self.lock().lazy
@@ -266,7 +288,11 @@ impl Qcow2 {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
-                let r = self.lock().flush();
+                // QEMU's block layer raises both on the image's file for
+                // every flush of the image.
+                self.file.debug_event(DebugEvent::FlushToOs);
+                self.file.debug_event(DebugEvent::FlushToDisk);
+                let r = self.flush_now();
                 st = self.flushes.lock().unwrap_or_else(relock);
                 st.running = false;
                 if r.is_ok() {
@@ -277,6 +303,24 @@ impl Qcow2 {
             }
             st = self.flush_done.wait(st).unwrap_or_else(relock);
         }
+    }
+
+    /// One flush of the metadata and the file. When the metadata part is
+    /// only L2 writes that need no sync before them, the sync itself runs
+    /// after the lock is dropped, so that requests keep planning, writing
+    /// data and linking while the disk works.
+    fn flush_now(&self) -> Result<()> {
+        let mut m = self.lock();
+        if !m.write_l2_for_unlocked_sync()? {
+            return m.flush();
+        }
+        drop(m);
+        if !self.writable {
+            return Ok(());
+        }
+        self.file
+            .sync()
+            .map_err(|e| Error::io(format!("{}: sync", self.name), e))
     }
 
     /// Waits until no request is in flight and returns the metadata lock.
@@ -307,6 +351,7 @@ impl Qcow2 {
     fn resize_unchecked(&self, new_size: u64) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
+        self.bitmaps_lock().check_resizable()?;
         let cs = self.cs;
         let old = m.header.size;
         if new_size > create::max_size(self.cb) {
@@ -356,6 +401,7 @@ impl Qcow2 {
             for i in first_dead..m.l1.len() {
                 let off = m.l1[i] & crate::format::OFFSET_MASK;
                 if off != 0 {
+                    m.event(DebugEvent::L1ShrinkFreeL2Clusters);
                     m.flush()?;
                     m.l1[i] = 0;
                     m.l1_dirty.insert(i);
@@ -375,6 +421,7 @@ impl Qcow2 {
                 .set_len(new_size)
                 .map_err(|e| Error::io(format!("{}: resize", d.name), e))?;
         }
+        self.bitmaps_lock().resize(new_size);
         Ok(())
     }
 
@@ -410,6 +457,7 @@ impl Qcow2 {
     /// file's data, or zeros), as `qemu-img commit` leaves an overlay.
     pub fn make_empty(&self) -> Result<()> {
         self.lock().ensure_writable()?;
+        self.file.debug_event(DebugEvent::EmptyImagePrepare);
         let size = self.size();
         let end = size.div_ceil(self.cs) * self.cs;
         if end > 0 {
@@ -430,22 +478,45 @@ impl Qcow2 {
         self.size().div_ceil(l2_span) * l2_span
     }
 
-    /// Flushes everything and, with lazy refcounts, clears the dirty bit.
+    /// Flushes everything, writes the persistent bitmaps back and, with
+    /// lazy refcounts, clears the dirty bit.
     pub fn close(&self) -> Result<()> {
+        let (tables, refblocks) = self.close_caches();
+        tables.and(refblocks)
+    }
+
+    /// [`Qcow2::close`], with the outcome of its two write-backs apart, as
+    /// QEMU reports them when closing ("Failed to flush the L2 table
+    /// cache" / "... the refcount block cache"): the L2 side (dirty L2 and
+    /// L1 entries, the refcount blocks they depend on, freed clusters)
+    /// and then the remaining refcount blocks, tried even when the first
+    /// failed. The image is marked clean only when both succeeded.
+    pub fn close_caches(&self) -> (Result<()>, Result<()>) {
         if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
+            return (Ok(()), Ok(()));
         }
         let mut m = self.quiesce();
         if !m.writable {
-            return Ok(());
+            return (Ok(()), Ok(()));
         }
-        m.flush_all()?;
-        m.trim_zero_tail()?;
-        if m.is_dirty() && !m.corrupt {
-            m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
-            m.write_header()?;
+        let tables = m.flush();
+        let refblocks = m.write_refblocks().and_then(|_| m.sync());
+        if tables.is_err() || refblocks.is_err() {
+            return (tables, refblocks);
         }
-        Ok(())
+        if !m.corrupt {
+            if let Err(e) = self.bitmaps_lock().store(&mut m, self.size()) {
+                return (Ok(()), Err(e));
+            }
+        }
+        let r = m.trim_zero_tail().and_then(|_| {
+            if m.is_dirty() && !m.corrupt {
+                m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
+                m.write_header()?;
+            }
+            Ok(())
+        });
+        (Ok(()), r)
     }
 }
 

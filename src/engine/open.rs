@@ -7,8 +7,10 @@
 //! allocation is sized by an unchecked count.
 
 use super::backing::open_backing;
+use super::bitmaps;
 use super::cache::TableCache;
 use super::check::{FIX_ERRORS, FIX_LEAKS};
+use super::crypt::open_encryption;
 use super::data_file::open_data_file;
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
@@ -68,11 +70,6 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let cb = header.cluster_bits;
 
-        if header.crypt_method != 0 {
-            return Err(Error::Unsupported(
-                "encrypted qcow2 images are not supported by oxqcow".into(),
-            ));
-        }
         if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
             return Err(Error::Unsupported(
                 "qcow2 images with extended L2 entries are not supported by oxqcow".into(),
@@ -85,14 +82,11 @@ impl Qcow2 {
             ));
         }
         let data = open_data_file(&header, opts)?;
-        if header.bitmaps_ext.is_some()
-            && header.autoclear_features & AUTOCLEAR_BITMAPS != 0
-            && opts.writable
-        {
-            return Err(Error::Unsupported(
-                "qcow2 images with persistent dirty bitmaps can only be opened read-only by oxqcow"
-                    .into(),
-            ));
+        // A stale bitmaps extension (autoclear bit 0 cleared by a program
+        // without bitmap support) is dropped by the next header write.
+        let drop_bitmaps = bitmaps::stale_ext(&header) && opts.writable;
+        if drop_bitmaps {
+            header.bitmaps_ext = None;
         }
 
         // Refcount table.
@@ -181,6 +175,8 @@ impl Qcow2 {
             }
         }
 
+        let (encryption, cipher) = open_encryption(&*file, &header, file_len, opts)?;
+
         let lazy = opts
             .lazy_refcounts
             .unwrap_or(header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
@@ -191,6 +187,7 @@ impl Qcow2 {
             ));
         }
 
+        file.debug_event(crate::storage::DebugEvent::ReftableLoad);
         let reftable = read_table(
             &*file,
             header.refcount_table_offset,
@@ -254,6 +251,7 @@ impl Qcow2 {
             rb_cache: TableCache::new((rb_cache_bytes / cs).max(4) as usize),
             free_cluster_index: 0,
             pending_unref: Vec::new(),
+            frees_pending: false,
             metadata: HashMap::new(),
             lazy,
             writable: opts.writable,
@@ -269,7 +267,11 @@ impl Qcow2 {
             snapshot_table: snap_table,
         };
         meta.rebuild_metadata_map();
-        if clear_autoclear {
+        // Validated on every open; held in memory (and tracked) only by a
+        // read-write session on an image not marked corrupt.
+        let track_bitmaps = opts.writable && !meta.corrupt;
+        let bitmaps = bitmaps::load(&mut meta, size, track_bitmaps)?;
+        if clear_autoclear || drop_bitmaps {
             meta.write_header()?;
         }
         let img = Qcow2 {
@@ -285,12 +287,15 @@ impl Qcow2 {
             size: AtomicU64::new(size),
             file_end: AtomicU64::new(file_len),
             compression_type,
+            encryption,
+            cipher,
             version,
             writable: opts.writable,
             writethrough: opts.writethrough,
             closed: AtomicBool::new(!opts.writable),
             flushes: Default::default(),
             flush_done: Condvar::new(),
+            bitmaps: Default::default(),
         };
         if dirty && opts.writable && !opts.check_mode {
             // Lazy refcounts left the image dirty: repair before first use,
@@ -306,6 +311,13 @@ impl Qcow2 {
                 }
                 Err(e) => return Err(Error::Corrupt(format!("Could not repair dirty image: {e}"))),
             }
+        }
+        if track_bitmaps {
+            let mut bitmaps = bitmaps;
+            let mut m = img.lock();
+            bitmaps.mark_in_use(&mut m)?;
+            drop(m);
+            *img.bitmaps_lock() = bitmaps;
         }
         Ok(img)
     }

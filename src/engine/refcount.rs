@@ -6,6 +6,7 @@
 use super::meta::{Meta, MetaKind};
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::storage::DebugEvent;
 
 impl Meta {
     // ---- refcounts and allocation -----------------------------------------------
@@ -19,7 +20,7 @@ impl Meta {
         if off == 0 {
             return Ok(0);
         }
-        self.load_refblock(off)?;
+        self.load_refblock(off, ti)?;
         let idx = cluster & ((1 << self.rb_bits) - 1);
         let rw = self.rw;
         Ok(rw.get(&self.rb_cache.get(off).unwrap().data, idx))
@@ -93,6 +94,7 @@ impl Meta {
     /// allocation (whatever it is for: data, L2 table, L1 table).
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         self.mark_dirty()?;
+        self.event(DebugEvent::ClusterAlloc);
         let off = self.alloc_clusters_inner(n)?;
         self.written_end = self.written_end.max(off + n * self.cs);
         Ok(off)
@@ -137,7 +139,7 @@ impl Meta {
         if (ti as usize) < self.reftable.len() {
             let off = self.reftable[ti as usize] & OFFSET_MASK;
             if off != 0 {
-                self.load_refblock(off)?;
+                self.load_refblock(off, ti)?;
                 return Ok(off);
             }
         }
@@ -148,6 +150,7 @@ impl Meta {
     /// full, also moves the table to a larger one (QEMU's layout: a new
     /// self-describing area just past everything the table covers).
     pub(super) fn alloc_refblock(&mut self, cluster: u64, ti: u64) -> Result<u64> {
+        self.event(DebugEvent::RefblockAlloc);
         let new = self.find_free(1)?;
         let new_cluster = new / self.cs;
         let mut data = vec![0u8; self.cs as usize];
@@ -159,20 +162,25 @@ impl Meta {
         }
         // A new refcount block is on disk before the table entry that
         // points at it.
+        self.event(DebugEvent::RefblockAllocWrite);
         self.write_file(&data, new, "write refcount block")?;
         self.sync()?;
-        self.evict_refblock_if_full()?;
-        self.rb_cache.insert(new, data, false);
-        self.metadata.insert(new_cluster, MetaKind::RefcountBlock);
         if (ti as usize) < self.reftable.len() {
-            self.reftable[ti as usize] = new;
-            self.write_file(
-                &new.to_be_bytes(),
-                self.header.refcount_table_offset + ti * 8,
-                "write refcount table",
-            )?;
+            self.event(DebugEvent::RefblockAllocHookup);
+            let entry = self.header.refcount_table_offset + ti * 8;
+            // Until the table entry is durable the block is not in use:
+            // on failure nothing refers to it (it is not even cached), so
+            // no refcount can be kept where the disk will not find it.
+            self.write_file(&new.to_be_bytes(), entry, "write refcount table")?;
             self.sync()?;
+            self.evict_refblock_if_full()?;
+            self.rb_cache.insert(new, data, false);
+            self.metadata.insert(new_cluster, MetaKind::RefcountBlock);
+            self.reftable[ti as usize] = new;
         } else {
+            self.evict_refblock_if_full()?;
+            self.rb_cache.insert(new, data, false);
+            self.metadata.insert(new_cluster, MetaKind::RefcountBlock);
             let per_block = 1u64 << self.rb_bits;
             let blocks_used = (cluster + 1).max(new_cluster + 1).div_ceil(per_block);
             self.refcount_area(blocks_used * per_block, 0, false, Some((ti, new)))?;
@@ -196,6 +204,7 @@ impl Meta {
         let cs = self.cs;
         let per_block = 1u64 << self.rb_bits;
         let per_table_cluster = cs / 8;
+        self.event(DebugEvent::ReftableGrow);
         // Refcount blocks and table clusters needed to cover the whole file
         // including themselves (plus some slack unless exact).
         let mut clusters = start + additional;
@@ -256,17 +265,20 @@ impl Meta {
         // ...and the new blocks and table are counted where they live.
         for c in start..end_c {
             let boff = new_table[(c / per_block) as usize] & OFFSET_MASK;
-            self.load_refblock(boff)?;
+            self.load_refblock(boff, c / per_block)?;
             let rw = self.rw;
             let slot = self.rb_cache.get(boff).unwrap();
             rw.set(&mut slot.data, c % per_block, 1);
             slot.touch_all();
         }
         // Blocks before the table, the table before the header points at it.
+        self.event(DebugEvent::RefblockAllocWriteBlocks);
         self.write_refblocks()?;
         let tb = encode_table(&new_table, (tc * cs) as usize);
+        self.event(DebugEvent::RefblockAllocWriteTable);
         self.write_file(&tb, table_c * cs, "write refcount table")?;
         self.sync()?;
+        self.event(DebugEvent::RefblockAllocSwitchTable);
         let mut hdr = [0u8; 12];
         put64(&mut hdr, 0, table_c * cs);
         put32(&mut hdr, 8, tc as u32);
@@ -295,7 +307,7 @@ impl Meta {
             if off == 0 {
                 continue;
             }
-            self.load_refblock(off)?;
+            self.load_refblock(off, ti as u64)?;
             let per = 1u64 << self.rb_bits;
             let rw = self.rw;
             let data = &self.rb_cache.get(off).unwrap().data;

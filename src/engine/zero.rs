@@ -15,6 +15,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_range(off, len)?;
         self.lock().ensure_writable()?;
+        self.track_write(off, len);
         let end = off + len;
         let (a, b) = self.whole_clusters(off, end);
         if a >= b {
@@ -105,6 +106,11 @@ impl Qcow2 {
                         L2Entry::Zero { host: 0, .. } => continue,
                         _ => ZERO,
                     };
+                    // As QEMU: an entry that already says so is not rewritten
+                    // (no L2 update for zeros over zeros).
+                    if new == raw {
+                        continue;
+                    }
                     let l2 = m.l2_for_write(gc)?;
                     m.set_l2_entry(l2, gc, new);
                     if new == ZERO {
@@ -139,6 +145,7 @@ impl Qcow2 {
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_range(off, len)?;
         self.lock().ensure_writable()?;
+        self.track_write(off, len);
         if self.version < 3 && self.backing.is_some() {
             // v2 has no zero flag: unmapping would expose the backing
             // file, so QEMU 10 leaves the data alone, and so do we.

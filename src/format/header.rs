@@ -226,7 +226,14 @@ impl Header {
                     }
                     self.crypto_header = Some((be64(data, 0), be64(data, 8)));
                 }
-                EXT_BITMAPS => self.bitmaps_ext = Some(data.to_vec()),
+                EXT_BITMAPS => {
+                    // Checked where QEMU checks it, before the extensions
+                    // after it (a wrong length misreads those).
+                    if len != super::bitmap::EXT_LEN {
+                        return Err(invalid!("bitmaps_ext: Invalid extension length"));
+                    }
+                    self.bitmaps_ext = Some(data.to_vec())
+                }
                 EXT_DATA_FILE => self.data_file = Some(String::from_utf8_lossy(data).into_owned()),
                 _ => self.unknown_extensions.insert(0, (magic, data.to_vec())),
             }

@@ -1,11 +1,12 @@
 //! On-disk qcow2 types: pure encode and decode, no I/O.
 //!
 //! This layer owns the byte layout of the header, its extensions, L1/L2
-//! entries, compressed-cluster descriptors, refcount blocks and the snapshot
-//! table, and the validation rules that depend only on those bytes. It must
-//! never touch a file, allocate in proportion to an untrusted count, or
-//! panic on any input.
+//! entries, compressed-cluster descriptors, refcount blocks, the snapshot
+//! table and the persistent-bitmap directory, and the validation rules that
+//! depend only on those bytes. It must never touch a file, allocate in
+//! proportion to an untrusted count, or panic on any input.
 
+pub mod bitmap;
 pub mod entries;
 pub mod header;
 pub mod snapshot;

@@ -3,15 +3,23 @@
 //! Everything above this layer sees a [`Storage`]: the real file
 //! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`], and
 //! [`CrashStorage`], which also simulates power loss), or one with nothing
-//! behind it ([`NullStorage`], [`AbsentStorage`]). This layer knows
-//! nothing of qcow2 and never interprets the bytes it moves.
+//! behind it ([`NullStorage`], [`AbsentStorage`]); any of them possibly behind
+//! [`BlkdebugStorage`], QEMU's error-injection filter. This layer knows
+//! nothing of qcow2 and never interprets the bytes it moves; the engine
+//! only tells it, through [`Storage::debug_event`], where in a request it
+//! is (for blkdebug rules).
 
+pub mod blkdebug;
+pub mod blkdebug_config;
 mod crash;
+pub mod event;
 mod file;
 mod mem;
 mod null;
 
+pub use blkdebug::{Blkdebug, BlkdebugStorage};
 pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
+pub use event::DebugEvent;
 pub use file::FileStorage;
 pub use mem::MemStorage;
 pub use null::{AbsentStorage, NullStorage};
@@ -39,4 +47,7 @@ pub trait Storage: Send + Sync {
     fn allocated_size(&self) -> io::Result<u64> {
         self.len()
     }
+    /// The engine is at `ev` (QEMU's blkdebug events). Only blkdebug
+    /// acts on it; it may block the calling thread at a breakpoint.
+    fn debug_event(&self, _ev: DebugEvent) {}
 }

@@ -5,7 +5,7 @@
 //! the repaired counts. Exit status: 0 clean, 1 check failed, 2
 //! corruptions, 3 leaks only, 63 for formats without checks.
 
-use crate::img_util::{errno_text, exit_with, fail_with, open_image, usage_error};
+use crate::img_util::{errno_text, exit_with, fail_with, open_arg, usage_error};
 use crate::util::{CliResult, Json, Obj};
 use oxqcow::engine::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 use oxqcow::{Image, OpenOptions};
@@ -31,12 +31,19 @@ pub struct Args {
     /// Open the image in shared mode (read-only checks only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Treat the image names as option strings (driver=qcow2,file.filename=F,encrypt.key-secret=ID)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Image file
     filename: String,
 }
 
 pub fn run(a: Args) -> CliResult<()> {
     let _ = &a.cache;
+    crate::secret::define(&a.object)?;
     let fix = match a.repair.as_deref() {
         None => 0,
         Some("leaks") => FIX_LEAKS,
@@ -65,7 +72,7 @@ pub fn run(a: Args) -> CliResult<()> {
             a.filename
         ));
     }
-    let img = open_image(&a.filename, a.fmt.as_deref(), &opts)?;
+    let img = open_arg(&a.filename, a.image_opts, a.fmt.as_deref(), &opts)?;
     let Image::Qcow2(q) = &img else {
         drop(img);
         fail_with(63, "This image format does not support checks");

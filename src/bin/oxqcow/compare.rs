@@ -7,7 +7,7 @@
 //! Exit status: 0 identical, 1 different, 2 open error, 3 block status
 //! error, 4 read error.
 
-use crate::img_util::{exit_with, fail_with, open_image, Progress};
+use crate::img_util::{exit_with, fail_with, open_arg, Progress};
 use crate::util::{errmsg, file_extent, virtual_size, CliResult};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::fs::File;
@@ -35,6 +35,12 @@ pub struct Args {
     /// Open the images in shared mode (accepted, ignored)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Treat the image names as option strings (driver=qcow2,file.filename=F,encrypt.key-secret=ID)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// First image
     filename1: String,
     /// Second image
@@ -62,8 +68,8 @@ struct Side {
 }
 
 impl Side {
-    fn open(name: &str, fmt: Option<&str>) -> Side {
-        let img = match open_image(name, fmt, &OpenOptions::default()) {
+    fn open(name: &str, fmt: Option<&str>, image_opts: bool) -> Side {
+        let img = match open_arg(name, image_opts, fmt, &OpenOptions::default()) {
             Ok(i) => i,
             Err(e) => fail_with(2, &e),
         };
@@ -168,8 +174,11 @@ pub fn run(a: Args) -> CliResult<()> {
         }
         exit_with(code)
     };
-    let s1 = Side::open(&a.filename1, a.fmt1.as_deref());
-    let s2 = Side::open(&a.filename2, a.fmt2.as_deref());
+    if let Err(m) = crate::secret::define(&a.object) {
+        fail_with(2, &m);
+    }
+    let s1 = Side::open(&a.filename1, a.fmt1.as_deref(), a.image_opts);
+    let s2 = Side::open(&a.filename2, a.fmt2.as_deref(), a.image_opts);
     let total = s1.size.min(s2.size);
     let mut progress = Progress::new(progress_on);
     if a.strict && s1.size != s2.size {

@@ -10,8 +10,12 @@
 //! unless -W allows them out of order).
 
 use crate::create::create_raw;
+use crate::img_util::open_arg;
 use crate::util::CliResult;
-use crate::util::{errmsg, file_extent, open_ro, parse_img_size, split_opts, virtual_size};
+use crate::util::{errmsg, file_extent, parse_img_size, split_opts, virtual_size};
+use oxqcow::crypto::{
+    check_encrypt_option_syntax, encrypt_create_from_options, is_encrypt_option, EncryptCreate,
+};
 use oxqcow::engine::{create, CreateOptions};
 use oxqcow::format::entries::L2Entry;
 use oxqcow::{BlockStatus, Image, OpenOptions};
@@ -62,6 +66,12 @@ pub struct Args {
     /// Accepted for compatibility (the source is always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Treat the source name as an option string (driver=qcow2,file.filename=F,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Source image
     source: String,
     /// Destination image
@@ -111,17 +121,35 @@ pub fn run(a: Args) -> CliResult<()> {
     if a.compress && a.out_fmt != "qcow2" {
         return Err("Compression not supported for this file format".into());
     }
-    let src = open_ro(&a.source, a.fmt.as_deref(), false)?;
+    crate::secret::define(&a.object)?;
+    let encrypt_opts: Vec<(String, String)> = split_opts(&a.options)
+        .into_iter()
+        .filter(|(k, _)| is_encrypt_option(k))
+        .collect();
+    if a.compress && !encrypt_opts.is_empty() {
+        return Err("Compression and encryption not supported at the same time".into());
+    }
+    let src = open_arg(
+        &a.source,
+        a.image_opts,
+        a.fmt.as_deref(),
+        &OpenOptions::default(),
+    )?;
     let size = virtual_size(&src);
     let dst_name = a.destination.clone();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
-    if !a.no_create {
-        create_target(&a, size).map_err(fail)?;
-    }
-    let opts = OpenOptions {
+    let mut encrypted_prealloc = false;
+    let mut opts = OpenOptions {
         writable: true,
         ..Default::default()
     };
+    if !a.no_create {
+        let (encrypt, prealloc) = create_target(&a, size).map_err(fail)?;
+        if let Some(e) = encrypt {
+            opts.key_secret = Some(e.password);
+            encrypted_prealloc = prealloc;
+        }
+    }
     let dst = if a.no_create {
         crate::img_util::open_image(&a.destination, Some(&a.out_fmt), &opts)?
     } else {
@@ -145,7 +173,8 @@ pub fn run(a: Args) -> CliResult<()> {
         src_file: src_file.as_ref(),
         size,
         sparse,
-        zero_init: !a.no_create,
+        // A preallocated encrypted image does not read as zeros.
+        zero_init: !a.no_create && !encrypted_prealloc,
         cluster,
         ordered: !a.oob_writes,
     };
@@ -161,8 +190,9 @@ pub fn run(a: Args) -> CliResult<()> {
     Ok(())
 }
 
-/// Creates the destination, empty, with the source's size.
-fn create_target(a: &Args, size: u64) -> CliResult<()> {
+/// Creates the destination, empty, with the source's size. Returns its
+/// encryption and whether it is preallocated.
+fn create_target(a: &Args, size: u64) -> CliResult<(Option<EncryptCreate>, bool)> {
     let path = Path::new(&a.destination);
     let opts = split_opts(&a.options);
     if a.out_fmt == "raw" {
@@ -179,9 +209,10 @@ fn create_target(a: &Args, size: u64) -> CliResult<()> {
                 _ => return Err(format!("Invalid parameter '{k}'")),
             }
         }
-        return create_raw(path, size, &prealloc);
+        return create_raw(path, size, &prealloc).map(|_| (None, false));
     }
     let mut co = CreateOptions::default();
+    let mut encrypt_opts = Vec::new();
     for (k, v) in opts {
         match k.as_str() {
             "size" => {}
@@ -189,11 +220,18 @@ fn create_target(a: &Args, size: u64) -> CliResult<()> {
                 return Err("a backing file for the target is not supported by oxqcow".into())
             }
             "version" => return Err("Invalid parameter 'version'".into()),
+            _ if is_encrypt_option(&k) => encrypt_opts.push((k, v)),
             _ => co.set(&k, &v).map_err(|e| errmsg(&e))?,
         }
     }
     co.size = size;
-    create(path, &co).map_err(|e| errmsg(&e))
+    check_encrypt_option_syntax(&encrypt_opts).map_err(|e| errmsg(&e))?;
+    co.encrypt = encrypt_create_from_options(&encrypt_opts, &mut |id| {
+        crate::secret::get(id).map_err(oxqcow::Error::InvalidArgument)
+    })
+    .map_err(|e| errmsg(&e))?;
+    create(path, &co).map_err(|e| errmsg(&e))?;
+    Ok((co.encrypt, co.preallocation != oxqcow::Preallocation::Off))
 }
 
 /// One conversion: what to copy where, and how.

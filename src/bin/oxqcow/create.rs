@@ -6,6 +6,7 @@
 use crate::util::virtual_size;
 use crate::util::{errmsg, ioerr, open_ro, parse_c_number, parse_img_size, resolve_backing};
 use crate::util::{split_opts, CliResult};
+use oxqcow::crypto::{check_encrypt_option_syntax, encrypt_create_from_options, is_encrypt_option};
 use oxqcow::engine::{create, CreateOptions};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -33,6 +34,9 @@ pub struct Args {
     /// Do not open the backing file to check it
     #[arg(short = 'u')]
     unsafe_backing: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// Image file to create
     filename: String,
     /// Virtual size (with an optional k, M, G, T, P or E suffix)
@@ -40,11 +44,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<()> {
+    crate::secret::define(&a.object)?;
     let file = a.filename.clone();
     let size = a.size.as_deref().map(parse_img_size).transpose()?;
     match a.fmt.as_str() {
         "qcow2" => create_qcow2(&a, size).map_err(|e| format!("{file}: {e}")),
         "raw" => create_raw_cmd(&a, size).map_err(|e| format!("{file}: {e}")),
+        "luks" => create_luks(&a, size).map_err(|e| format!("{file}: {e}")),
         other => Err(format!("{file}: Unknown file format '{other}'")),
     }
 }
@@ -78,10 +84,18 @@ fn create_qcow2(a: &Args, size: Option<u64>) -> CliResult<()> {
             // qemu-img knows only "compat".
             "version" => return Err("Invalid parameter 'version'".into()),
             "backing_file" | "backing_fmt" => {}
+            // Resolved once the line is printed (they need secrets).
+            _ if is_encrypt_option(k) => {}
             _ => co.set(k, v).map_err(|e| errmsg(&e))?,
         }
         given.0.insert(k.clone(), v.clone());
     }
+    let encrypt_opts: Vec<(String, String)> = opts
+        .iter()
+        .filter(|(k, _)| is_encrypt_option(k))
+        .cloned()
+        .collect();
+    check_encrypt_option_syntax(&encrypt_opts).map_err(|e| errmsg(&e))?;
     let size = match (size, opt_size) {
         (Some(_), Some(_)) => return Err("The image size must be specified only once".into()),
         (s, o) => s.or(o),
@@ -105,6 +119,10 @@ fn create_qcow2(a: &Args, size: Option<u64>) -> CliResult<()> {
     if !a.quiet {
         println!("{}", formatting_line_qcow2(&a.filename, &co, &given));
     }
+    co.encrypt = encrypt_create_from_options(&encrypt_opts, &mut |id| {
+        crate::secret::get(id).map_err(oxqcow::Error::InvalidArgument)
+    })
+    .map_err(|e| errmsg(&e))?;
     create(Path::new(&a.filename), &co).map_err(|e| errmsg(&e))
 }
 
@@ -135,12 +153,25 @@ fn check_backing(
     Ok(size.or(Some(virtual_size(&img))))
 }
 
+/// The encryption options in the order qemu-img's line shows them.
+const ENCRYPT_OPTS: &[&str] = &[
+    "encryption",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
+];
+
 /// The line qemu-img 10 prints for a qcow2 image: defaults for the options
 /// it always shows, given values verbatim for the ones shown when set.
 fn formatting_line_qcow2(file: &str, co: &CreateOptions, given: &Given) -> String {
     let mut s = format!("Formatting '{file}', fmt=qcow2");
     let mut push = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
-    for k in ["encryption", "encrypt.format"] {
+    for k in ENCRYPT_OPTS {
         if let Some(v) = given.get(k) {
             push(k, v);
         }
@@ -175,6 +206,80 @@ fn formatting_line_qcow2(file: &str, co: &CreateOptions, given: &Given) -> Strin
     );
     push("refcount_bits", &co.refcount_bits.to_string());
     s
+}
+
+/// Options of QEMU's `luks` format, in the order its line shows them.
+const LUKS_OPTS: &[&str] = &[
+    "key-secret",
+    "cipher-alg",
+    "cipher-mode",
+    "ivgen-alg",
+    "ivgen-hash-alg",
+    "hash-alg",
+    "iter-time",
+];
+
+/// A raw LUKS1 volume (QEMU's `luks` format): the header and key
+/// material, then `size` bytes of encrypted payload (left unwritten).
+fn create_luks(a: &Args, size: Option<u64>) -> CliResult<()> {
+    if a.backing.is_some() {
+        return Err("Backing file not supported for file format 'luks'".into());
+    }
+    let mut given = Given(HashMap::new());
+    let mut opt_size = None;
+    for (k, v) in split_opts(&a.options) {
+        if k == "size" {
+            opt_size = Some(parse_img_size(&v).map_err(|_| {
+                "Parameter 'size' expects a non-negative number below 2^64".to_string()
+            })?);
+        } else if !LUKS_OPTS.contains(&k.as_str()) {
+            return Err(format!("Invalid parameter '{k}'"));
+        }
+        given.0.insert(k, v);
+    }
+    let size = match (size, opt_size) {
+        (Some(_), Some(_)) => return Err("The image size must be specified only once".into()),
+        (s, o) => s.or(o),
+    };
+    let size = size.ok_or_else(|| "Image creation needs a size parameter".to_string())?;
+    // The same options as qcow2's encrypt.*, with the format fixed.
+    let mut opts = vec![("encrypt.format".to_string(), "luks".to_string())];
+    for k in LUKS_OPTS {
+        if let Some(v) = given.get(k) {
+            opts.push((format!("encrypt.{k}"), v.to_string()));
+        }
+    }
+    let unprefix = |e: &oxqcow::Error| errmsg(e).replace("'encrypt.", "'");
+    check_encrypt_option_syntax(&opts).map_err(|e| unprefix(&e))?;
+    if !a.quiet {
+        let mut line = format!("Formatting '{}', fmt=luks size={size}", a.filename);
+        for k in LUKS_OPTS {
+            if let Some(v) = given.get(k) {
+                line.push_str(&format!(" {k}={v}"));
+            }
+        }
+        println!("{line}");
+    }
+    let e = encrypt_create_from_options(&opts, &mut |id| {
+        crate::secret::get(id).map_err(oxqcow::Error::InvalidArgument)
+    })
+    .map_err(|e| unprefix(&e))?
+    .ok_or("no encryption")?;
+    let (_, area, _) =
+        oxqcow::crypto::LuksHeader::create(e.spec, e.hash, &e.password.0, e.iter_time_ms)
+            .map_err(|e| errmsg(&e))?;
+    let name = a.filename.as_str();
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(name)
+        .map_err(|e| format!("Could not create '{name}': {}", ioerr(&e)))?;
+    let werr = |e: std::io::Error| format!("Could not write to '{name}': {}", ioerr(&e));
+    f.write_all_at(&area, 0).map_err(werr)?;
+    f.set_len(area.len() as u64 + size.div_ceil(512) * 512)
+        .map_err(werr)?;
+    f.sync_all().map_err(werr)
 }
 
 fn create_raw_cmd(a: &Args, size: Option<u64>) -> CliResult<()> {

@@ -123,6 +123,96 @@ pub fn header_data_file(path: &str) -> Option<String> {
     h.data_file
 }
 
+/// Top-level `--image-opts` keys accepted besides the driver, the file,
+/// and the encryption options (they change nothing the tool does).
+const IMAGE_OPTS_IGNORED: &[&str] = &[
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "force-share",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+];
+
+/// An image named on the command line: a file name, or with
+/// `--image-opts` a QemuOpts string (`driver=qcow2,file.filename=F,
+/// encrypt.key-secret=ID`; the driver is probed when not given). Opens it
+/// as [`open_image`] does; with `--image-opts` messages name the whole
+/// option string, as qemu-img's do, and `encrypt.*` / `backing.encrypt.*`
+/// give the passwords of encrypted images (secrets from `--object`).
+pub fn open_arg(
+    arg: &str,
+    image_opts: bool,
+    fmt: Option<&str>,
+    opts: &OpenOptions,
+) -> CliResult<Image> {
+    if !image_opts {
+        return open_image(arg, fmt, opts);
+    }
+    let map: std::collections::BTreeMap<String, String> = crate::io::io_open::parse_qemu_opts(arg)?
+        .into_iter()
+        .collect();
+    let driver = map.get("driver").map(String::as_str);
+    let path = match (driver, map.get("file.filename"), map.get("filename")) {
+        (Some("file"), _, Some(f)) => f.clone(),
+        (_, Some(f), _) => f.clone(),
+        _ => {
+            return Err(format!(
+                "Could not open '{arg}': A block device must be specified for \"file\""
+            ))
+        }
+    };
+    let fmt = match driver {
+        Some("file") => Some("raw"),
+        d => d,
+    };
+    for k in map.keys() {
+        let ok = k == "driver"
+            || k.starts_with("file.")
+            || (driver == Some("file") && k == "filename")
+            || IMAGE_OPTS_IGNORED.contains(&k.as_str())
+            || matches!(
+                k.as_str(),
+                "encrypt.key-secret"
+                    | "encrypt.format"
+                    | "backing.encrypt.key-secret"
+                    | "backing.encrypt.format"
+                    | "backing.driver"
+                    | "backing.node-name"
+            )
+            || k.starts_with("backing.file.");
+        if !ok {
+            return Err(format!(
+                "Could not open '{arg}': Block format '{}' does not support the option '{k}'",
+                fmt.unwrap_or("qcow2")
+            ));
+        }
+    }
+    let mut oo = opts.clone();
+    let named = |m: String| format!("Could not open '{arg}': {m}");
+    let method = crate::secret::crypt_method(&path);
+    let (f, secret) = crate::secret::encrypt_open_options(&map, "", method).map_err(named)?;
+    oo.encrypt_format = f;
+    oo.key_secret = secret;
+    if map.keys().any(|k| k.starts_with("backing.encrypt.")) {
+        let (f, secret) =
+            crate::secret::encrypt_open_options(&map, "backing.", Some(1)).map_err(named)?;
+        oo.backing = Some(Box::new(OpenOptions {
+            encrypt_format: f,
+            key_secret: secret,
+            backing: None,
+            ..oo.clone()
+        }));
+    }
+    let own = format!("Could not open '{path}': ");
+    open_image(&path, fmt, &oo).map_err(|m| match m.strip_prefix(&own) {
+        Some(rest) => named(rest.to_string()),
+        None => m,
+    })
+}
+
 /// qemu-img's `-p` progress line, `    (12.34/100%)` rewritten with \r.
 pub struct Progress {
     on: bool,

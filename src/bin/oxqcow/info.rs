@@ -6,6 +6,8 @@
 
 use crate::util::{dump_human, errmsg, ioerr, resolve_backing, size_to_str, virtual_size};
 use crate::util::{CliResult, Json, Obj};
+use oxqcow::crypto::cipher::IvGenAlg;
+use oxqcow::crypto::Encryption;
 use oxqcow::format::header::Header;
 use oxqcow::format::{AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use oxqcow::format::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE};
@@ -31,6 +33,9 @@ pub struct Args {
     /// Accepted for compatibility (images are always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// Image file
     filename: String,
 }
@@ -45,6 +50,7 @@ struct ImageReport {
 
 pub fn run(a: Args) -> CliResult<()> {
     let _ = a.force_share;
+    crate::secret::define(&a.object)?;
     let json = a.output == "json";
     let mut reports = Vec::new();
     let mut seen = HashSet::new();
@@ -143,6 +149,10 @@ fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
                 .put_int("actual-size", actual)
                 .put_int("virtual-size", vsize)
                 .put_int("cluster-size", cs);
+            if q.encryption().is_some() {
+                o = o.put_bool("encrypted", true);
+                human.push_str("encrypted: yes\n");
+            }
             let _ = writeln!(human, "cluster_size: {cs}");
             if dirty {
                 human.push_str("cleanly shut down: no\n");
@@ -170,7 +180,7 @@ fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
                 let list = snaps.iter().map(|s| Json::Obj(s.json())).collect();
                 o = o.put("snapshots", Json::List(list));
             }
-            let data = qcow2_specific(&file, &h, meta.len());
+            let data = qcow2_specific(&file, &h, meta.len(), q.encryption());
             human.push_str("Format specific information:\n");
             dump_human(&data, 4, &mut human);
             o.put(
@@ -202,12 +212,15 @@ fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
 }
 
 /// The "format-specific" data of a qcow2 image, in QAPI field order.
-fn qcow2_specific(file: &File, h: &Header, file_len: u64) -> Obj {
+fn qcow2_specific(file: &File, h: &Header, file_len: u64, enc: Option<&Encryption>) -> Obj {
     if h.version < 3 {
-        return Obj::new()
+        let mut o = Obj::new()
             .put_str("compat", "0.10")
-            .put_int("refcount-bits", h.refcount_bits() as u64)
-            .put_str("compression-type", compression_name(h.compression_type));
+            .put_int("refcount-bits", h.refcount_bits() as u64);
+        if let Some(e) = enc {
+            o = o.put("encrypt", Json::Obj(encrypt_info(e)));
+        }
+        return o.put_str("compression-type", compression_name(h.compression_type));
     }
     let mut o = Obj::new().put_str("compat", "1.1");
     if let Some(f) = &h.data_file {
@@ -227,11 +240,49 @@ fn qcow2_specific(file: &File, h: &Header, file_len: u64) -> Obj {
         )
         .put_bool("corrupt", h.incompatible_features & INCOMPAT_CORRUPT != 0)
         .put_int("refcount-bits", h.refcount_bits() as u64);
+    if let Some(e) = enc {
+        o = o.put("encrypt", Json::Obj(encrypt_info(e)));
+    }
     let bitmaps = read_bitmaps(file, h, file_len);
     if !bitmaps.is_empty() {
         o = o.put("bitmaps", Json::List(bitmaps));
     }
     o.put_str("compression-type", compression_name(h.compression_type))
+}
+
+/// The "encrypt" object: the format, and for LUKS the header's fields
+/// (QAPI's QCryptoBlockInfoLUKS order).
+pub(crate) fn encrypt_info(e: &Encryption) -> Obj {
+    let o = Obj::new().put_str("format", e.format().name());
+    let Encryption::Luks(l) = e else {
+        return o;
+    };
+    let mut o = o
+        .put_str("cipher-alg", &l.spec.alg_name())
+        .put_str("cipher-mode", l.spec.mode.name())
+        .put_str("ivgen-alg", l.spec.ivgen.name());
+    if let IvGenAlg::Essiv(h) = l.spec.ivgen {
+        o = o.put_str("ivgen-hash-alg", h.name());
+    }
+    let slots = l
+        .slots
+        .iter()
+        .map(|s| {
+            let mut j = Obj::new().put_bool("active", s.active);
+            if s.active {
+                j = j
+                    .put_int("iters", s.iterations as u64)
+                    .put_int("stripes", s.stripes as u64);
+            }
+            Json::Obj(j.put_int("key-offset", s.key_offset as u64 * 512))
+        })
+        .collect();
+    o.put_str("hash-alg", l.hash.name())
+        .put_bool("detached-header", false)
+        .put_int("payload-offset", l.area_len())
+        .put_int("master-key-iters", l.mk_iterations as u64)
+        .put_str("uuid", &l.uuid)
+        .put("slots", Json::List(slots))
 }
 
 fn compression_name(t: u8) -> &'static str {

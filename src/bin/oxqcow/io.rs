@@ -7,8 +7,14 @@
 //! wrapper that runs it as `qemu-io` prints exactly what qemu-io prints.
 //! The exit status is 1 when any command failed, else 0.
 
+#[path = "io_async.rs"]
+mod io_async;
 #[path = "io_cmds.rs"]
 mod io_cmds;
+#[path = "io_cor.rs"]
+mod io_cor;
+#[path = "io_filters.rs"]
+mod io_filters;
 #[path = "io_fmt.rs"]
 mod io_fmt;
 #[path = "io_open.rs"]
@@ -17,6 +23,7 @@ pub(crate) mod io_open;
 use crate::util::CliResult;
 use io_fmt::{err, Out};
 use io_open::{aio_mode_ok, Dev, Flags, OpenReq};
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 #[command(args_override_self = true)]
@@ -41,7 +48,7 @@ pub struct Args {
     /// Disable the host cache (short for -t none)
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
-    /// Copy-on-read (accepted, not implemented)
+    /// Copy-on-read: reads copy data from the backing chain into the image
     #[arg(short = 'C', long = "copy-on-read")]
     copy_on_read: bool,
     /// Misalign buffers (accepted; buffers are not aligned anyway)
@@ -65,7 +72,7 @@ pub struct Args {
     /// Force shared permissions (accepted; oxqcow takes no image locks)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Define an object (secrets are not used: encryption is not implemented)
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
     #[arg(long = "object", value_name = "OBJECTDEF")]
     object: Vec<String>,
     /// Treat FILE as an option string (driver=qcow2,file.filename=...)
@@ -95,11 +102,13 @@ fn prgname() -> String {
 pub struct Session {
     pub out: Out,
     pub prg: String,
-    pub dev: Option<Dev>,
+    /// Shared with the threads of asynchronous requests (`io_async.rs`).
+    pub dev: Option<Arc<Dev>>,
     pub image_opts: bool,
     /// Report lines of asynchronous requests already done, printed when
     /// qemu-io would next run its event loop.
     pub pending: Vec<String>,
+    pub workers: io_async::Workers,
     pub quit: bool,
 }
 
@@ -111,6 +120,8 @@ impl Session {
 
     /// Prints the reports of finished asynchronous requests.
     pub fn drain(&mut self) {
+        self.wait_workers();
+        self.print_debug_msgs();
         for s in std::mem::take(&mut self.pending) {
             self.out.put(&s);
         }
@@ -118,10 +129,12 @@ impl Session {
 
     /// Closes the device, reporting a failed flush as QEMU does.
     pub fn close_dev(&mut self) {
+        self.finish_workers();
         self.drain();
         if let Some(d) = self.dev.take() {
-            // As blk_unref(): a failed flush at close is not reported.
-            let _ = d.close();
+            for l in d.close() {
+                self.error(&l);
+            }
         }
     }
 
@@ -134,7 +147,7 @@ impl Session {
         let name = req.name.clone();
         match io_open::open(req) {
             Ok(d) => {
-                self.dev = Some(d);
+                self.dev = Some(Arc::new(d));
                 0
             }
             Err(msg) => {
@@ -150,12 +163,14 @@ impl Session {
 
 pub fn run(a: Args) -> CliResult<()> {
     let prg = prgname();
+    crate::prefix_warnings(prg.clone());
     let mut s = Session {
         out: Out::new(),
         prg: prg.clone(),
         dev: None,
         image_opts: a.image_opts,
         pending: Vec::new(),
+        workers: Default::default(),
         quit: false,
     };
     if a.version {
@@ -166,14 +181,11 @@ pub fn run(a: Args) -> CliResult<()> {
         s.out.flush();
         return Ok(());
     }
-    let _ = (
-        a.copy_on_read,
-        a.misalign,
-        a.native_aio,
-        &a.trace,
-        a.force_share,
-        &a.object,
-    );
+    let _ = (a.misalign, a.native_aio, &a.trace, a.force_share);
+    if let Err(m) = crate::secret::define(&a.object) {
+        s.error(&m);
+        std::process::exit(1);
+    }
     let mut flags = Flags::default();
     if a.nocache {
         flags.nocache = true;
@@ -222,6 +234,7 @@ pub fn run(a: Args) -> CliResult<()> {
                         opts,
                         flags,
                         snapshot: a.snapshot,
+                        cor: a.copy_on_read,
                     }
                 }
                 Err(m) => {
@@ -238,6 +251,7 @@ pub fn run(a: Args) -> CliResult<()> {
                 opts,
                 flags,
                 snapshot: a.snapshot,
+                cor: a.copy_on_read,
             }
         };
         if s.openfile(req) != 0 {

@@ -195,7 +195,7 @@ fn iov_lengths(s: &mut Session, args: &[String]) -> Option<Vec<u64>> {
 }
 
 fn dev(s: &Session) -> &io_open::Dev {
-    s.dev.as_ref().expect("command needs an open device")
+    s.dev.as_deref().expect("command needs an open device")
 }
 
 // ---- read ----------------------------------------------------------------------------
@@ -611,30 +611,32 @@ fn aio_read_f(s: &mut Session, w: &[String]) -> i32 {
         return EINVAL;
     };
     let total: u64 = lens.iter().sum();
-    let mut buf = vec![0xabu8; total as usize];
-    let t1 = Instant::now();
-    let r = dev(s).read(&mut buf, off);
-    let d = t1.elapsed();
-    let mut text = String::new();
-    match r {
-        Err(e) => text.push_str(&format!("readv failed: {}\n", strerror(e))),
-        Ok(()) => {
-            if pflag && buf.iter().any(|&x| x != pattern) {
-                text.push_str(&format!(
-                    "Pattern verification failed at offset {off}, {total} bytes\n"
-                ));
-            }
-            if !qflag {
-                if vflag {
-                    let mut tmp = crate::io::io_fmt::Out::capture();
-                    dump_buffer(&mut tmp, &buf, off);
-                    text.push_str(&tmp.take());
+    s.submit(Box::new(move |dev| {
+        let mut buf = vec![0xabu8; total as usize];
+        let t1 = Instant::now();
+        let r = dev.read(&mut buf, off);
+        let d = t1.elapsed();
+        let mut text = String::new();
+        match r {
+            Err(e) => text.push_str(&format!("readv failed: {}\n", strerror(e))),
+            Ok(()) => {
+                if pflag && buf.iter().any(|&x| x != pattern) {
+                    text.push_str(&format!(
+                        "Pattern verification failed at offset {off}, {total} bytes\n"
+                    ));
                 }
-                text.push_str(&report_text("read", d, off, total, cflag));
+                if !qflag {
+                    if vflag {
+                        let mut tmp = crate::io::io_fmt::Out::capture();
+                        dump_buffer(&mut tmp, &buf, off);
+                        text.push_str(&tmp.take());
+                    }
+                    text.push_str(&report_text("read", d, off, total, cflag));
+                }
             }
         }
-    }
-    s.pending.push(text);
+        text
+    }));
     0
 }
 
@@ -684,30 +686,31 @@ fn aio_write_f(s: &mut Session, w: &[String]) -> i32 {
         Ok(v) => v,
         Err(e) => return e,
     };
-    let (r, d, total) = if zflag {
-        let count = match num(s, &args[1]) {
+    let total = if zflag {
+        match num(s, &args[1]) {
             Ok(v) => v,
             Err(e) => return e,
-        };
-        let t1 = Instant::now();
-        let r = dev(s).write_zeroes(off, count, unmap, fua);
-        (r, t1.elapsed(), count)
+        }
     } else {
         let Some(lens) = iov_lengths(s, &args[1..]) else {
             return EINVAL;
         };
-        let total: u64 = lens.iter().sum();
-        let buf = vec![pattern; total as usize];
+        lens.iter().sum()
+    };
+    s.submit(Box::new(move |dev| {
         let t1 = Instant::now();
-        let r = dev(s).write(&buf, off, fua);
-        (r, t1.elapsed(), total)
-    };
-    let text = match r {
-        Err(e) => format!("aio_write failed: {}\n", strerror(e)),
-        Ok(()) if qflag => String::new(),
-        Ok(()) => report_text("wrote", d, off, total, cflag),
-    };
-    s.pending.push(text);
+        let r = if zflag {
+            dev.write_zeroes(off, total, unmap, fua)
+        } else {
+            dev.write(&vec![pattern; total as usize], off, fua)
+        };
+        let d = t1.elapsed();
+        match r {
+            Err(e) => format!("aio_write failed: {}\n", strerror(e)),
+            Ok(()) if qflag => String::new(),
+            Ok(()) => report_text("wrote", d, off, total, cflag),
+        }
+    }));
     0
 }
 
@@ -824,14 +827,22 @@ fn truncate(s: &mut Session, size: u64, prealloc: &str) -> Result<(), (i32, Stri
             img.resize(size)
                 .map_err(|e| (e.errno(), truncate_errmsg(&e)))?;
             if prealloc != "off" && size > old {
-                // Allocate the new area with zeroed data clusters.
-                let zeros = vec![0u8; 1 << 20];
-                let mut pos = old;
-                while pos < size {
-                    let n = (size - pos).min(zeros.len() as u64);
-                    img.write_at(&zeros[..n as usize], pos)
-                        .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
-                    pos += n;
+                // Allocate the new area with zeroed data clusters. Part of
+                // the resize, not a guest write: no bitmap records it.
+                let fill = || -> Result<(), (i32, String)> {
+                    let zeros = vec![0u8; 1 << 20];
+                    let mut pos = old;
+                    while pos < size {
+                        let n = (size - pos).min(zeros.len() as u64);
+                        img.write_at(&zeros[..n as usize], pos)
+                            .map_err(|e| (e.errno(), crate::util::errmsg(&e)))?;
+                        pos += n;
+                    }
+                    Ok(())
+                };
+                match img.qcow2() {
+                    Some(q) => q.as_one_request(old, 0, fill)?,
+                    None => fill()?,
                 }
             }
             if d.flags.writethrough {
@@ -861,11 +872,15 @@ fn length_f(s: &mut Session, _w: &[String]) -> i32 {
 fn info_f(s: &mut Session, _w: &[String]) -> i32 {
     s.drain();
     let d = dev(s);
-    let mut lines = vec![format!("format name: {}", d.driver)];
+    // A blkdebug node on top is what qemu-io describes: its information
+    // is its image's, without the format-specific part.
+    let top = !d.top_dbg.is_empty();
+    let driver = if top { "blkdebug" } else { d.driver.as_str() };
+    let mut lines = vec![format!("format name: {driver}")];
     // Protocol drivers have a protocol name too, printed the same way.
     if matches!(
-        d.driver.as_str(),
-        "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio"
+        driver,
+        "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio" | "blkdebug"
     ) {
         lines.push(lines[0].clone());
     }
@@ -883,6 +898,12 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
                 "vm state offset: {}",
                 cvtstr(q.vm_state_offset() as f64)
             ));
+            if top {
+                for l in lines {
+                    s.out.line(&l);
+                }
+                return 0;
+            }
             lines.push("Format specific information:".into());
             let v3 = h.version >= 3;
             lines.push(format!("    compat: {}", if v3 { "1.1" } else { "0.10" }));
@@ -896,6 +917,15 @@ fn info_f(s: &mut Session, _w: &[String]) -> i32 {
                 lines.push(format!("    lazy refcounts: {lazy}"));
             }
             lines.push(format!("    refcount bits: {}", 1u32 << h.refcount_order));
+            if let Some(e) = q.encryption() {
+                let o = crate::util::Obj::new().put(
+                    "encrypt",
+                    crate::util::Json::Obj(crate::info::encrypt_info(e)),
+                );
+                let mut t = String::new();
+                crate::util::dump_human(&o, 4, &mut t);
+                lines.extend(t.lines().map(String::from));
+            }
             if v3 {
                 let corrupt = h.incompatible_features & oxqcow::format::INCOMPAT_CORRUPT != 0;
                 lines.push(format!("    corrupt: {corrupt}"));
@@ -1011,7 +1041,8 @@ fn open_f(s: &mut Session, w: &[String]) -> i32 {
                 req.flags.nocache = true;
                 req.flags.writethrough = false;
             }
-            Opt::Flag('C', _) | Opt::Flag('k', _) | Opt::Flag('U', _) => {}
+            Opt::Flag('C', _) => req.cor = true,
+            Opt::Flag('k', _) | Opt::Flag('U', _) => {}
             Opt::Flag('r', _) => req.flags.read_only = true,
             Opt::Flag('t', Some(m)) => {
                 if !req.flags.set_cache(&m) {
@@ -1167,14 +1198,14 @@ fn reopen_f(s: &mut Session, w: &[String]) -> i32 {
     let _ = old.close();
     match io_open::open(req) {
         Ok(d) => {
-            s.dev = Some(d);
+            s.dev = Some(std::sync::Arc::new(d));
             0
         }
         Err(msg) => {
             s.error(&msg);
             // Keep the device as it was.
             if let Ok(d) = io_open::open(fallback) {
-                s.dev = Some(d);
+                s.dev = Some(std::sync::Arc::new(d));
             }
             EINVAL
         }
@@ -1272,37 +1303,7 @@ fn oneline(ct: &Cmd, name: &str) -> String {
     }
 }
 
-fn break_f(s: &mut Session, _w: &[String]) -> i32 {
-    s.out.line(&format!(
-        "Could not set breakpoint: {}",
-        strerror(libc::ENOTSUP)
-    ));
-    -libc::ENOTSUP
-}
-
-fn remove_break_f(s: &mut Session, w: &[String]) -> i32 {
-    s.out.line(&format!(
-        "Could not remove breakpoint {}: {}",
-        w[1],
-        strerror(libc::ENOTSUP)
-    ));
-    -libc::ENOTSUP
-}
-
-fn resume_f(s: &mut Session, _w: &[String]) -> i32 {
-    s.out.line(&format!(
-        "Could not resume request: {}",
-        strerror(libc::ENOTSUP)
-    ));
-    -libc::ENOTSUP
-}
-
-fn wait_break_f(s: &mut Session, _w: &[String]) -> i32 {
-    // Without blkdebug no request ever stops at a breakpoint; qemu-io
-    // would wait forever.
-    s.error("wait_break: no blkdebug breakpoints (oxqcow does not implement blkdebug)");
-    -libc::ENOTSUP
-}
+use crate::io::io_async::{break_f, remove_break_f, resume_f, wait_break_f};
 
 fn zone_fail(s: &mut Session, w: &[String], what: &str) -> i32 {
     for a in &w[1..] {

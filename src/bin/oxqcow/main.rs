@@ -18,6 +18,7 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+mod secret;
 mod snapshot;
 mod util;
 
@@ -106,6 +107,7 @@ fn main() {
             }
         }
     };
+    prefix_warnings("oxqcow".into());
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),
@@ -127,4 +129,17 @@ fn main() {
         eprintln!("oxqcow: {msg}");
         std::process::exit(1);
     }
+}
+
+/// Library warnings (`warning: ...`) get the program's name in front, as
+/// QEMU's warn_report() prints them; the library's other report lines
+/// (check findings, `qcow2: Marking image as corrupt: ...`) go out as they are.
+pub fn prefix_warnings(prog: String) {
+    oxqcow::log::set_hook(Some(Box::new(move |l: &str| {
+        if l.starts_with("warning: ") {
+            eprintln!("{prog}: {l}");
+        } else {
+            eprintln!("{l}");
+        }
+    })));
 }

@@ -39,6 +39,9 @@ pub struct Args {
     /// Open the source in shared mode (accepted, ignored)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// Image to convert (instead of --size)
     filenames: Vec<String>,
 }
@@ -52,6 +55,8 @@ struct Qcow2Target {
     prealloc_full: bool,
     backing: bool,
     size: u64,
+    /// Bytes of a LUKS header (header and key material) the image holds.
+    crypto_header: u64,
 }
 
 /// The result, as BlockMeasureInfo.
@@ -63,6 +68,7 @@ struct Measure {
 
 pub fn run(a: Args) -> CliResult<()> {
     let _ = a.force_share;
+    crate::secret::define(&a.object)?;
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
@@ -179,6 +185,7 @@ fn qcow2_target(opts: &[(String, String)]) -> CliResult<Qcow2Target> {
         prealloc_full: false,
         backing: false,
         size: 0,
+        crypto_header: 0,
     };
     let mut compat: Option<String> = None;
     let mut refcount_bits: Option<u64> = None;
@@ -252,7 +259,20 @@ fn qcow2_target(opts: &[(String, String)]) -> CliResult<Qcow2Target> {
         };
     }
     if encrypt_format.as_deref() == Some("luks") {
-        return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
+        // As qemu-img: the secret must exist; the header's size follows
+        // from the cipher's key length.
+        let enc: Vec<(String, String)> = opts
+            .iter()
+            .filter(|(k, _)| oxqcow::crypto::is_encrypt_option(k))
+            .cloned()
+            .collect();
+        let e = oxqcow::crypto::encrypt_create_from_options(&enc, &mut |id| {
+            crate::secret::get(id).map_err(oxqcow::Error::InvalidArgument)
+        })
+        .map_err(|e| crate::util::errmsg(&e))?;
+        if let Some(e) = e {
+            t.crypto_header = oxqcow::crypto::luks::area_len(e.spec.key_bytes());
+        }
     }
     Ok(t)
 }
@@ -318,9 +338,10 @@ fn measure_qcow2(t: &Qcow2Target, src: Option<&Image>, file: Option<&str>) -> Cl
         ),
         _ => None,
     };
+    let crypto = t.crypto_header.div_ceil(cs) * cs;
     Ok(Measure {
-        required: fully_allocated - vsize + required,
-        fully_allocated,
+        required: fully_allocated - vsize + required + crypto,
+        fully_allocated: fully_allocated + crypto,
         bitmaps,
     })
 }
