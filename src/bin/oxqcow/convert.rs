@@ -401,8 +401,14 @@ impl Job<'_> {
                             crate::img_util::strerror(libc::EIO)
                         ));
                     }
-                    q.write_compressed(b, c)
-                        .map_err(|e| format!("error while writing at byte {c}: {}", errmsg(&e)))?;
+                    // qemu-img words a failed write with strerror() alone
+                    // (ENOTSUP for an image with an external data file).
+                    q.write_compressed(b, c).map_err(|e| {
+                        format!(
+                            "error while writing at byte {c}: {}",
+                            crate::img_util::errno_text(&e)
+                        )
+                    })?;
                 } else if !self.zero_init {
                     self.zero(c, n)?;
                 }

@@ -4,16 +4,19 @@
 //! directory decoding that only this report needs. Images are opened
 //! read-only and without their backing files.
 
-use crate::util::{dump_human, ioerr, resolve_backing, size_to_str, virtual_size};
+use crate::util::{dump_human, errmsg, ioerr, resolve_backing, size_to_str, virtual_size};
 use crate::util::{CliResult, Json, Obj};
 use oxqcow::crypto::cipher::IvGenAlg;
 use oxqcow::crypto::Encryption;
 use oxqcow::format::header::Header;
 use oxqcow::format::{AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use oxqcow::format::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE};
+use oxqcow::{Image, OpenOptions};
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -81,14 +84,14 @@ pub fn run(a: Args) -> CliResult<()> {
 }
 
 fn image_report(path: &str, fmt: Option<&str>) -> CliResult<ImageReport> {
-    // As qemu-img's BDRV_O_NO_IO open: encrypted images need no password.
-    let opts = oxqcow::OpenOptions {
+    // Metadata only, as qemu-img info (BDRV_O_NO_IO): a missing external
+    // data file does not stop the report.
+    let opts = OpenOptions {
         no_backing: true,
         metadata_only: true,
         ..Default::default()
     };
-    let img = oxqcow::Image::open(std::path::Path::new(path), fmt, &opts)
-        .map_err(|e| crate::util::errmsg(&e))?;
+    let img = Image::open(Path::new(path), fmt, &opts).map_err(|e| errmsg(&e))?;
     if let Some(c) = img.nbd() {
         return Ok(nbd_report(c.name(), virtual_size(&img)));
     }
@@ -260,8 +263,17 @@ fn qcow2_specific(file: &File, h: &Header, file_len: u64, enc: Option<&Encryptio
         }
         return o.put_str("compression-type", compression_name(h.compression_type));
     }
-    let mut o = Obj::new()
-        .put_str("compat", "1.1")
+    let mut o = Obj::new().put_str("compat", "1.1");
+    if let Some(f) = &h.data_file {
+        o = o.put_str("data-file", f);
+    }
+    if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        o = o.put_bool(
+            "data-file-raw",
+            h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+        );
+    }
+    let mut o = o
         .put_bool("extended-l2", false)
         .put_bool(
             "lazy-refcounts",
