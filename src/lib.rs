@@ -18,6 +18,6 @@ pub mod log;
 pub mod nbd;
 pub mod storage;
 
-pub use engine::{BlockStatus, CreateOptions, OpenOptions, Preallocation, Qcow2};
+pub use engine::{BlockStatus, CreateOptions, DataFileSource, OpenOptions, Preallocation, Qcow2};
 pub use error::{Error, Result};
 pub use image::Image;

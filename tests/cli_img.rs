@@ -1351,3 +1351,206 @@ fn compressed_output_is_read_by_qemu() {
         std::fs::read(dir.join("src.raw")).unwrap()
     );
 }
+
+// ---- external data files ----------------------------------------------------------
+
+/// The same files in both copies: `name` byte for byte.
+fn same_bytes(c: &Case, name: &str) {
+    let (q, o) = (c.q.join(name), c.o.join(name));
+    let (a, b) = (std::fs::read(&q).unwrap(), std::fs::read(&o).unwrap());
+    assert_eq!(a.len(), b.len(), "{name}: length differs");
+    if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+        panic!("{name}: first difference at byte {i:#x}");
+    }
+}
+
+/// Both copies of `file` read the same guest data, each read by qemu-img
+/// in its own directory (relative data file names are relative to the
+/// current directory); ours is clean.
+fn same_view_here(c: &Case, file: &str) {
+    for dir in [&c.q, &c.o] {
+        ok_in(dir, "qemu-img", &["convert", "-O", "raw", file, "view.raw"]);
+    }
+    same_bytes(c, "view.raw");
+    let (code, out, err) = run_in(&c.o, "qemu-img", &["check", file]);
+    assert_eq!(code, 0, "qemu-img check {file} after oxqcow: {out}{err}");
+}
+
+#[test]
+fn data_file_create_like_qemu_img() {
+    let d = Scratch::new("img-df-create");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+    );
+    std::fs::create_dir_all(c.setup.join("sub")).unwrap();
+    // Relative data file names are relative to the current directory.
+    for (o, file) in [
+        ("data_file=d.raw", "n.qcow2"),
+        ("data_file=d.raw", "sub/n.qcow2"),
+        ("data_file=sub/d.raw,data_file_raw=on", "n.qcow2"),
+        (
+            "data_file=d.raw,data_file_raw=off,preallocation=metadata",
+            "n.qcow2",
+        ),
+        (
+            "data_file=d.raw,preallocation=full,cluster_size=4k",
+            "n.qcow2",
+        ),
+        (
+            "data_file=d.raw,backing_file=b.qcow2,backing_fmt=qcow2",
+            "n.qcow2",
+        ),
+        ("data_file=d.raw,compat=0.10", "n.qcow2"),
+        ("data_file_raw=on", "n.qcow2"),
+        ("data_file_raw=on,compat=0.10,lazy_refcounts=on", "n.qcow2"),
+        (
+            "data_file=d.raw,data_file_raw=on,backing_file=b.qcow2,backing_fmt=qcow2",
+            "n.qcow2",
+        ),
+        (
+            "data_file=d.raw,compat=0.10,compression_type=zstd",
+            "n.qcow2",
+        ),
+        ("data_file=d.raw,compat=0.10,backing_fmt=qcow2", "n.qcow2"),
+        ("data_file=/nonexistent/d.raw", "n.qcow2"),
+        ("data_file=", "n.qcow2"),
+        ("data_file_raw=maybe,data_file=d.raw", "n.qcow2"),
+    ] {
+        let (code, _) = c.same(&["create", "-f", "qcow2", "-o", o, file, "1M"]);
+        for dir in [&c.q, &c.o] {
+            assert_eq!(dir.join(file).exists(), code == 0, "{o}: image left behind");
+        }
+        if code == 0 {
+            same_bytes(&c, file);
+            let data = if o.contains("sub/d.raw") {
+                "sub/d.raw"
+            } else {
+                "d.raw"
+            };
+            same_bytes(&c, data);
+            let (code, out, err) = run_in(&c.o, "qemu-img", &["check", file]);
+            assert_eq!(code, 0, "{out}{err}");
+        }
+    }
+}
+
+#[test]
+fn data_file_images_like_qemu_img() {
+    let d = Scratch::new("img-df");
+    let c = Case::new(&d);
+    c.prep(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=a.raw",
+            "a.qcow2",
+            "4M",
+        ],
+    );
+    qemu_io_in(
+        &c.setup,
+        "a.qcow2",
+        &["write -P 1 0 200k", "write -z 1M 64k", "write -P 2 3M 4k"],
+    );
+    c.prep(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=r.raw,data_file_raw=on",
+            "r.qcow2",
+            "2M",
+        ],
+    );
+    c.prep(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    for f in ["a.qcow2", "r.qcow2", "top.qcow2"] {
+        c.same(&["info", f]);
+        c.same(&["info", "--output=json", f]);
+        c.same(&["info", "--backing-chain", f]);
+        c.same(&["map", f]);
+        c.same(&["map", "--output=json", f]);
+        c.same(&["check", f]);
+        c.same(&["check", "--output=json", f]);
+    }
+    c.same(&["compare", "a.qcow2", "top.qcow2"]);
+    // Snapshots are refused; the data file name and raw bit can be amended.
+    c.same(&["snapshot", "-c", "s", "a.qcow2"]);
+    c.same(&["snapshot", "-l", "a.qcow2"]);
+    for o in [
+        "data_file=b.raw",
+        "data_file=",
+        "data_file_raw=on",
+        "data_file_raw=off",
+        "compat=0.10",
+        "lazy_refcounts=on,data_file=a.raw",
+    ] {
+        for f in ["a.qcow2", "r.qcow2"] {
+            let (code, _) = c.same(&["amend", "-o", o, f]);
+            if code == 0 {
+                c.same(&["info", f]);
+            }
+        }
+    }
+    for args in [
+        vec!["resize", "a.qcow2", "8M"],
+        vec!["resize", "--shrink", "a.qcow2", "1M"],
+        vec!["resize", "r.qcow2", "+2M"],
+    ] {
+        let (code, _) = c.same(&args);
+        assert_eq!(code, 0);
+        same_view_here(&c, args[args.len() - 2]);
+        c.same_map(args[args.len() - 2]);
+    }
+    // Converting into and out of data-file images.
+    c.same(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "data_file=c.raw",
+        "a.qcow2",
+        "c.qcow2",
+    ]);
+    same_view_here(&c, "c.qcow2");
+    c.same_map("c.qcow2");
+    same_bytes(&c, "c.raw");
+    c.same(&["convert", "-O", "raw", "a.qcow2", "out.raw"]);
+    same_bytes(&c, "out.raw");
+    c.same(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "data_file=z.raw",
+        "a.qcow2",
+        "z.qcow2",
+    ]);
+    // Without its data file: info works, the rest does not.
+    std::fs::remove_file(c.setup.join("a.raw")).unwrap();
+    c.same(&["info", "a.qcow2"]);
+    c.same(&["check", "a.qcow2"]);
+    c.same(&["map", "a.qcow2"]);
+}

@@ -680,6 +680,276 @@ fn abort_and_signals() {
     assert_eq!(r.status, "exit 0", "{}{}", r.out, r.err);
 }
 
+#[test]
+fn backing_driver_overrides_the_backing_format() {
+    // iotest 114: an image whose backing format extension names a driver
+    // that does not exist opens only with `backing.driver` overriding it.
+    let d = Scratch::new("io-backing-driver");
+    let base = d.path("base.img");
+    let b = base.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &b, "1M"]);
+    qemu_io(&base, &["write -P 0x5c 0 64k"]);
+    let img = d.path("top.img");
+    let t = img.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &t]);
+    {
+        let opts = oxqcow::OpenOptions {
+            writable: true,
+            no_backing: true,
+            ..Default::default()
+        };
+        let q = oxqcow::Qcow2::open(&img, &opts).unwrap();
+        q.change_backing_file(Some(&b), Some("foo")).unwrap();
+        q.close().unwrap();
+    }
+    for args in [
+        vec!["-c", "open IMG", "-c", "read -P 0x5c 0 4k"],
+        vec![
+            "-c",
+            "open -o backing.driver=qcow2 IMG",
+            "-c",
+            "read -P 0x5c 0 4k",
+        ],
+        vec![
+            "-c",
+            "open -o backing.driver=raw IMG",
+            "-c",
+            "read -P 0 0 4k",
+        ],
+    ] {
+        let theirs = run_io(false, &img, &args, None);
+        let ours = run_io(true, &img, &args, None);
+        assert_eq!(
+            (&ours.out, &ours.err, &ours.status),
+            (&theirs.out, &theirs.err, &theirs.status),
+            "{args:?}"
+        );
+    }
+    let ok = run_io(
+        true,
+        &img,
+        &[
+            "-c",
+            "open -o backing.driver=qcow2 IMG",
+            "-c",
+            "read -P 0x5c 0 4k",
+        ],
+        None,
+    );
+    assert!(ok.out.contains("read 4096/4096"), "{}", ok.out);
+    // The override reaches the engine: read through the overridden format.
+    let q = oxqcow::Qcow2::open(
+        &img,
+        &oxqcow::OpenOptions {
+            backing_format: Some("qcow2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    q.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x5c));
+    assert!(oxqcow::Qcow2::open(&img, &Default::default()).is_err());
+}
+
+#[test]
+fn vm_state_writes_and_reads() {
+    // write -b / read -b reach the VM state area past the disk (iotest
+    // 029): the L1 table grows as QEMU grows it, so both images come out
+    // byte for byte the same.
+    let d = Scratch::new("io-vmstate");
+    let cmds = c(&[
+        "write -b 3000T 512",
+        "write -b 2047T 512",
+        "write -b -P 7 1T 4k",
+        "read -b -P 7 1T 4k",
+        "read -b 3000T 512",
+        "read -b -P 0 4000000T 512",
+        "write -b 1M 1000",
+        "read -b 1000 512",
+        "write -b -P 3 0 1M",
+        "read -b -P 3 0 1M",
+        "read -b -l 16 -s 8 -P 0 0 512",
+        "read -P 0 0 4M",
+    ]);
+    same(&d, &["qcow2", "64M"], &cmds, None);
+    let a = std::fs::read(d.path("a.img")).unwrap();
+    let b = std::fs::read(d.path("b.img")).unwrap();
+    assert!(a == b, "images differ byte-wise");
+    same(
+        &d,
+        &["qcow2", "-o", "cluster_size=1024", "16M"],
+        &c(&["write -b -P 9 0 4M", "read -b -P 9 0 4M"]),
+        None,
+    );
+    // Read-only and raw images: QEMU's refusals.
+    same(
+        &d,
+        Q,
+        &["-r", "-c", "write -b 0 512", "-c", "read -b 0 512", "IMG"],
+        None,
+    );
+    same(
+        &d,
+        &["raw", "1M"],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -b 0 512",
+            "-c",
+            "read -b 0 512",
+            "IMG",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn external_data_files_and_their_options() {
+    // Each program gets its own image and data file; the commands and
+    // options are the same (DATA and X stand for paths).
+    let d = Scratch::new("io-datafile");
+    let x = d.path("x.raw");
+    std::fs::write(&x, vec![0x77u8; 1 << 20]).unwrap();
+    let plain = d.path("plain.img");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &plain.display().to_string(),
+        "1M",
+    ]);
+    let cases: &[&[&str]] = &[
+        &[
+            "-c",
+            "write -P 1 0 100k",
+            "-c",
+            "write -z 64k 64k",
+            "-c",
+            "write -z -u 128k 64k",
+            "-c",
+            "discard 1M 64k",
+            "-c",
+            "write -c 2M 64k",
+            "-c",
+            "write -P 3 3000 70000",
+            "-c",
+            "read -P 3 3000 70000",
+            "-c",
+            "map",
+            "IMG",
+        ],
+        &[
+            "-c",
+            "open -o data-file.filename=X IMG",
+            "-c",
+            "read -P 0x77 0 4k",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=raw,data-file.file.filename=X IMG",
+            "-c",
+            "read -P 0x77 1M 4k",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=null-co,data-file.size=4M IMG",
+            "-c",
+            "write 0 64k",
+            "-c",
+            "read -P 0 0 64k",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=null-co,data-file.read-zeroes=on IMG",
+            "-c",
+            "read -P 0 0 64k",
+        ],
+        &["-c", "open -o data-file=foo IMG"],
+        &["-c", "open -o data-file.driver=file IMG"],
+        &["-c", "open -o data-file.node-name=n IMG"],
+        &["-c", "open -o data-file.driver=raw IMG"],
+        &["-c", "open -o data-file.bogus=1,data-file.filename=X IMG"],
+        &[
+            "-c",
+            "open -o data-file.bogus=1,data-file.filename=/nonexistent IMG",
+        ],
+        &[
+            "-c",
+            "open -o data-file.driver=null-co,data-file.bogus=1 IMG",
+        ],
+        &["-c", "open -o data-file.filename=X PLAIN"],
+        &[
+            "-c",
+            "write -b -P 5 0 64k",
+            "-c",
+            "read -b -P 5 0 64k",
+            "IMG",
+        ],
+    ];
+    for (i, args) in cases.iter().enumerate() {
+        let mut outs = Vec::new();
+        for ours in [false, true] {
+            let img = d.path(&format!("{i}-{ours}.img"));
+            let data = d.path(&format!("{i}-{ours}.data"));
+            let o = format!("data_file={}", data.display());
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                &img.display().to_string(),
+                "4M",
+            ]);
+            let a: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    a.replace("PLAIN", &plain.display().to_string())
+                        .replace("X", &x.display().to_string())
+                })
+                .collect();
+            let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            let r = run_io(ours, &img, &a, None);
+            let data_name = data.display().to_string();
+            outs.push((
+                r.out.replace(&data_name, "DATA"),
+                r.err.replace(&data_name, "DATA"),
+                r.status,
+            ));
+            if outs.last().unwrap().2 == "exit 0" {
+                assert_clean(&img);
+            }
+        }
+        assert_eq!(outs[0], outs[1], "{args:?}");
+        // Same guest view and the same data file.
+        let (qi, oi) = (
+            d.path(&format!("{i}-false.img")),
+            d.path(&format!("{i}-true.img")),
+        );
+        let (qd, od) = (
+            d.path(&format!("{i}-false.data")),
+            d.path(&format!("{i}-true.data")),
+        );
+        assert!(
+            std::fs::read(&qd).unwrap() == std::fs::read(&od).unwrap(),
+            "{args:?}: data files differ"
+        );
+        let (code, out, err) = run(
+            "qemu-img",
+            &[
+                "compare",
+                &qi.display().to_string(),
+                &oi.display().to_string(),
+            ],
+        );
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    }
+}
+
 /// Writes a blkdebug config file into the scratch directory.
 fn blkdebug_conf(d: &Scratch, name: &str, text: &str) -> String {
     let p = d.path(name);

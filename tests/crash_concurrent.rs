@@ -27,8 +27,11 @@ fn fill(id: u64, len: u64) -> Vec<u8> {
 /// (trace length when the write returned, guest offset, id)
 type Returned = (usize, u64, u64);
 
-fn run_threads(lazy: bool) -> (Arc<CrashStorage>, Vec<u8>, Vec<Returned>) {
-    let d = Scratch::new(&format!("crash-concurrent-{lazy}"));
+/// `writethrough` false: write-back, each write followed by a flush of its
+/// own (how NBD FUA and C callers pairing write and flush behave; the
+/// engine then takes the writethrough allocation path).
+fn run_threads(lazy: bool, writethrough: bool) -> (Arc<CrashStorage>, Vec<u8>, Vec<Returned>) {
+    let d = Scratch::new(&format!("crash-concurrent-{lazy}-{writethrough}"));
     let path = d.path("c.qcow2");
     let o = CreateOptions {
         size: 64 << 20,
@@ -43,7 +46,7 @@ fn run_threads(lazy: bool) -> (Arc<CrashStorage>, Vec<u8>, Vec<Returned>) {
     storage.restart_trace();
     let opts = OpenOptions {
         writable: true,
-        writethrough: true,
+        writethrough,
         ..Default::default()
     };
     let img = Qcow2::open_storage(s, &path, &opts).unwrap();
@@ -58,6 +61,9 @@ fn run_threads(lazy: bool) -> (Arc<CrashStorage>, Vec<u8>, Vec<Returned>) {
                     let off =
                         (i * THREADS + t) * CS + if id.is_multiple_of(3) { CS / 2 } else { 0 };
                     img.write_at(&fill(id, CS), off).unwrap();
+                    if !writethrough {
+                        img.flush().unwrap();
+                    }
                     let at = storage.trace_len();
                     returned.lock().unwrap().push((at, off, id));
                 }
@@ -68,8 +74,8 @@ fn run_threads(lazy: bool) -> (Arc<CrashStorage>, Vec<u8>, Vec<Returned>) {
     (storage, base, returned.into_inner().unwrap())
 }
 
-fn check_cuts(lazy: bool) {
-    let (storage, _base, returned) = run_threads(lazy);
+fn check_cuts(lazy: bool, writethrough: bool) {
+    let (storage, _base, returned) = run_threads(lazy, writethrough);
     let trace = storage.trace();
     // Cut just before each sync (what it would have made durable is
     // still pending) and just after it, and at the end of the trace.
@@ -125,10 +131,15 @@ fn check_cuts(lazy: bool) {
 
 #[test]
 fn concurrent_writethrough_lazy_survives_power_cuts() {
-    check_cuts(true);
+    check_cuts(true, true);
+}
+
+#[test]
+fn concurrent_write_and_flush_lazy_survives_power_cuts() {
+    check_cuts(true, false);
 }
 
 #[test]
 fn concurrent_writethrough_survives_power_cuts() {
-    check_cuts(false);
+    check_cuts(false, true);
 }

@@ -111,7 +111,10 @@ fn damaged_headers_are_refused_with_qemus_messages() {
         (&[(32, 32, 2)], "Missing CRYPTO header for crypt method 2"),
         (&[(32, 32, 3)], "Unsupported encryption method 3"),
         (&[(72, 64, 1 << 4)], "extended L2 entries are not supported"),
-        (&[(72, 64, 1 << 2)], "external data file are not supported"),
+        (
+            &[(72, 64, 1 << 2)],
+            "'data-file' is required for this image",
+        ),
         (
             &[(112, 32, 0x1234_5678), (116, 32, 0x7fff_0000)],
             "Header extension too large",

@@ -1,6 +1,7 @@
 //! `amend`: change an existing image's compat level, lazy refcounts,
-//! refcount width and size, in QEMU's order (upgrade first, then the
-//! refcount width, the header, lazy refcounts, the size, and a downgrade
+//! refcount width, size and external data file name, in QEMU's order
+//! (upgrade first, then the refcount width, the raw-data bit and the data
+//! file name in the header, lazy refcounts, the size, and a downgrade
 //! last) and with QEMU's refusals.
 
 use super::check::{FIX_ERRORS, FIX_LEAKS};
@@ -20,6 +21,10 @@ pub struct AmendOptions {
     pub size: Option<u64>,
     pub backing_file: Option<String>,
     pub backing_fmt: Option<String>,
+    /// New name of the external data file ("" drops the name).
+    pub data_file: Option<String>,
+    /// `off` clears "raw external data"; `on` only where it is set.
+    pub data_file_raw: Option<bool>,
 }
 
 const CREATION_ONLY: &[&str] = &[
@@ -29,8 +34,6 @@ const CREATION_ONLY: &[&str] = &[
     "encrypt.format",
     "compression_type",
     "extended_l2",
-    "data_file",
-    "data_file_raw",
 ];
 
 impl AmendOptions {
@@ -53,13 +56,19 @@ impl AmendOptions {
                         }
                     })
                 }
-                "lazy_refcounts" => {
-                    a.lazy_refcounts = Some(match v {
+                "lazy_refcounts" | "data_file_raw" => {
+                    let b = match v {
                         "on" | "true" => true,
                         "off" | "false" => false,
                         _ => return Err(bad("'on' or 'off'")),
-                    })
+                    };
+                    if k == "lazy_refcounts" {
+                        a.lazy_refcounts = Some(b);
+                    } else {
+                        a.data_file_raw = Some(b);
+                    }
                 }
+                "data_file" => a.data_file = Some(v.to_string()),
                 "refcount_bits" => a.refcount_bits = Some(v.parse().map_err(|_| bad("a number"))?),
                 "size" => a.size = Some(parse_size(v)?),
                 "backing_file" => a.backing_file = Some(v.to_string()),
@@ -99,6 +108,18 @@ impl Qcow2 {
                 ));
             }
         }
+        let has_data_file = hdr.incompatible_features & INCOMPAT_DATA_FILE != 0;
+        let raw_now = hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
+        if o.data_file.is_some() && !has_data_file {
+            return Err(Error::InvalidArgument(
+                "data-file can only be set for images that use an external data file".into(),
+            ));
+        }
+        if o.data_file_raw == Some(true) && !raw_now {
+            return Err(Error::InvalidArgument(
+                "data-file-raw cannot be set on existing images".into(),
+            ));
+        }
         if o.lazy_refcounts == Some(true) && new_version < 3 {
             return Err(Error::InvalidArgument(
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into(),
@@ -137,6 +158,22 @@ impl Qcow2 {
         }
         if new_bits != cur_bits {
             self.change_refcount_width(new_bits.trailing_zeros())?;
+        }
+        let new_name = o
+            .data_file
+            .as_ref()
+            .map(|n| Some(n.clone()).filter(|n| !n.is_empty()));
+        let clear_raw = o.data_file_raw == Some(false) && raw_now;
+        if clear_raw || new_name.as_ref().is_some_and(|n| *n != hdr.data_file) {
+            let mut m = self.quiesce();
+            m.flush_all()?;
+            if clear_raw {
+                m.header.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
+            }
+            if let Some(n) = new_name {
+                m.header.data_file = n;
+            }
+            m.write_header()?;
         }
         if let Some(lazy) = o.lazy_refcounts {
             if lazy != lazy_now {
@@ -178,6 +215,11 @@ impl Qcow2 {
                 ));
             }
             let h = &m.header;
+            if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+                return Err(Error::Unsupported(
+                    "Cannot downgrade an image with a data file".into(),
+                ));
+            }
             let other = h.incompatible_features & !INCOMPAT_DIRTY;
             if other != 0 {
                 return Err(Error::Unsupported(format!(

@@ -27,6 +27,10 @@ pub trait Layer: Send + Sync {
     fn backing(&self) -> Option<&dyn Layer> {
         None
     }
+    /// The external data file holding the layer's data clusters, if any.
+    fn data_file(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A raw image used as a backing file.
@@ -141,6 +145,8 @@ pub fn open_backing(
                 None => OpenOptions {
                     key_secret: None,
                     encrypt_format: None,
+                    backing_format: None,
+                    data_file: None,
                     ..opts.clone()
                 },
             };

@@ -113,6 +113,10 @@ impl Meta {
             let l2 = self.read_table(l2_off, cs, "read L2 table")?;
             // Contiguity is judged within one L2 table, as QEMU does.
             w.next_contiguous = 0;
+            if self.has_data_file() {
+                self.count_data_l2(w, &l2, active);
+                continue;
+            }
             for raw in l2 {
                 match self.decode(raw) {
                     L2Entry::Compressed { offset, len } => {
@@ -152,6 +156,41 @@ impl Meta {
             }
         }
         Ok(())
+    }
+
+    /// An L2 table of an image with an external data file: its data
+    /// clusters are counted as allocated (and fragmented) but hold no
+    /// references; compressed entries are corruptions (QEMU's line).
+    fn count_data_l2(&self, w: &mut Walk<'_, '_>, l2: &[u64], active: bool) {
+        let cs = self.cs;
+        for (i, &raw) in l2.iter().enumerate() {
+            let host = match self.decode(raw) {
+                L2Entry::Compressed { .. } => {
+                    (w.report)(&format!(
+                        "ERROR compressed cluster {i} with data file, entry={raw:#x}"
+                    ));
+                    w.res.corruptions += 1;
+                    continue;
+                }
+                L2Entry::Normal { host, .. } => host,
+                L2Entry::Zero { host, .. } if host != 0 => host,
+                _ => continue,
+            };
+            if host % cs != 0 {
+                (w.report)(&format!(
+                    "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
+                ));
+                w.res.corruptions += 1;
+                continue;
+            }
+            if active {
+                w.res.allocated_clusters += 1;
+                if w.next_contiguous != 0 && host != w.next_contiguous {
+                    w.res.fragmented_clusters += 1;
+                }
+                w.next_contiguous = host + cs;
+            }
+        }
     }
 
     /// Counts every reference the image's metadata makes.
@@ -332,7 +371,12 @@ impl Meta {
                 if !host.is_multiple_of(cs) {
                     continue;
                 }
-                let rc = self.refcount(host / cs)?;
+                // Data in an external data file is not refcounted: always 1.
+                let rc = if self.has_data_file() {
+                    1
+                } else {
+                    self.refcount(host / cs)?
+                };
                 if (rc == 1) != copied {
                     (w.report)(&format!(
                         "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",

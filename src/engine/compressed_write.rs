@@ -56,6 +56,12 @@ impl Qcow2 {
             )));
         }
         self.check_range(off, data.len() as u64)?;
+        if self.data.is_some() {
+            return Err(Error::Unsupported(format!(
+                "{}: compressed clusters are not supported with an external data file",
+                self.name
+            )));
+        }
         self.track_write(off, data.len() as u64);
         let mut full = data.to_vec();
         full.resize(cs as usize, 0);
@@ -81,7 +87,7 @@ impl Qcow2 {
                 gc,
                 L2Entry::encode_compressed(host, packed.len() as u64, self.cb),
             );
-            m.unref_entry(old, false);
+            m.unref_entry(old, false)?;
             Ok(())
         })();
         self.release(&mut m, gc, gc);

@@ -5,6 +5,7 @@
 //! everything else).
 
 use super::backing::resolve;
+use super::data_file::{create_data_file, DataFileSource};
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
 use crate::format::entries::COPIED;
@@ -58,6 +59,11 @@ pub struct CreateOptions {
     /// default of 1 MiB where the file system takes it; a hint given
     /// explicitly must be set, and fit in 32 bits.
     pub extent_size_hint: Option<u64>,
+    /// External data file name (used as given: relative to the current
+    /// directory, as QEMU does).
+    pub data_file: Option<String>,
+    /// Keep the data file a valid raw image of the disk ("raw external data").
+    pub data_file_raw: bool,
     /// Encrypt the image (the resolved `encrypt.*` options, with the
     /// password; see `crypto::encrypt_create_from_options`).
     pub encrypt: Option<crate::crypto::EncryptCreate>,
@@ -76,6 +82,8 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             compression_type: 0,
             extent_size_hint: None,
+            data_file: None,
+            data_file_raw: false,
             encrypt: None,
         }
     }
@@ -145,11 +153,8 @@ impl CreateOptions {
                 ))
             }
             "extended_l2" => {}
-            "data_file" | "data_file_raw" => {
-                return Err(Error::Unsupported(
-                    "external data files are not supported by oxqcow".into(),
-                ))
-            }
+            "data_file" => self.data_file = Some(value.to_string()),
+            "data_file_raw" => self.data_file_raw = bool_opt(value)?,
             _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
         }
         Ok(())
@@ -198,11 +203,6 @@ impl CreateOptions {
                 "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into(),
             ));
         }
-        if self.version < 3 && self.compression_type != 0 {
-            return Err(Error::InvalidArgument(
-                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
-            ));
-        }
         if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
             return Err(Error::InvalidArgument(
                 "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
@@ -211,6 +211,26 @@ impl CreateOptions {
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err(Error::InvalidArgument(
                 "Backing format cannot be used without backing file".into(),
+            ));
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::InvalidArgument(
+                "data-file-raw requires data-file".into(),
+            ));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "Backing file and data-file-raw cannot be used at the same time".into(),
+            ));
+        }
+        if self.version < 3 && self.data_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
+            ));
+        }
+        if self.version < 3 && self.compression_type != 0 {
+            return Err(Error::InvalidArgument(
+                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
             ));
         }
         if self.size > max_size(cs.trailing_zeros()) {
@@ -291,11 +311,16 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         }
     }
     let hint = extent_size_hint(o.extent_size_hint)?;
+    // The data file first: if it cannot be made, no image is left behind.
+    let data = match &o.data_file {
+        Some(n) => Some(create_data_file(n, o.size.div_ceil(512) * 512)?),
+        None => None,
+    };
     let f = FileStorage::create(path)
         .map_err(|e| Error::io(format!("Could not create '{name}'"), e))?;
     apply_extent_size_hint(f.file(), hint, o.extent_size_hint.is_some())?;
     let file: Arc<dyn Storage> = Arc::new(f);
-    create_on(file, path, o)
+    create_with_data(file, data, path, o)
 }
 
 /// The extent size hint to give a new file (QEMU's default: 1 MiB).
@@ -313,9 +338,30 @@ pub fn apply_extent_size_hint(file: &std::fs::File, hint: u32, explicit: bool) -
     }
 }
 
-/// Lays the image out on any storage (the file must be empty).
+/// Lays the image out on any storage (the file must be empty). A data file
+/// named in `o` is created on the host.
 pub fn create_on(file: Arc<dyn Storage>, path: &Path, o: &CreateOptions) -> Result<()> {
+    create_with_data(file, None, path, o)
+}
+
+/// [`create_on`] with the external data file on any storage: `data` is
+/// used for the data file `o` names (and created by name when None).
+pub fn create_with_data(
+    file: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    path: &Path,
+    o: &CreateOptions,
+) -> Result<()> {
     o.validate()?;
+    let data = match (&o.data_file, data) {
+        (None, _) => None,
+        (Some(n), Some(d)) => {
+            d.set_len(o.size.div_ceil(512) * 512)
+                .map_err(|e| Error::io(format!("Could not resize '{n}'"), e))?;
+            Some(d)
+        }
+        (Some(n), None) => Some(create_data_file(n, o.size.div_ceil(512) * 512)?),
+    };
     // qemu-img rounds the virtual size up to whole 512-byte sectors.
     let mut o = o.clone();
     o.size = o.size.div_ceil(512) * 512;
@@ -343,6 +389,12 @@ pub fn create_on(file: Arc<dyn Storage>, path: &Path, o: &CreateOptions) -> Resu
     if o.lazy_refcounts {
         h.compatible_features |= COMPAT_LAZY_REFCOUNTS;
     }
+    if data.is_some() {
+        h.incompatible_features |= INCOMPAT_DATA_FILE;
+        if o.data_file_raw {
+            h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
+        }
+    }
     // Cluster 0: the bare header; clusters 1-2: refcount table and block.
     let mut first = vec![0u8; cs as usize];
     let full = h.encode()?;
@@ -361,18 +413,28 @@ pub fn create_on(file: Arc<dyn Storage>, path: &Path, o: &CreateOptions) -> Resu
         writable: true,
         no_backing: true,
         check_mode: true,
+        data_file: data.map(|storage| DataFileSource::Storage {
+            storage,
+            name: o.data_file.clone().unwrap_or_default(),
+        }),
         ..Default::default()
     };
     let img = Qcow2::open_storage(file.clone(), path, &opts)?;
     {
         let mut m = img.lock();
+        m.header.data_file = o.data_file.clone();
         m.alloc_clusters(3)?;
         m.flush_all()?;
         m.write_header()?;
     }
     img.resize(o.size)?;
-    if o.preallocation != Preallocation::Off {
-        img.preallocate(o.preallocation)?;
+    // A raw data file maps every cluster: metadata preallocation at least.
+    let prealloc = match o.preallocation {
+        Preallocation::Off if o.data_file_raw => Preallocation::Metadata,
+        p => p,
+    };
+    if prealloc != Preallocation::Off {
+        img.preallocate(prealloc)?;
     }
     if let Some(b) = &o.backing_file {
         let mut m = img.lock();
@@ -400,6 +462,31 @@ impl Qcow2 {
         }
         let l2_entries = m.l2_entries();
         let io = |e| Error::io(format!("{}: preallocate", self.name), e);
+        if let Some(d) = &self.data {
+            // Data clusters map to themselves; falloc and full reserve or
+            // zero the data file.
+            match mode {
+                Preallocation::Falloc => d.storage.allocate(0, size).map_err(io)?,
+                Preallocation::Full => {
+                    let zeros = vec![0u8; (1 << 20).min(size) as usize];
+                    let mut pos = 0;
+                    while pos < size {
+                        let n = (size - pos).min(zeros.len() as u64);
+                        d.storage.write_at(&zeros[..n as usize], pos).map_err(io)?;
+                        pos += n;
+                    }
+                }
+                _ => {}
+            }
+            // As QEMU: the data file then ends at a whole cluster.
+            let end = n_data * cs;
+            if end > size {
+                let zeros = vec![0u8; (end - size) as usize];
+                d.storage.write_at(&zeros, size).map_err(io)?;
+            }
+            self.map_data_clusters(&mut m, 0, n_data)?;
+            return m.flush();
+        }
         match mode {
             Preallocation::Metadata => {
                 let mut gc = 0;

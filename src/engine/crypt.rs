@@ -137,13 +137,13 @@ impl Qcow2 {
     pub(super) fn read_data(&self, out: &mut [u8], host: u64, guest: u64) -> Result<()> {
         let io = |e| Error::io(format!("{}: read", self.name), e);
         let Some(c) = &self.cipher else {
-            return self.file.read_at(out, host).map_err(io);
+            return self.data_storage().read_at(out, host).map_err(io);
         };
         let head = host % SECTOR;
         let a = host - head;
         let end = (host + out.len() as u64).div_ceil(SECTOR) * SECTOR;
         let mut buf = vec![0u8; (end - a) as usize];
-        self.file.read_at(&mut buf, a).map_err(io)?;
+        self.data_storage().read_at(&mut buf, a).map_err(io)?;
         c.decrypt(a, guest - head, &mut buf);
         out.copy_from_slice(&buf[head as usize..head as usize + out.len()]);
         Ok(())

@@ -86,6 +86,15 @@ impl Qcow2 {
 
     pub(super) fn classify(&self, m: &mut Meta, gc: u64) -> Result<Run> {
         let raw = m.l2_entry(gc)?;
+        if self.data.is_some() {
+            let e = m.decode(raw);
+            self.check_data_entry(m, gc, e)?;
+            return Ok(match e {
+                L2Entry::Normal { host, .. } => Run::Data(host),
+                L2Entry::Zero { .. } => Run::Zero,
+                _ => Run::Unallocated,
+            });
+        }
         let end = self.file_end.load(Ordering::Acquire);
         Ok(match m.decode(raw) {
             L2Entry::Unallocated => Run::Unallocated,
@@ -117,6 +126,12 @@ impl Qcow2 {
     /// Reads guest bytes at any offset and length inside the image.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
+        self.read_mapped(buf, off)
+    }
+
+    /// Reads guest bytes through the mapping, without the size check (the
+    /// VM state area lies past the end of the disk).
+    pub(super) fn read_mapped(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_data_io()?;
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -274,6 +289,10 @@ impl Qcow2 {
             let start = off.max(cstart) - cstart;
             let end = (off + len).min(cstart + cs) - cstart;
             let raw = m.l2_entry(gc)?;
+            if self.data.is_some() {
+                plan.push(self.plan_data_cluster(m, gc, start, end, raw)?);
+                continue;
+            }
             let mut w = ClusterWrite {
                 gc,
                 start,
@@ -314,6 +333,13 @@ impl Qcow2 {
             }
             plan.push(w);
         }
+        if self.data.is_some() {
+            if plan.iter().any(|w| w.link) {
+                // QEMU's order: the L2 table before the data it will map.
+                m.l2_for_write(first)?;
+            }
+            return Ok(plan);
+        }
         if need_alloc > 0 {
             if m.frees_pending {
                 // Discarded clusters become reusable only once their unref
@@ -326,12 +352,15 @@ impl Qcow2 {
             m.l2_for_write(first)?;
             let never_written = m.written_end;
             let mut host = m.alloc_clusters(need_alloc)?;
+            m.allocs_since_flush += need_alloc;
             // A run that was never written can have its L2 entries written
             // before its data (rule 1's exception) once the file durably
-            // covers it. Only worth it when every write is flushed at once.
+            // covers it. Only worth it when every write is flushed at once
+            // (writethrough, or flushes that follow nearly every write).
             // Not with encryption: zeros on disk do not read as zeros there.
+            let flushed_often = self.writethrough || m.flush_follows_writes;
             let zero_run =
-                host >= never_written && self.writethrough && m.lazy && self.cipher.is_none();
+                host >= never_written && flushed_often && m.lazy && self.cipher.is_none();
             if zero_run {
                 m.reserve_zero_tail(host + need_alloc * cs)?;
             }
@@ -348,6 +377,43 @@ impl Qcow2 {
             m.check_overlap(w.host + s, e - s)?;
         }
         Ok(plan)
+    }
+
+    /// The plan for one cluster of an image with an external data file: the
+    /// data goes to host offset == guest offset, allocated or not; a
+    /// cluster not yet holding data there is filled whole (from the backing
+    /// file, or zeros) and linked.
+    fn plan_data_cluster(
+        &self,
+        m: &mut Meta,
+        gc: u64,
+        start: u64,
+        end: u64,
+        raw: u64,
+    ) -> Result<ClusterWrite> {
+        let e = m.decode(raw);
+        self.check_data_entry(m, gc, e)?;
+        let mut w = ClusterWrite {
+            gc,
+            start,
+            end,
+            host: gc << self.cb,
+            link: true,
+            old_raw: raw,
+            source: CowSource::Zeros,
+            fresh: false,
+            fill: true,
+            zero_host: false,
+        };
+        match e {
+            L2Entry::Normal { copied, .. } => {
+                w.link = !copied;
+                w.fill = false;
+            }
+            L2Entry::Unallocated if self.backing.is_some() => w.source = CowSource::Backing,
+            _ => {}
+        }
+        Ok(w)
     }
 
     /// Writes the data (with copy-on-write fill) for a planned chunk,
@@ -432,11 +498,13 @@ impl Qcow2 {
     }
 
     pub(super) fn pwrite(&self, buf: &[u8], host: u64) -> Result<()> {
-        self.file
+        self.data_storage()
             .write_at(buf, host)
             .map_err(|e| Error::io(format!("{}: write", self.name), e))?;
-        self.file_end
-            .fetch_max(host + buf.len() as u64, Ordering::AcqRel);
+        if self.data.is_none() {
+            self.file_end
+                .fetch_max(host + buf.len() as u64, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -454,7 +522,7 @@ impl Qcow2 {
                 m.set_l2_entry(l2, w.gc, w.host | COPIED);
             }
             if w.fresh {
-                m.unref_entry(w.old_raw, false);
+                m.unref_entry(w.old_raw, false)?;
             }
         }
         Ok(())

@@ -5,7 +5,8 @@
 //! Write ordering, enforced in [`Meta::flush`], [`Meta::evict`] and, for a
 //! new L2 table (written with its L1 entry at once, as QEMU does it),
 //! [`Meta::l2_for_write`]:
-//! 1. Guest data is synced before any L2 table that points at it is written.
+//! 1. Guest data is synced before any L2 table that points at it is written
+//!    (in the external data file when the image has one; see `data_file.rs`).
 //! 2. Without lazy refcounts, refcount blocks are written and synced before
 //!    the L2 tables (and L1 entries) that depend on them; with lazy
 //!    refcounts the dirty bit is on disk before the first L2 change
@@ -68,6 +69,8 @@ enum Which {
 
 pub struct Meta {
     pub file: Arc<dyn Storage>,
+    /// The external data file, when guest data lives there (`data_file.rs`).
+    pub data_file: Option<Arc<dyn Storage>>,
     pub name: String,
     pub header: Header,
     pub cb: u32,
@@ -87,6 +90,13 @@ pub struct Meta {
     /// the next guest allocation flushes first so that it can reuse the
     /// space instead of growing the file, as QEMU's allocator would.
     pub frees_pending: bool,
+    /// Clusters allocated for guest writes since the last flush the user
+    /// asked for, and whether those flushes come after (nearly) every
+    /// write: a write-back user that flushes like a writethrough one (NBD
+    /// FUA, a C caller pairing bdrv_pwrite with bdrv_flush) then gets the
+    /// writethrough allocation path (rule 1's zero-tail exception).
+    pub allocs_since_flush: u64,
+    pub flush_follows_writes: bool,
     pub metadata: HashMap<u64, MetaKind>,
     pub lazy: bool,
     pub writable: bool,
@@ -386,10 +396,13 @@ impl Meta {
     /// guest zeros) and, without lazy refcounts, the refcount blocks
     /// (rule 2). One sync serves both.
     pub(super) fn sync_before_l2(&mut self) -> Result<()> {
+        if self.data_sync_needed {
+            self.sync_data()?;
+        }
         if !self.lazy {
             self.write_refblocks()?;
             self.sync()?;
-        } else if self.data_sync_needed {
+        } else if self.data_sync_needed && !self.has_data_file() {
             self.sync()?;
         }
         self.data_sync_needed = false;
@@ -414,7 +427,15 @@ impl Meta {
     }
 
     pub fn decode(&self, raw: u64) -> L2Entry {
-        L2Entry::decode(raw, self.cb)
+        let e = L2Entry::decode(raw, self.cb);
+        if e == L2Entry::Unallocated && raw & COPIED != 0 && self.has_data_file() {
+            // Guest cluster 0 in the external data file (see data_file.rs).
+            return L2Entry::Normal {
+                host: 0,
+                copied: true,
+            };
+        }
+        e
     }
 
     /// Makes sure the L2 table covering `gc` is allocated and exclusively
@@ -517,13 +538,18 @@ impl Meta {
         let _ = self.update_refcount(off, len, -1);
     }
 
-    /// Queues the release of whatever host storage an old L2 entry held.
-    pub fn unref_entry(&mut self, raw: u64, punch: bool) {
+    /// Queues the release of whatever host storage an old L2 entry held
+    /// (a data cluster of an external data file is released at once).
+    pub fn unref_entry(&mut self, raw: u64, punch: bool) -> Result<()> {
+        if self.has_data_file() {
+            return self.release_data_cluster(raw, punch);
+        }
         if let Some((off, len)) = self.decode(raw).host_range() {
             let len = if len == 0 { self.cs } else { len };
             self.frees_pending |= raw & COPIED != 0;
             self.pending_unref.push((off, len, punch));
         }
+        Ok(())
     }
 
     /// With lazy refcounts, puts the dirty bit on disk before the first
@@ -585,6 +611,7 @@ impl Meta {
         if !self.lazy {
             self.write_refblocks()?;
         }
+        self.sync_data()?;
         self.sync()
     }
 
@@ -599,8 +626,11 @@ impl Meta {
         if !self.writable {
             return Ok(true);
         }
+        // With an external data file, the data file must be synced before
+        // the L2 tables (rule 1): only the full flush does that.
         if !self.lazy
             || self.data_sync_needed
+            || self.has_data_file()
             || !self.l1_dirty.is_empty()
             || !self.pending_unref.is_empty()
         {
@@ -610,6 +640,17 @@ impl Meta {
             self.write_slot(Which::L2, off)?;
         }
         Ok(true)
+    }
+
+    /// Records a flush the user asked for (see `flush_follows_writes`).
+    pub fn note_user_flush(&mut self) {
+        /// At most this many clusters allocated between two flushes make
+        /// the flushes "after every write" (2 MiB with 64 KiB clusters).
+        const FEW: u64 = 32;
+        if self.allocs_since_flush > 0 {
+            self.flush_follows_writes = self.allocs_since_flush <= FEW;
+            self.allocs_since_flush = 0;
+        }
     }
 
     /// Writes the refcount blocks too, so that nothing is left dirty (close,

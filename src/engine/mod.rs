@@ -16,11 +16,13 @@ mod compress;
 mod compressed_write;
 mod create;
 mod crypt;
+mod data_file;
 mod io;
 mod meta;
 mod open;
 mod refcount;
 mod snapshot;
+mod vmstate;
 mod zero;
 
 pub use amend::AmendOptions;
@@ -28,9 +30,10 @@ pub use backing::{probe, Layer, RawLayer};
 pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};
 pub use create::{
-    apply_extent_size_hint, create, create_on, extent_size_hint, max_size, parse_size,
-    CreateOptions, Preallocation,
+    apply_extent_size_hint, create, create_on, create_with_data, extent_size_hint, max_size,
+    parse_size, CreateOptions, Preallocation,
 };
+pub use data_file::DataFileSource;
 
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;
@@ -61,6 +64,13 @@ pub struct OpenOptions {
     pub check_mode: bool,
     /// Position in a backing chain (0 for the top image).
     pub chain_depth: u32,
+    /// Format of the backing file, overriding the image's backing format
+    /// extension (QEMU's `backing.driver`). Applies to this image's backing
+    /// file only, not further down the chain.
+    pub backing_format: Option<String>,
+    /// The external data file to use instead of the one the header names
+    /// (QEMU's `data-file`); refused for images without one.
+    pub data_file: Option<DataFileSource>,
     /// The password of an encrypted image (the data of the secret QEMU's
     /// `encrypt.key-secret` names). Not passed down to backing files.
     pub key_secret: Option<crate::crypto::Secret>,
@@ -68,8 +78,9 @@ pub struct OpenOptions {
     /// an image with another one is refused.
     pub encrypt_format: Option<crate::crypto::Format>,
     /// Open to look at metadata only (QEMU's `BDRV_O_NO_IO`, what
-    /// `qemu-img info` does): an encrypted image needs no password, and
-    /// its guest data can then be neither read nor written.
+    /// `qemu-img info` does): an external data file is not opened, an
+    /// encrypted image needs no password, and guest data can then be
+    /// neither read nor written.
     pub metadata_only: bool,
     /// Options for the backing file (QEMU's `backing.*`); None: these
     /// options, read-only, without the password.
@@ -94,6 +105,8 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     cond: Condvar,
     file: Arc<dyn Storage>,
+    /// The external data file, if guest data lives there.
+    data: Option<data_file::DataFile>,
     path: PathBuf,
     name: String,
     backing: Option<Box<dyn Layer>>,
@@ -299,6 +312,7 @@ impl Qcow2 {
     /// data and linking while the disk works.
     fn flush_now(&self) -> Result<()> {
         let mut m = self.lock();
+        m.note_user_flush();
         if !m.write_l2_for_unlocked_sync()? {
             return m.flush();
         }
@@ -353,6 +367,18 @@ impl Qcow2 {
         if need_l1 > m.l1.len() as u64 {
             m.grow_l1(need_l1)?;
         }
+        if new_size > old {
+            if let Some(d) = &self.data {
+                // The data file holds the disk at guest offsets: it grows
+                // first, and a raw one gets the new clusters mapped.
+                d.storage
+                    .set_len(new_size)
+                    .map_err(|e| Error::io(format!("{}: resize", d.name), e))?;
+                if d.raw {
+                    self.map_data_clusters(&mut m, old.div_ceil(cs), new_size.div_ceil(cs))?;
+                }
+            }
+        }
         if new_size < old {
             drop(m);
             let tail_start = new_size.div_ceil(cs) * cs;
@@ -392,6 +418,11 @@ impl Qcow2 {
         m.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        if let Some(d) = self.data.as_ref().filter(|_| new_size < old) {
+            d.storage
+                .set_len(new_size)
+                .map_err(|e| Error::io(format!("{}: resize", d.name), e))?;
+        }
         self.bitmaps_lock().resize(new_size);
         if new_size < old {
             m.truncate_to_used()?;
@@ -520,5 +551,8 @@ impl Layer for Qcow2 {
     }
     fn backing(&self) -> Option<&dyn Layer> {
         self.backing.as_deref()
+    }
+    fn data_file(&self) -> Option<&str> {
+        self.data_file_name()
     }
 }

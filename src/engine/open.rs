@@ -11,6 +11,7 @@ use super::bitmaps;
 use super::cache::TableCache;
 use super::check::{FIX_ERRORS, FIX_LEAKS};
 use super::crypt::open_encryption;
+use super::data_file::open_data_file;
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
@@ -69,11 +70,6 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let cb = header.cluster_bits;
 
-        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 || header.data_file.is_some() {
-            return Err(Error::Unsupported(
-                "qcow2 images with an external data file are not supported by oxqcow".into(),
-            ));
-        }
         if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
             return Err(Error::Unsupported(
                 "qcow2 images with extended L2 entries are not supported by oxqcow".into(),
@@ -85,9 +81,7 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));
         }
-        if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
-            return Err(Error::Invalid("data-file-raw requires a data file".into()));
-        }
+        let data = open_data_file(&header, opts)?;
         // A stale bitmaps extension (autoclear bit 0 cleared by a program
         // without bitmap support) is dropped by the next header write.
         let drop_bitmaps = bitmaps::stale_ext(&header) && opts.writable;
@@ -222,7 +216,9 @@ impl Qcow2 {
             (Some(b), false) => Some(open_backing(
                 path,
                 b,
-                header.backing_format.as_deref(),
+                opts.backing_format
+                    .as_deref()
+                    .or(header.backing_format.as_deref()),
                 opts.chain_depth,
                 opts,
             )?),
@@ -240,6 +236,7 @@ impl Qcow2 {
         }
         let mut meta = Meta {
             file: file.clone(),
+            data_file: data.as_ref().map(|d| d.storage.clone()),
             name: name.clone(),
             header,
             cb,
@@ -255,6 +252,8 @@ impl Qcow2 {
             free_cluster_index: 0,
             pending_unref: Vec::new(),
             frees_pending: false,
+            allocs_since_flush: 0,
+            flush_follows_writes: false,
             metadata: HashMap::new(),
             lazy,
             writable: opts.writable,
@@ -281,6 +280,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             cond: Condvar::new(),
             file,
+            data,
             path: path.to_path_buf(),
             name,
             backing,

@@ -138,6 +138,18 @@ impl Meta {
 }
 
 impl Qcow2 {
+    /// Internal snapshots cannot keep guest data that lives in an external
+    /// data file (it has no refcounts), so QEMU refuses them there.
+    fn refuse_with_data_file(&self) -> Result<()> {
+        match &self.data {
+            Some(_) => Err(Error::Unsupported(format!(
+                "{}: internal snapshots are not supported with an external data file",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The internal snapshots, in table order.
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.lock().snapshots.clone()
@@ -159,6 +171,7 @@ impl Qcow2 {
         date: Option<(u32, u32)>,
         vm_clock_nsec: u64,
     ) -> Result<Snapshot> {
+        self.refuse_with_data_file()?;
         let mut m = self.quiesce();
         m.ensure_writable()?;
         // Names need not be unique (qemu-img snapshot -c allows duplicates).
@@ -221,6 +234,7 @@ impl Qcow2 {
             let mut m = self.quiesce();
             m.ensure_writable()?;
             let i = m.find_snapshot(name_or_id)?;
+            self.refuse_with_data_file()?;
             m.flush_all()?;
             (m.snapshots[i].clone(), m.header.size)
         };
@@ -263,6 +277,7 @@ impl Qcow2 {
         let mut m = self.quiesce();
         m.ensure_writable()?;
         let i = m.find_snapshot(name_or_id)?;
+        self.refuse_with_data_file()?;
         m.flush_all()?;
         let sn = m.snapshots[i].clone();
         let mut list = m.snapshots.clone();

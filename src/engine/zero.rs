@@ -114,10 +114,10 @@ impl Qcow2 {
                     let l2 = m.l2_for_write(gc)?;
                     m.set_l2_entry(l2, gc, new);
                     if new == ZERO {
-                        m.unref_entry(raw, unmap);
+                        m.unref_entry(raw, unmap)?;
                     }
                 }
-                Ok(())
+                self.zero_raw_data(pos, n, unmap)
             })();
             self.release(&mut m, first, last);
             r?;
@@ -192,7 +192,7 @@ impl Qcow2 {
                     }
                     let l2 = m.l2_for_write(gc)?;
                     m.set_l2_entry(l2, gc, new);
-                    m.unref_entry(raw, punch);
+                    m.unref_entry(raw, punch)?;
                 }
                 Ok(())
             })();

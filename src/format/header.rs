@@ -280,8 +280,11 @@ impl Header {
         if let Some(f) = &self.backing_format {
             exts.push((EXT_BACKING_FORMAT, f.as_bytes().to_vec()));
         }
+        // As QEMU: the name is written only for an image that uses it.
         if let Some(f) = &self.data_file {
-            exts.push((EXT_DATA_FILE, f.as_bytes().to_vec()));
+            if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+                exts.push((EXT_DATA_FILE, f.as_bytes().to_vec()));
+            }
         }
         if let Some((o, l)) = self.crypto_header {
             let mut d = vec![0u8; 16];
@@ -488,5 +491,16 @@ mod tests {
             "Header extension too large"
         );
         assert!(Header::parse(&b[..50]).is_err());
+    }
+
+    #[test]
+    fn data_file_name_is_kept_only_with_the_feature_bit() {
+        let mut h = sample();
+        h.data_file = Some("d.raw".into());
+        let parsed = Header::parse(&h.encode().unwrap()).unwrap();
+        assert_eq!(parsed.data_file, None);
+        h.incompatible_features |= INCOMPAT_DATA_FILE;
+        let parsed = Header::parse(&h.encode().unwrap()).unwrap();
+        assert_eq!(parsed.data_file.as_deref(), Some("d.raw"));
     }
 }

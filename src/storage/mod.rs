@@ -2,7 +2,8 @@
 //!
 //! Everything above this layer sees a [`Storage`]: the real file
 //! ([`FileStorage`]) or an in-memory one for tests ([`MemStorage`], and
-//! [`CrashStorage`], which also simulates power loss), possibly behind
+//! [`CrashStorage`], which also simulates power loss), or one with nothing
+//! behind it ([`NullStorage`], [`AbsentStorage`]); any of them possibly behind
 //! [`BlkdebugStorage`], QEMU's error-injection filter. This layer knows
 //! nothing of qcow2 and never interprets the bytes it moves; the engine
 //! only tells it, through [`Storage::debug_event`], where in a request it
@@ -14,12 +15,14 @@ mod crash;
 pub mod event;
 mod file;
 mod mem;
+mod null;
 
 pub use blkdebug::{Blkdebug, BlkdebugStorage};
 pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
 pub use event::DebugEvent;
 pub use file::{set_extent_size_hint, FileStorage};
 pub use mem::MemStorage;
+pub use null::{AbsentStorage, NullStorage};
 
 use std::io;
 

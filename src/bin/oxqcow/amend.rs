@@ -171,14 +171,8 @@ pub fn run(a: Args) -> CliResult<()> {
     let mut o = AmendOptions::default();
     for (k, v) in &values {
         match k.as_str() {
-            "data_file" => {
-                return Err(
-                    "data-file can only be set for images that use an external data file".into(),
-                )
-            }
-            "data_file_raw" => {
-                return Err("data-file-raw cannot be set on existing images".into());
-            }
+            "data_file" => o.data_file = Some(v.clone()),
+            "data_file_raw" => o.data_file_raw = Some(v == "on"),
             k if k.starts_with("encrypt.") => {
                 return Err("Can't amend encryption options - encryption not present".into());
             }

@@ -342,7 +342,10 @@ impl<'a> Job<'a> {
         if taken {
             return Err(werr(strerror(libc::EIO)));
         }
-        q.write_compressed(b, c).map_err(|e| werr(errmsg(&e)))
+        // qemu-img words a failed write with strerror() alone (ENOTSUP
+        // for an image with an external data file).
+        q.write_compressed(b, c)
+            .map_err(|e| werr(crate::img_util::errno_text(&e)))
     }
 
     fn zero(&self, pos: u64, n: u64) -> CliResult<()> {

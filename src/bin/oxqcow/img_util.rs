@@ -94,7 +94,7 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
         let msg = errmsg(&e);
         let own = format!("Could not open '{path}': ");
         match msg.strip_prefix(&own) {
-            Some(rest) if rest.starts_with("Could not open '") => {
+            Some(rest) if rest.starts_with("Could not open '") && !data_file_error(path, rest) => {
                 format!("{own}Could not open backing file: {rest}")
             }
             Some(_) => msg,
@@ -107,6 +107,28 @@ pub fn open_image(path: &str, fmt: Option<&str>, opts: &OpenOptions) -> CliResul
         eprintln!("         Specify the 'raw' format explicitly to remove the restrictions.");
     }
     Ok(img)
+}
+
+/// Whether an open error is about the image's external data file (not
+/// its backing file): "Could not open 'NAME': ..." with the data file name
+/// of the header.
+pub fn data_file_error(path: &str, msg: &str) -> bool {
+    header_data_file(path).is_some_and(|d| msg.starts_with(&format!("Could not open '{d}': ")))
+}
+
+/// The data file name in the header of a qcow2 image with an external
+/// data file.
+pub fn header_data_file(path: &str) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let mut b = vec![0u8; 1 << 16];
+    let n = f.read_at(&mut b, 0).ok()?;
+    b.truncate(n);
+    let h = oxqcow::format::header::Header::parse(&b).ok()?;
+    if h.incompatible_features & oxqcow::format::INCOMPAT_DATA_FILE == 0 {
+        return None;
+    }
+    h.data_file
 }
 
 /// An image named on the command line, open.

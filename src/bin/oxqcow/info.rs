@@ -11,6 +11,7 @@ use oxqcow::crypto::cipher::IvGenAlg;
 use oxqcow::crypto::Encryption;
 use oxqcow::format::header::Header;
 use oxqcow::format::{AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use oxqcow::format::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE};
 use oxqcow::{Image, OpenOptions};
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -267,8 +268,17 @@ fn qcow2_specific(file: &File, h: &Header, file_len: u64, enc: Option<&Encryptio
         }
         return o.put_str("compression-type", compression_name(h.compression_type));
     }
-    let mut o = Obj::new()
-        .put_str("compat", "1.1")
+    let mut o = Obj::new().put_str("compat", "1.1");
+    if let Some(f) = &h.data_file {
+        o = o.put_str("data-file", f);
+    }
+    if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        o = o.put_bool(
+            "data-file-raw",
+            h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+        );
+    }
+    let mut o = o
         .put_bool("extended-l2", false)
         .put_bool(
             "lazy-refcounts",

@@ -279,10 +279,10 @@ fn read_f(s: &mut Session, w: &[String]) -> i32 {
     let mut buf = vec![0xabu8; count as usize];
     s.drain();
     let t1 = Instant::now();
-    let r = if bflag {
-        Err(libc::ENOTSUP)
-    } else if count > i32::MAX as u64 {
+    let r = if count > i32::MAX as u64 {
         Err(libc::ERANGE)
+    } else if bflag {
+        dev(s).read_vmstate(&mut buf, off)
     } else {
         dev(s).read(&mut buf, off)
     };
@@ -497,8 +497,10 @@ fn write_f(s: &mut Session, w: &[String]) -> i32 {
     s.drain();
     let t1 = Instant::now();
     let d0 = dev(s);
-    let r = if bflag {
-        Err(libc::ENOTSUP)
+    let r = if bflag && count > i32::MAX as u64 {
+        Err(libc::ERANGE)
+    } else if bflag {
+        d0.write_vmstate(&buf, off)
     } else if zflag {
         d0.write_zeroes(off, count, unmap, fua)
     } else if compress {

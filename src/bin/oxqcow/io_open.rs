@@ -7,6 +7,9 @@
 //! (`Dev`): the I/O calls qemu-io's commands make, with errno results and
 //! the block layer's request checks.
 
+#[path = "io_datafile.rs"]
+mod io_datafile;
+
 use crate::io::io_filters::{self, filtered, is_protocol, wrap, DebugNodes};
 use oxqcow::storage::blkdebug::IoType;
 use oxqcow::storage::{Blkdebug, FileStorage};
@@ -79,7 +82,7 @@ pub fn aio_mode_ok(mode: &str) -> bool {
 }
 
 /// QEMU's boolean option values.
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
@@ -216,7 +219,7 @@ const BOOL_OPTS: &[&str] = &[
     "read-zeroes",
 ];
 
-fn unsupported_driver(d: &str) -> String {
+pub(crate) fn unsupported_driver(d: &str) -> String {
     format!("oxqcow does not implement the '{d}' block driver")
 }
 
@@ -347,7 +350,7 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
 }
 
 /// The options under `prefix` ("file."), with the prefix removed.
-fn child_opts(map: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+pub(crate) fn child_opts(map: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
     map.iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|r| (r.to_string(), v.clone())))
         .collect()
@@ -541,7 +544,7 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
                 continue;
             }
             if k == "data-file" || k.starts_with("data-file.") {
-                return Err("oxqcow does not implement qcow2 external data files".to_string());
+                continue; // io_datafile.rs
             }
             if let Some(e) = k.strip_prefix("encrypt.") {
                 if e == "key-secret" || e == "format" {
@@ -565,7 +568,10 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
     Ok(())
 }
 
-fn check_protocol_opts(map: &BTreeMap<String, String>, driver: &str) -> Result<(), String> {
+pub(crate) fn check_protocol_opts(
+    map: &BTreeMap<String, String>,
+    driver: &str,
+) -> Result<(), String> {
     for k in map.keys() {
         if !FILE_OPTS.contains(&k.as_str()) {
             return Err(format!(
@@ -761,6 +767,9 @@ pub fn open_errmsg(e: &oxqcow::Error, path: &str) -> String {
     if is_strerror(rest) {
         return format!("{top}{rest}");
     }
+    if crate::img_util::data_file_error(path, rest) {
+        return collapse(rest);
+    }
     if let Some(r) = rest.strip_prefix("Could not open backing file '") {
         if let Some(i) = r.find("': ") {
             return format!("Could not open backing file: {}", collapse(&r[i + 3..]));
@@ -799,6 +808,10 @@ fn qcow2_options(
     oo: &mut OpenOptions,
     inner: Option<&Image>,
 ) -> Result<(), String> {
+    if let Some(d) = map.get("backing.driver") {
+        oo.backing_format = Some(d.clone());
+    }
+    oo.data_file = io_datafile::data_file_source(map)?;
     if let Some(v) = map.get("backing") {
         if v.is_empty() {
             oo.no_backing = true;
@@ -1169,6 +1182,29 @@ impl Dev {
                 Ok(())
             }
             Backend::Null { .. } => Ok(()),
+        }
+    }
+
+    /// `write -b`: bytes of the VM state area (qcow2 only, as in QEMU).
+    pub fn write_vmstate(&self, buf: &[u8], pos: u64) -> Result<(), i32> {
+        self.check_write()?;
+        match &self.be {
+            Backend::Img(Image::Qcow2(q)) => {
+                q.write_vmstate(buf, pos).map_err(|e| e.errno())?;
+                if self.flags.writethrough {
+                    self.flush_inner()?;
+                }
+                Ok(())
+            }
+            _ => Err(libc::ENOTSUP),
+        }
+    }
+
+    /// `read -b`: bytes of the VM state area.
+    pub fn read_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<(), i32> {
+        match &self.be {
+            Backend::Img(Image::Qcow2(q)) => q.read_vmstate(buf, pos).map_err(|e| e.errno()),
+            _ => Err(libc::ENOTSUP),
         }
     }
 

@@ -97,6 +97,8 @@ struct LayerInfo {
     file: Option<File>,
     /// QEMU's "metadata preallocation" verdict (qcow2 only).
     prealloc: Option<bool>,
+    /// The external data file, where the layer's data clusters are.
+    data_file: Option<String>,
 }
 
 impl LayerInfo {
@@ -125,6 +127,10 @@ impl LayerInfo {
     fn preallocated(&mut self) -> CliResult<bool> {
         if let Some(p) = self.prealloc {
             return Ok(p);
+        }
+        if self.data_file.is_some() {
+            // The heuristic looks at the image file, which holds no data.
+            return Ok(false);
         }
         let h = self.qcow()?.header();
         let p = detect_metadata_preallocation(self.file()?, &h);
@@ -220,7 +226,10 @@ pub fn run(a: Args) -> CliResult<()> {
                 c_hex(e.start),
                 c_hex(e.length),
                 c_hex(e.offset.unwrap_or(0)),
-                layers[e.depth as usize].name
+                layers[e.depth as usize]
+                    .data_file
+                    .as_ref()
+                    .unwrap_or(&layers[e.depth as usize].name)
             );
         }
     }
@@ -248,6 +257,10 @@ fn chain(img: &Image, top_name: &str, top_file: Option<&str>) -> Vec<LayerInfo> 
         qcow: None,
         file: None,
         prealloc: None,
+        data_file: img
+            .qcow2()
+            .and_then(|q| q.data_file_name())
+            .map(String::from),
     }];
     let mut l = img.backing();
     while let Some(layer) = l {
@@ -259,6 +272,7 @@ fn chain(img: &Image, top_name: &str, top_file: Option<&str>) -> Vec<LayerInfo> 
             qcow: None,
             file: None,
             prealloc: None,
+            data_file: layer.data_file().map(String::from),
         });
         l = layer.backing();
     }

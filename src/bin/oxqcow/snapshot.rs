@@ -76,6 +76,8 @@ pub fn run(a: Args) -> CliResult<()> {
         }
         Action::Create(name) => {
             let r = match q {
+                // QEMU: ENOTSUP for images with an external data file.
+                Some(q) if q.data_file_name().is_some() => Err(unsupported()),
                 Some(q) => q.snapshot_create(&name).map_err(|e| errmsg(&e)),
                 None => Err(unsupported()),
             };
