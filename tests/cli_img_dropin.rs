@@ -501,3 +501,29 @@ fn shrinking_gives_the_file_tail_back_like_qemu_img() {
         q.blocks()
     );
 }
+
+#[test]
+fn stdout_reaches_a_pipe_after_stderr_like_c_stdio() {
+    // 074: compare prints its size warning, then fails reading through a
+    // blkdebug node; qemu-img's stdout is flushed at exit, so `2>&1`
+    // shows the error first.
+    let d = Scratch::new("dropin-held");
+    let c = Case::new(&d);
+    c.qcow2("big.qcow2", "2M", &[]);
+    c.qcow2("small.qcow2", "1M", &[]);
+    qemu_io_in(&c.setup, "big.qcow2", &["write -P 1 1536k 4k"]);
+    std::fs::write(
+        c.setup.join("blkdebug.conf"),
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nonce = \"off\"\n",
+    )
+    .unwrap();
+    let merged = |tool: &str| {
+        let script = format!("{tool} compare blkdebug:blkdebug.conf:big.qcow2 small.qcow2 2>&1");
+        run_in(&c.setup, "sh", &["-c", &script])
+    };
+    let (qc, q, _) = merged("qemu-img");
+    let (oc, o, _) = merged(BIN);
+    assert_eq!(qc, oc);
+    assert_eq!(normalize(&q), normalize(&o));
+    assert!(q.ends_with("Warning: Image size mismatch!\n"), "{q}");
+}
