@@ -527,3 +527,18 @@ fn stdout_reaches_a_pipe_after_stderr_like_c_stdio() {
     assert_eq!(normalize(&q), normalize(&o));
     assert!(q.ends_with("Warning: Image size mismatch!\n"), "{q}");
 }
+
+#[test]
+fn commit_finds_the_base_relative_to_the_image() {
+    // 020: -b names the base relative to the image's directory, not to
+    // the working directory.
+    let d = Scratch::new("dropin-commit-b");
+    let c = Case::new(&d);
+    std::fs::create_dir_all(c.setup.join("sub")).unwrap();
+    c.qcow2("sub/t.base", "1M", &[]);
+    c.qcow2("sub/t.mid", "", &["-b", "t.base", "-F", "qcow2"]);
+    c.qcow2("sub/t", "", &["-b", "t.mid", "-F", "qcow2"]);
+    qemu_io_in(&c.setup, "sub/t", &["write -P 7 0 64k"]);
+    assert_eq!(c.same(&["commit", "-b", "sub/t.mid", "sub/t"]).0, 1);
+    assert_eq!(c.same(&["commit", "-b", "t.mid", "sub/t"]).0, 0);
+}
