@@ -86,6 +86,12 @@ fn json_names_and_image_opts_open_like_qemu_img() {
     ] {
         c.same(args);
     }
+    // blkdebug rules: both report the image by a json: name (QEMU's
+    // re-serialised, with nested child nodes that oxqcow does not show).
+    for tool in ["qemu-img", BIN] {
+        let out = ok_in(&c.setup, tool, &["info", JSON_RULES]);
+        assert!(out.starts_with("image: json:{"), "{tool}: {out}");
+    }
     // null-co as a source: zeros, converted sparse and not.
     let null = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }";
     for sparse in ["512", "0"] {
@@ -140,6 +146,7 @@ fn create_checks_the_backing_file_like_qemu_img() {
     c.same(&["info", "--backing-chain", "--output=json", "j.qcow2"]);
 }
 
+const JSON_RULES: &str = "json:{'driver':'qcow2','file':{'driver':'blkdebug','image':{'driver':'file','filename':'top.qcow2'},'set-state':[{'event':'read_aio','new_state':42}]}}";
 const JSON_B: &str = "json:{'driver':'qcow2','file':{'driver':'file','filename':'b.qcow2'}}";
 const JSON_MISSING: &str = "json:{'driver':'qcow2','file':{'driver':'file','filename':'nonex'}}";
 

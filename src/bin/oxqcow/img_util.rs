@@ -173,9 +173,19 @@ pub fn open_named(
         },
         ..OpenReq::default()
     };
+    // QEMU names a node by its host file only when the options say
+    // nothing more than where it is: blkdebug rules make a json: name.
+    let mut plain_graph = true;
     if image_opts {
         req.opts = parse_qemu_opts(spec).map_err(could_not)?;
     } else {
+        if let Some(j) = spec.strip_prefix("json:") {
+            let keys = crate::blockopts::parse_json_filename(j).unwrap_or_default();
+            plain_graph = !keys.iter().any(|(k, _)| {
+                k.split('.')
+                    .any(|seg| matches!(seg, "set-state" | "inject-error" | "config"))
+            });
+        }
         req.name = Some(spec.to_string());
         if let Some(f) = fmt {
             req.opts.push(("driver".into(), f.into()));
@@ -184,7 +194,7 @@ pub fn open_named(
     let dev = io_open::open(req).map_err(could_not)?;
     let file = dev.host_file();
     let name = match &file {
-        Some(f) if image_opts || spec.starts_with("json:") => f.clone(),
+        Some(f) if image_opts || (spec.starts_with("json:") && plain_graph) => f.clone(),
         _ => spec.to_string(),
     };
     Ok(Named {

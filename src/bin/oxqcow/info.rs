@@ -64,7 +64,7 @@ pub fn run(a: Args) -> CliResult<()> {
         if !seen.insert(key) {
             return Err(format!("Backing file '{path}' creates an infinite loop."));
         }
-        let r = image_report(named.img, &path)?;
+        let r = image_report(named.img, &named.name, &path)?;
         if a.backing_chain {
             next = r.backing.clone();
         }
@@ -87,7 +87,9 @@ pub fn run(a: Args) -> CliResult<()> {
     Ok(())
 }
 
-fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
+/// The report on one image: `name` is what QEMU calls the node, `path`
+/// its host file.
+fn image_report(img: Image, name: &str, path: &str) -> CliResult<ImageReport> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {}", ioerr(&e)))?;
     // QEMU counts the file in whole sectors.
     let file_len = meta.len().div_ceil(512) * 512;
@@ -116,7 +118,7 @@ fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
     )]);
 
     let mut human = String::new();
-    let _ = writeln!(human, "image: {path}");
+    let _ = writeln!(human, "image: {name}");
     let _ = writeln!(human, "file format: {}", img.format());
     let _ = writeln!(
         human,
@@ -128,7 +130,7 @@ fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
     let mut backing = None;
     let json = match img.qcow2() {
         None => Obj::new()
-            .put_str("filename", path)
+            .put_str("filename", name)
             .put_str("format", "raw")
             .put_bool("dirty-flag", false)
             .put_int("actual-size", actual)
@@ -139,7 +141,7 @@ fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
             let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
             let cs = h.cluster_size();
             let mut o = Obj::new()
-                .put_str("filename", path)
+                .put_str("filename", name)
                 .put_str("format", "qcow2")
                 .put_bool("dirty-flag", dirty)
                 .put_int("actual-size", actual)
