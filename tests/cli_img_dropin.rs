@@ -86,6 +86,12 @@ fn json_names_and_image_opts_open_like_qemu_img() {
     ] {
         c.same(args);
     }
+    // blkdebug rules: both report the image by a json: name (QEMU's
+    // re-serialised, with nested child nodes that oxqcow does not show).
+    for tool in ["qemu-img", BIN] {
+        let out = ok_in(&c.setup, tool, &["info", JSON_RULES]);
+        assert!(out.starts_with("image: json:{"), "{tool}: {out}");
+    }
     // null-co as a source: zeros, converted sparse and not.
     let null = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }";
     for sparse in ["512", "0"] {
@@ -140,6 +146,7 @@ fn create_checks_the_backing_file_like_qemu_img() {
     c.same(&["info", "--backing-chain", "--output=json", "j.qcow2"]);
 }
 
+const JSON_RULES: &str = "json:{'driver':'qcow2','file':{'driver':'blkdebug','image':{'driver':'file','filename':'top.qcow2'},'set-state':[{'event':'read_aio','new_state':42}]}}";
 const JSON_B: &str = "json:{'driver':'qcow2','file':{'driver':'file','filename':'b.qcow2'}}";
 const JSON_MISSING: &str = "json:{'driver':'qcow2','file':{'driver':'file','filename':'nonex'}}";
 
@@ -500,4 +507,45 @@ fn shrinking_gives_the_file_tail_back_like_qemu_img() {
         o.blocks(),
         q.blocks()
     );
+}
+
+#[test]
+fn stdout_reaches_a_pipe_after_stderr_like_c_stdio() {
+    // 074: compare prints its size warning, then fails reading through a
+    // blkdebug node; qemu-img's stdout is flushed at exit, so `2>&1`
+    // shows the error first.
+    let d = Scratch::new("dropin-held");
+    let c = Case::new(&d);
+    c.qcow2("big.qcow2", "2M", &[]);
+    c.qcow2("small.qcow2", "1M", &[]);
+    qemu_io_in(&c.setup, "big.qcow2", &["write -P 1 1536k 4k"]);
+    std::fs::write(
+        c.setup.join("blkdebug.conf"),
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nonce = \"off\"\n",
+    )
+    .unwrap();
+    let merged = |tool: &str| {
+        let script = format!("{tool} compare blkdebug:blkdebug.conf:big.qcow2 small.qcow2 2>&1");
+        run_in(&c.setup, "sh", &["-c", &script])
+    };
+    let (qc, q, _) = merged("qemu-img");
+    let (oc, o, _) = merged(BIN);
+    assert_eq!(qc, oc);
+    assert_eq!(normalize(&q), normalize(&o));
+    assert!(q.ends_with("Warning: Image size mismatch!\n"), "{q}");
+}
+
+#[test]
+fn commit_finds_the_base_relative_to_the_image() {
+    // 020: -b names the base relative to the image's directory, not to
+    // the working directory.
+    let d = Scratch::new("dropin-commit-b");
+    let c = Case::new(&d);
+    std::fs::create_dir_all(c.setup.join("sub")).unwrap();
+    c.qcow2("sub/t.base", "1M", &[]);
+    c.qcow2("sub/t.mid", "", &["-b", "t.base", "-F", "qcow2"]);
+    c.qcow2("sub/t", "", &["-b", "t.mid", "-F", "qcow2"]);
+    qemu_io_in(&c.setup, "sub/t", &["write -P 7 0 64k"]);
+    assert_eq!(c.same(&["commit", "-b", "sub/t.mid", "sub/t"]).0, 1);
+    assert_eq!(c.same(&["commit", "-b", "t.mid", "sub/t"]).0, 0);
 }

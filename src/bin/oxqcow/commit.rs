@@ -4,7 +4,7 @@
 //! base grows to the image's size when it is smaller. Afterwards the image
 //! is emptied unless -d (or -b, which implies it) was given.
 
-use crate::img_util::{open_image, open_named, parse_cache_mode, QProgress};
+use crate::img_util::{open_named, parse_cache_mode, QProgress};
 use crate::util::{errmsg, parse_img_size, resolve_backing, CliResult};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::path::PathBuf;
@@ -70,8 +70,8 @@ pub fn run(a: Args) -> CliResult<()> {
     let depth = match &a.base {
         None => 1,
         Some(b) => {
-            let want = std::fs::canonicalize(resolve_backing(&a.filename, b))
-                .or_else(|_| std::fs::canonicalize(b));
+            // Relative to the image's directory only, as QEMU looks it up.
+            let want = std::fs::canonicalize(resolve_backing(&a.filename, b));
             let found = want.ok().and_then(|w| {
                 chain
                     .iter()
@@ -97,7 +97,7 @@ pub fn run(a: Args) -> CliResult<()> {
         direct: cache.direct,
         ..Default::default()
     };
-    let base = open_image(&base_name, Some(base_fmt), &base_opts)?;
+    let base = open_named(&base_name, false, Some(base_fmt), &base_opts)?.img;
     let size = top.size();
     let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
     progress.add(0.0, 100);

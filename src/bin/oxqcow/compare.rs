@@ -7,7 +7,7 @@
 //! Exit status: 0 identical, 1 different, 2 open error, 3 block status
 //! error, 4 read error.
 
-use crate::img_util::{exit_with, fail_with, open_named, Progress};
+use crate::img_util::{exit_with, fail_with, flush_held, open_named, print_held, Progress};
 use crate::util::{errmsg, file_extent, virtual_size, CliResult};
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::fs::File;
@@ -167,6 +167,7 @@ pub fn run(a: Args) -> CliResult<()> {
     let progress_on = a.progress && !a.quiet;
     // Prints a result line (then ends the progress line) and exits.
     let done = |s: &str, code: i32| -> ! {
+        flush_held();
         if !a.quiet {
             println!("{s}");
         }
@@ -223,7 +224,7 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     if s1.size != s2.size {
         if !a.quiet {
-            println!("Warning: Image size mismatch!");
+            print_held("Warning: Image size mismatch!");
         }
         let over = if s1.size > s2.size { &s1 } else { &s2 };
         while off < over.size {

@@ -19,16 +19,42 @@ pub fn usage_error(cmd: &str, msg: &str) -> ! {
     std::process::exit(1);
 }
 
-/// Prints `PROGRAM: msg` and exits with `code`.
+/// Stdout text held back the way C's stdio holds it when stdout is not a
+/// terminal: qemu-img's lines then reach a pipe at exit, after whatever
+/// went to stderr meanwhile (`2>&1` shows the error first).
+static HELD: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Prints a line on stdout as a C program would: at once on a terminal,
+/// held until exit (or `flush_held`) otherwise.
+pub fn print_held(line: &str) {
+    // SAFETY: isatty only inspects descriptor 1.
+    if unsafe { libc::isatty(1) } == 1 {
+        println!("{line}");
+    } else {
+        let mut h = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        h.push_str(line);
+        h.push('\n');
+    }
+}
+
+/// Writes out what `print_held` kept.
+pub fn flush_held() {
+    let text = std::mem::take(&mut *HELD.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// Prints `PROGRAM: msg` and exits with `code` (held stdout after it).
 pub fn fail_with(code: i32, msg: &str) -> ! {
     report(msg);
-    let _ = std::io::stdout().flush();
+    flush_held();
     std::process::exit(code);
 }
 
 /// Flushes stdout and exits with `code`.
 pub fn exit_with(code: i32) -> ! {
-    let _ = std::io::stdout().flush();
+    flush_held();
     std::process::exit(code);
 }
 
@@ -171,9 +197,19 @@ pub fn open_named(
         },
         ..OpenReq::default()
     };
+    // QEMU names a node by its host file only when the options say
+    // nothing more than where it is: blkdebug rules make a json: name.
+    let mut plain_graph = true;
     if image_opts {
         req.opts = parse_qemu_opts(spec).map_err(could_not)?;
     } else {
+        if let Some(j) = spec.strip_prefix("json:") {
+            let keys = crate::blockopts::parse_json_filename(j).unwrap_or_default();
+            plain_graph = !keys.iter().any(|(k, _)| {
+                k.split('.')
+                    .any(|seg| matches!(seg, "set-state" | "inject-error" | "config"))
+            });
+        }
         req.name = Some(spec.to_string());
         if let Some(f) = fmt {
             req.opts.push(("driver".into(), f.into()));
@@ -182,7 +218,7 @@ pub fn open_named(
     let dev = io_open::open(req).map_err(could_not)?;
     let file = dev.host_file();
     let name = match &file {
-        Some(f) if image_opts || spec.starts_with("json:") => f.clone(),
+        Some(f) if image_opts || (spec.starts_with("json:") && plain_graph) => f.clone(),
         _ => spec.to_string(),
     };
     Ok(Named {
@@ -207,6 +243,7 @@ impl Progress {
 
     fn print(&self, pct: f64) {
         if self.on {
+            flush_held();
             let mut out = std::io::stdout().lock();
             let _ = write!(out, "    ({pct:.2}/100%)\r");
             let _ = out.flush();

@@ -73,7 +73,7 @@ pub fn run(a: Args) -> CliResult<()> {
         if !seen.insert(key) {
             return Err(format!("Backing file '{path}' creates an infinite loop."));
         }
-        let r = image_report(named.img, &path)?;
+        let r = image_report(named.img, &named.name, &path)?;
         if a.backing_chain {
             next = r.backing.clone();
         }
@@ -96,7 +96,9 @@ pub fn run(a: Args) -> CliResult<()> {
     Ok(())
 }
 
-fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
+/// The report on one image: `name` is what QEMU calls the node, `path`
+/// its host file.
+fn image_report(img: Image, name: &str, path: &str) -> CliResult<ImageReport> {
     if let Some(c) = img.nbd() {
         return Ok(nbd_report(c.name(), virtual_size(&img)));
     }
@@ -133,7 +135,7 @@ fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
     )]);
 
     let mut human = String::new();
-    let _ = writeln!(human, "image: {path}");
+    let _ = writeln!(human, "image: {name}");
     let _ = writeln!(human, "file format: {}", img.format());
     let _ = writeln!(
         human,
@@ -145,7 +147,7 @@ fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
     let mut backing = None;
     let json = match img.qcow2() {
         None => Obj::new()
-            .put_str("filename", path)
+            .put_str("filename", name)
             .put_str("format", "raw")
             .put_bool("dirty-flag", false)
             .put_int("actual-size", actual)
@@ -156,7 +158,7 @@ fn image_report(img: Image, path: &str) -> CliResult<ImageReport> {
             let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
             let cs = h.cluster_size();
             let mut o = Obj::new()
-                .put_str("filename", path)
+                .put_str("filename", name)
                 .put_str("format", "qcow2")
                 .put_bool("dirty-flag", dirty)
                 .put_int("actual-size", actual)
