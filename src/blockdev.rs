@@ -9,7 +9,7 @@ use crate::engine::{OpenOptions, Qcow2, RawLayer};
 use crate::error::{Error, Result};
 use crate::format::QCOW_MAGIC;
 use crate::storage::blkdebug_config::load_rules;
-use crate::storage::{Blkdebug, BlkdebugStorage, FileStorage, Storage};
+use crate::storage::{Blkdebug, BlkdebugStorage, FileStorage, Storage, WindowStorage};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -229,6 +229,28 @@ pub fn open_protocol(map: &Options, writable: bool) -> Result<(Arc<dyn Storage>,
             }
             let (inner, name) = open_protocol(&image, writable)?;
             Ok((Arc::new(BlkdebugStorage::new(inner, dbg)), name))
+        }
+        "raw" => {
+            // A raw node under a format (QEMU's `offset`/`size` options):
+            // a window onto its own file child.
+            let mut file = child(map, "file.");
+            if let Some(f) = map.get("file").filter(|_| file.is_empty()) {
+                file.insert("filename".into(), f.clone());
+            }
+            let num = |k: &str| -> Result<Option<u64>> {
+                map.get(k)
+                    .map(|v| {
+                        v.parse::<u64>().map_err(|_| {
+                            Error::InvalidArgument(format!(
+                                "Parameter '{k}' expects a non-negative number below 2^64"
+                            ))
+                        })
+                    })
+                    .transpose()
+            };
+            let (offset, size) = (num("offset")?.unwrap_or(0), num("size")?);
+            let (inner, name) = open_protocol(&file, writable)?;
+            Ok((Arc::new(WindowStorage::new(inner, offset, size)), name))
         }
         other => Err(Error::Unsupported(format!(
             "oxqcow cannot open a '{other}' node here"

@@ -16,6 +16,7 @@ pub mod event;
 mod file;
 mod mem;
 mod null;
+mod window;
 
 pub use blkdebug::{Blkdebug, BlkdebugStorage};
 pub use crash::{CrashSpec, CrashStorage, Keep, Replay, TraceEvent};
@@ -23,6 +24,7 @@ pub use event::DebugEvent;
 pub use file::{set_extent_size_hint, FileStorage};
 pub use mem::MemStorage;
 pub use null::{AbsentStorage, NullStorage};
+pub use window::WindowStorage;
 
 use std::io;
 
