@@ -1339,3 +1339,47 @@ fn json_backing_with_blkdebug() {
         None,
     );
 }
+
+/// A blkdebug node over the external data file (iotest 289): its rules
+/// see the data writes, the failed write leaves a clean image, as qemu-io.
+#[test]
+fn blkdebug_over_the_external_data_file() {
+    let d = Scratch::new("io-datafile-blkdebug");
+    let conf = d.path("bd.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nonce = \"on\"\n",
+    )
+    .unwrap();
+    let mut outs = Vec::new();
+    for ours in [false, true] {
+        let img = d.path(&format!("{ours}.qcow2"));
+        let data = d.path(&format!("{ours}.data"));
+        let (i, df) = (img.display().to_string(), data.display().to_string());
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={df}"),
+            &i,
+            "64k",
+        ]);
+        let json = format!(
+            "json:{{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{i}'}}, \
+             'data-file': {{'driver': 'raw', 'file': {{'driver': 'blkdebug', \
+             'config': '{}', 'image': {{'driver': 'file', 'filename': '{df}'}}}}}}}}",
+            conf.display()
+        );
+        let o = run_io(ours, Path::new(&json), &["-c", "write 0 64k", "IMG"], None);
+        assert!(
+            o.out.contains("write failed: Input/output error"),
+            "{}",
+            o.out
+        );
+        assert_clean(&img);
+        outs.push((o.out, o.err, o.status));
+    }
+    assert_eq!(outs[0], outs[1]);
+}

@@ -143,7 +143,7 @@ impl Qcow2 {
             let out = &mut buf[pos..pos + len as usize];
             match run {
                 Run::Data(host) => {
-                    self.file.debug_event(DebugEvent::ReadAio);
+                    self.data_storage().debug_event(DebugEvent::ReadAio);
                     self.read_data(out, host + (cur & (self.cs - 1)), cur)?
                 }
                 Run::Zero => out.fill(0),
@@ -456,12 +456,12 @@ impl Qcow2 {
             let caller = &data[doff..doff + data_len as usize];
             if g_start == first.start && g_end == last.end {
                 // No fill needed: write the caller's bytes.
-                self.file.debug_event(DebugEvent::WriteAio);
+                self.data_storage().debug_event(DebugEvent::WriteAio);
                 self.write_data_at(caller, host0, guest0)?;
             } else {
                 // As QEMU's merged copy-on-write: the old data is read,
                 // then written with the new in one request.
-                self.file.debug_event(DebugEvent::CowRead);
+                self.data_storage().debug_event(DebugEvent::CowRead);
                 let mut buf = vec![0u8; total as usize];
                 for (k, w) in group.iter().enumerate() {
                     let base = (k as u64 * cs) as i64 - g_start as i64;
@@ -489,7 +489,7 @@ impl Qcow2 {
                 }
                 let s = (data_start - guest0) as usize;
                 buf[s..s + data_len as usize].copy_from_slice(caller);
-                self.file.debug_event(DebugEvent::WriteAio);
+                self.data_storage().debug_event(DebugEvent::WriteAio);
                 self.write_data_at(&buf, host0, guest0)?;
             }
             i = j;

@@ -423,6 +423,7 @@ fn open_node(
         let inner_name = inner_path(&sub);
         if fmt == "qcow2" {
             qcow2_options(map, &inner_name, &oo.clone(), &mut oo, Some(&inner))?;
+            filter_data_file(&mut oo, nodes, prefix)?;
         }
         let storage = wrap(Arc::new(ImageStorage(inner)), nodes, &file_prefix);
         let img = Image::open_on(storage, &inner_name, &fmt, &oo)
@@ -437,6 +438,7 @@ fn open_node(
     }
     if fmt == "qcow2" {
         qcow2_options(map, &path, &oo.clone(), &mut oo, None)?;
+        filter_data_file(&mut oo, nodes, prefix)?;
     }
     let file_prefix = format!("{prefix}file.");
     if filtered(nodes, &file_prefix) {
@@ -799,6 +801,40 @@ fn collapse(msg: &str) -> String {
 
 fn is_strerror(s: &str) -> bool {
     (1..134).any(|e| s == strerror(e))
+}
+
+/// Puts the blkdebug nodes stripped from over the external data file
+/// (`data-file` itself, or the file under a raw `data-file`) in front of
+/// it, so that their rules see the data writes as QEMU's do.
+fn filter_data_file(oo: &mut OpenOptions, nodes: &DebugNodes, prefix: &str) -> Result<(), String> {
+    for p in [
+        format!("{prefix}data-file."),
+        format!("{prefix}data-file.file."),
+    ] {
+        if !filtered(nodes, &p) {
+            continue;
+        }
+        let (storage, name): (Arc<dyn oxqcow::storage::Storage>, String) = match oo.data_file.take()
+        {
+            Some(oxqcow::DataFileSource::Path(path)) => {
+                let f = FileStorage::open(&path, oo.writable, oo.direct).map_err(|e| {
+                    format!(
+                        "Could not open '{}': {}",
+                        path.display(),
+                        crate::util::ioerr(&e)
+                    )
+                })?;
+                (Arc::new(f), path.display().to_string())
+            }
+            Some(oxqcow::DataFileSource::Storage { storage, name }) => (storage, name),
+            None => return Ok(()),
+        };
+        oo.data_file = Some(oxqcow::DataFileSource::Storage {
+            storage: wrap(storage, nodes, &p),
+            name,
+        });
+    }
+    Ok(())
 }
 
 fn qcow2_options(
