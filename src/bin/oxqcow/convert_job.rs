@@ -145,6 +145,9 @@ struct Shared<'j, 'a> {
     /// The step whose turn it is to write (ordered mode).
     turn: u64,
     error: Option<String>,
+    /// The step the reported error came from: with several workers the
+    /// lowest failing step is reported, whichever failed first in time.
+    error_at: u64,
 }
 
 /// The progress line's accounting: data bytes written of `total`.
@@ -224,6 +227,7 @@ impl<'a> Job<'a> {
             issued: 0,
             turn: 0,
             error: None,
+            error_at: u64::MAX,
         });
         let done = Mutex::new(Done {
             bytes: 0,
@@ -256,7 +260,10 @@ impl<'a> Job<'a> {
                 let r = self.step(i, step, &mut buf, &shared, &cond, &done);
                 let mut sh = lock();
                 if let Err(e) = r {
-                    sh.error.get_or_insert(e);
+                    if sh.error.is_none() || i < sh.error_at {
+                        sh.error = Some(e);
+                        sh.error_at = i;
+                    }
                 }
                 cond.notify_all();
             }
