@@ -317,9 +317,7 @@ impl Meta {
                 // eviction: all of them are written back now, so the next
                 // evictions find clean victims.
                 self.sync_before_l2()?;
-                for off in self.l2_cache.dirty_offsets() {
-                    self.write_slot(Which::L2, off)?;
-                }
+                self.write_dirty_l2()?;
             }
             self.l2_cache.remove(victim);
         }
@@ -388,6 +386,15 @@ impl Meta {
                 .map_err(|e| Error::io(format!("{}: {what}", self.name), e))?;
         }
         cache.mark_clean(off);
+        Ok(())
+    }
+
+    /// Writes every dirty L2 table; the caller has met its prerequisites
+    /// (rules 1 and 2).
+    fn write_dirty_l2(&mut self) -> Result<()> {
+        for off in self.l2_cache.dirty_offsets() {
+            self.write_slot(Which::L2, off)?;
+        }
         Ok(())
     }
 
@@ -579,9 +586,7 @@ impl Meta {
         let tables_dirty = self.l2_cache.has_dirty() || !self.l1_dirty.is_empty();
         if tables_dirty {
             self.sync_before_l2()?; // rules 1 and 2
-            for off in self.l2_cache.dirty_offsets() {
-                self.write_slot(Which::L2, off)?;
-            }
+            self.write_dirty_l2()?;
             if !self.l1_dirty.is_empty() {
                 self.sync()?; // rule 3
                 self.write_l1_entries()?;
@@ -636,9 +641,7 @@ impl Meta {
         {
             return Ok(false);
         }
-        for off in self.l2_cache.dirty_offsets() {
-            self.write_slot(Which::L2, off)?;
-        }
+        self.write_dirty_l2()?;
         Ok(true)
     }
 
