@@ -314,3 +314,44 @@ impl TempTree {
         m.flush_all()
     }
 }
+
+impl Qcow2 {
+    /// Makes a read-only image show an internal snapshot's contents in
+    /// place of the active ones (QEMU's bdrv_snapshot_load_tmp, what
+    /// `qemu-img convert -l` reads through): the snapshot's L1 table
+    /// becomes the one guest reads go through, nothing on disk changes,
+    /// and the virtual size stays the active one, as in QEMU. `id` and
+    /// `name` must both match when both are given; with neither, nothing
+    /// matches. The table is the snapshot's own size, so guest clusters
+    /// past it read as unallocated.
+    pub fn snapshot_load_tmp(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        let mut m = self.quiesce();
+        if m.writable {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a snapshot can be loaded temporarily only on a read-only image",
+                self.name
+            )));
+        }
+        let found = m.snapshots.iter().position(|s| {
+            (id.is_some() || name.is_some())
+                && id.is_none_or(|i| s.id == i)
+                && name.is_none_or(|n| s.name == n)
+        });
+        let Some(i) = found else {
+            return Err(Error::InvalidArgument("Can't find snapshot".into()));
+        };
+        let sn = m.snapshots[i].clone();
+        let l1 = if sn.l1_size == 0 {
+            Vec::new()
+        } else {
+            m.read_table(
+                sn.l1_table_offset,
+                sn.l1_size as u64 * 8,
+                "read snapshot L1 table",
+            )?
+        };
+        m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
+        m.l1 = l1;
+        Ok(())
+    }
+}

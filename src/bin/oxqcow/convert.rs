@@ -26,14 +26,18 @@ pub struct Args {
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet: no progress
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Source image format (probed when not given)
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     fmt: Option<String>,
     /// The source is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts", alias = "source-image-opts")]
     image_opts: bool,
+    /// Internal snapshot of the source to copy: NAME_OR_ID, or
+    /// snapshot.id=ID[,snapshot.name=NAME]
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAMS")]
+    snapshot: Option<String>,
     /// Output format: raw or qcow2
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     out_fmt: String,
@@ -184,6 +188,9 @@ fn convert(
     }
     let ro = OpenOptions::default();
     let src = open_named(&a.source, a.image_opts, a.fmt.as_deref(), &ro)?;
+    if let Some(p) = &a.snapshot {
+        load_snapshot(&src.img, p)?;
+    }
     let size = virtual_size(&src.img);
     let dst_name = a.destination.clone();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
@@ -233,6 +240,39 @@ fn convert(
     let closed = dst.close().map_err(|e| errmsg(&e));
     r?;
     closed
+}
+
+/// `-l`: makes the source show one of its internal snapshots. A plain
+/// parameter is an ID or a name; `snapshot.id=` and `snapshot.name=` must
+/// both match when both are given.
+fn load_snapshot(img: &Image, param: &str) -> CliResult<()> {
+    let (mut id, mut name) = (None, None);
+    if param.starts_with("snapshot.") {
+        for (k, v) in split_opts(&[param.to_string()]) {
+            match k.as_str() {
+                "snapshot.id" => id = Some(v),
+                "snapshot.name" => name = Some(v),
+                _ => {
+                    crate::util::report(&format!("Invalid parameter '{k}'"));
+                    return Err(format!("Failed in parsing snapshot param '{param}'"));
+                }
+            }
+        }
+    }
+    let fail = |e: String| format!("Failed to load snapshot: {e}");
+    let Image::Qcow2(q) = img else {
+        return Err(fail(format!(
+            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            img.format()
+        )));
+    };
+    let r = match (id, name) {
+        (None, None) => q
+            .snapshot_load_tmp(Some(param), None)
+            .or_else(|_| q.snapshot_load_tmp(None, Some(param))),
+        (id, name) => q.snapshot_load_tmp(id.as_deref(), name.as_deref()),
+    };
+    r.map_err(|e| fail(errmsg(&e)))
 }
 
 /// Creates the destination, empty, with the source's size. Returns its
