@@ -247,7 +247,15 @@ impl Image {
                     .client
                     .block_status(off, len)
                     .map_err(|e| n.io("block status", e))?;
-                let st = if flags & crate::nbd::proto::STATE_ZERO != 0 {
+                use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+                // With x-dirty-bitmap a dirty range is a hole that does not
+                // read as zeros (QEMU's hack): unallocated here. Otherwise
+                // such a hole is data, as its contents are unknown.
+                let dirty = n.client.target().meta_context.is_some()
+                    && flags & (STATE_HOLE | STATE_ZERO) == STATE_HOLE;
+                let st = if dirty {
+                    BlockStatus::Unallocated { depth: 0 }
+                } else if flags & STATE_ZERO != 0 {
                     BlockStatus::Zero { depth: 0 }
                 } else {
                     BlockStatus::Data {

@@ -36,18 +36,18 @@ thread_local! {
 
 /// The bits of one consistent bitmap, one per granule of the guest.
 pub(super) struct Bits {
-    granularity_bits: u8,
-    nbits: u64,
+    pub(super) granularity_bits: u8,
+    pub(super) nbits: u64,
     /// Bit i of the bitmap is bit i % 64 of word i / 64; serialized as
     /// little-endian words this is the on-disk order (bit 0 of byte 0
     /// first).
-    words: Vec<u64>,
+    pub(super) words: Vec<u64>,
     /// Tracks guest writes (the `auto` flag).
-    enabled: bool,
+    pub(super) enabled: bool,
 }
 
 impl Bits {
-    fn new(granularity_bits: u8, image_size: u64, enabled: bool) -> Bits {
+    pub(super) fn new(granularity_bits: u8, image_size: u64, enabled: bool) -> Bits {
         let nbits = bitmap_bits(image_size, granularity_bits);
         Bits {
             granularity_bits,
@@ -58,7 +58,7 @@ impl Bits {
     }
 
     /// Sets bits [a, b).
-    fn set_range(&mut self, a: u64, b: u64) {
+    pub(super) fn set_range(&mut self, a: u64, b: u64) {
         let b = b.min(self.nbits);
         let mut i = a;
         while i < b {
@@ -76,7 +76,7 @@ impl Bits {
     }
 
     /// Marks every granule touched by guest bytes [off, off+len).
-    fn mark(&mut self, off: u64, len: u64) {
+    pub(super) fn mark(&mut self, off: u64, len: u64) {
         let g = self.granularity_bits;
         self.set_range(off >> g, ((off + len - 1) >> g) + 1);
     }
@@ -131,19 +131,27 @@ impl Bits {
 
 /// One entry of the directory and what the session knows of it.
 pub(super) struct Bitmap {
-    /// The entry as the on-disk directory has it (in use once marked).
-    entry: DirEntry,
-    /// The bits of a bitmap that was consistent at open; None for one that
-    /// was already in use (inconsistent), which is kept as found.
-    bits: Option<Bits>,
+    /// The entry as the on-disk directory has it (in use once marked);
+    /// table offset 0 for a bitmap added in this session.
+    pub(super) entry: DirEntry,
+    /// The bits of a bitmap that was consistent at open (or added since);
+    /// None for one that was already in use (inconsistent), which is kept
+    /// as found.
+    pub(super) bits: Option<Bits>,
     /// Its bitmap table as on disk (freed, with its data, once replaced).
-    table: Vec<u64>,
+    pub(super) table: Vec<u64>,
 }
 
 /// The persistent bitmaps of a read-write session (empty otherwise).
 #[derive(Default)]
 pub(super) struct Bitmaps {
-    list: Vec<Bitmap>,
+    pub(super) list: Vec<Bitmap>,
+    /// Bitmaps were added or removed: the next store writes a directory
+    /// even when no bitmap is held in memory.
+    pub(super) changed: bool,
+    /// Clusters of removed bitmaps, (offset, length, data cluster?),
+    /// freed once a stored directory no longer names them.
+    pub(super) removed: Vec<(u64, u64, bool)>,
 }
 
 /// The raw bitmaps extension when the header says it is valid: a v3 image
@@ -181,7 +189,10 @@ pub(super) fn directory_region(h: &Header) -> Option<(u64, u64)> {
 }
 
 /// Reads and decodes the directory.
-fn read_directory(m: &Meta, image_size: u64) -> Result<Option<(BitmapsExt, Vec<DirEntry>)>> {
+pub(super) fn read_directory(
+    m: &Meta,
+    image_size: u64,
+) -> Result<Option<(BitmapsExt, Vec<DirEntry>)>> {
     let Some(raw) = active_ext(&m.header) else {
         return Ok(None);
     };
@@ -195,7 +206,7 @@ fn read_directory(m: &Meta, image_size: u64) -> Result<Option<(BitmapsExt, Vec<D
 }
 
 /// Reads a bitmap's table and checks its entries.
-fn read_bitmap_table(m: &Meta, e: &DirEntry) -> Result<Vec<u64>> {
+pub(super) fn read_bitmap_table(m: &Meta, e: &DirEntry) -> Result<Vec<u64>> {
     let what = || {
         format!(
             "Could not read bitmap_table table from image for bitmap '{}'",
@@ -247,7 +258,10 @@ pub(super) fn load(m: &mut Meta, image_size: u64, load_bits: bool) -> Result<Bit
         }
         list.push(Bitmap { entry, bits, table });
     }
-    Ok(Bitmaps { list })
+    Ok(Bitmaps {
+        list,
+        ..Default::default()
+    })
 }
 
 /// A read-write session frees a bitmap's clusters when it replaces them:
@@ -281,7 +295,7 @@ fn check_clusters(m: &Meta, e: &DirEntry, table: &[u64]) -> Result<()> {
     Ok(())
 }
 
-fn read_bits(m: &Meta, e: &DirEntry, table: &[u64], image_size: u64) -> Result<Bits> {
+pub(super) fn read_bits(m: &Meta, e: &DirEntry, table: &[u64], image_size: u64) -> Result<Bits> {
     let enabled = e.flags & FLAG_AUTO != 0;
     let mut bits = Bits::new(e.granularity_bits, image_size, enabled);
     let mut buf = vec![0u8; m.cs as usize];
@@ -392,18 +406,21 @@ impl Bitmaps {
     }
 
     /// Writes the loaded bitmaps back (see the module comment) and clears
-    /// their in-use flag. Nothing happens without loaded bitmaps.
+    /// their in-use flag. Nothing happens without loaded bitmaps, unless
+    /// bitmaps were added or removed: then the directory is written (or
+    /// the extension dropped, with its autoclear bit, when none is left).
     pub(super) fn store(&mut self, m: &mut Meta, image_size: u64) -> Result<()> {
-        if !self.has_loaded() {
+        if !self.has_loaded() && !self.changed {
             return Ok(());
         }
-        let Some((old_dir, old_dir_size)) = directory_region(&m.header) else {
+        let old_dir = directory_region(&m.header);
+        if old_dir.is_none() && !self.changed {
             return Ok(());
-        };
+        }
         let cs = m.cs;
         let mut entries = Vec::with_capacity(self.list.len());
         let mut tables = Vec::with_capacity(self.list.len());
-        let mut old = Vec::new();
+        let mut old = self.removed.clone();
         for b in &self.list {
             let Some(bits) = &b.bits else {
                 entries.push(b.entry.clone());
@@ -419,19 +436,23 @@ impl Bitmaps {
             }
             // As QEMU: the data clusters in bitmap order, then the table.
             let mut table = vec![0u64; n as usize];
+            let name = b.entry.display_name();
+            let failed = |e: Error| store_failed(&name, e);
             for (k, slot) in table.iter_mut().enumerate() {
                 if let Some(data) = bits.cluster(k as u64, cs) {
-                    let off = alloc(m, cs)?;
-                    m.write_file(&data, off, "write bitmap data")?;
+                    let off = alloc(m, cs).map_err(failed)?;
+                    m.write_file(&data, off, "write bitmap data")
+                        .map_err(failed)?;
                     *slot = off;
                 }
             }
-            let tb = alloc(m, n * 8)?;
+            let tb = alloc(m, n * 8).map_err(failed)?;
             m.write_file(
                 &encode_table(&table, n as usize * 8),
                 tb,
                 "write bitmap table",
-            )?;
+            )
+            .map_err(failed)?;
             let mut e = b.entry.clone();
             e.table_offset = tb;
             e.table_size = n as u32;
@@ -446,30 +467,50 @@ impl Bitmaps {
                     .filter(|&o| o != 0)
                     .map(|o| (o, cs, true)),
             );
-            old.push((b.entry.table_offset, b.entry.table_size as u64 * 8, false));
+            if b.entry.table_offset != 0 {
+                old.push((b.entry.table_offset, b.entry.table_size as u64 * 8, false));
+            }
         }
-        let dir = encode_directory(&entries);
-        let dir_off = alloc(m, dir.len() as u64)?;
-        m.write_file(&dir, dir_off, "write bitmap directory")?;
+        let ext = if entries.is_empty() {
+            None
+        } else {
+            let dir = encode_directory(&entries);
+            let dir_off = alloc(m, dir.len() as u64)?;
+            m.write_file(&dir, dir_off, "write bitmap directory")?;
+            Some(BitmapsExt {
+                nb_bitmaps: entries.len() as u32,
+                dir_size: dir.len() as u64,
+                dir_offset: dir_off,
+            })
+        };
         // Data, tables, directory and their refcounts before the header.
         m.write_refblocks()?;
         m.sync()?;
-        let ext = BitmapsExt {
-            nb_bitmaps: entries.len() as u32,
-            dir_size: dir.len() as u64,
-            dir_offset: dir_off,
-        };
-        // Same bitmaps, same names: only the directory offset changes in
-        // the header, 8 aligned bytes inside one sector, so a torn header
-        // write leaves the old directory or the new one.
-        debug_assert!(directory_region(&m.header).is_some_and(|(_, s)| s == ext.dir_size));
-        let prev = m.header.bitmaps_ext.replace(ext.encode());
+        // With the same bitmaps under the same names only the directory
+        // offset changes in the header, 8 aligned bytes inside one sector,
+        // so a torn header write leaves the old directory or the new one.
+        // Adding or removing bitmaps rewrites the extension (as QEMU does).
+        let prev_ext = m.header.bitmaps_ext.clone();
+        let prev_autoclear = m.header.autoclear_features;
+        match &ext {
+            Some(e) => {
+                m.header.bitmaps_ext = Some(e.encode());
+                m.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            }
+            None => {
+                m.header.bitmaps_ext = None;
+                m.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            }
+        }
         if let Err(e) = m.write_header() {
-            m.header.bitmaps_ext = prev;
+            m.header.bitmaps_ext = prev_ext;
+            m.header.autoclear_features = prev_autoclear;
             return Err(e);
         }
         // The header no longer points at the old structures: free them.
-        free(m, old_dir, old_dir_size, false)?;
+        if let Some((off, size)) = old_dir {
+            free(m, off, size, false)?;
+        }
         for (off, len, data) in old {
             free(m, off, len, data)?;
         }
@@ -480,7 +521,19 @@ impl Bitmaps {
             b.entry = e;
             b.table = t;
         }
+        self.removed.clear();
+        self.changed = false;
         Ok(())
+    }
+}
+
+/// QEMU's words for a bitmap that could not be written at close, with
+/// the cause's errno kept.
+fn store_failed(name: &str, e: Error) -> Error {
+    let what = format!("Failed to write bitmap '{name}' to file");
+    match e {
+        Error::Io { source, .. } => Error::io(what, source),
+        e => e.context(&what),
     }
 }
 

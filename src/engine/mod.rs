@@ -9,6 +9,7 @@
 
 mod amend;
 mod backing;
+mod bitmap_ops;
 mod bitmaps;
 mod cache;
 mod check;
@@ -27,6 +28,7 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{probe, Layer, RawLayer};
+pub use bitmap_ops::{BitmapInfo, DirtyRanges};
 pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};
 pub use create::{

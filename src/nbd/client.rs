@@ -72,7 +72,14 @@ impl NbdClient {
     /// Connects to the target's server and negotiates its export.
     pub fn connect(target: &NbdTarget) -> Result<NbdClient> {
         let mut sock = Sock::connect(target)?;
-        let info = negotiate(&mut sock, &target.export)?;
+        let context = target.meta_context.as_deref().unwrap_or(BASE_ALLOCATION);
+        let info = negotiate(&mut sock, &target.export, context)?;
+        if target.meta_context.is_some() && info.alloc_context.is_none() {
+            // QEMU's words when the server lacks the x-dirty-bitmap context.
+            return Err(Error::InvalidArgument(
+                "Could not open image: Invalid argument".into(),
+            ));
+        }
         let r = sock.try_clone().map_err(|e| Error::io(target.uri(), e))?;
         Ok(NbdClient {
             target: target.clone(),

@@ -65,7 +65,7 @@ fn read_u64(s: &mut Sock, what: &str) -> Result<u64> {
 }
 
 /// Negotiates `export` on a freshly connected socket.
-pub fn negotiate(s: &mut Sock, export: &str) -> Result<ExportInfo> {
+pub fn negotiate(s: &mut Sock, export: &str, context: &str) -> Result<ExportInfo> {
     if read_u64(s, "Failed to read initial magic")? != NBDMAGIC {
         return Err(proto_err("Bad initial magic received"));
     }
@@ -99,7 +99,7 @@ pub fn negotiate(s: &mut Sock, export: &str) -> Result<ExportInfo> {
         Reply::Other(..) => return Err(proto_err("Unexpected reply to NBD_OPT_STRUCTURED_REPLY")),
     };
     let alloc_context = if structured {
-        set_meta_context(s, export)?
+        set_meta_context(s, export, context)?
     } else {
         None
     };
@@ -208,21 +208,23 @@ fn export_name(
     })
 }
 
-/// Asks for `base:allocation`; None when the server does not offer it.
-fn set_meta_context(s: &mut Sock, export: &str) -> Result<Option<u32>> {
+/// Asks for the meta context block status reads (`base:allocation`, or
+/// the one QEMU's `x-dirty-bitmap` names); None when the server does not
+/// offer it.
+fn set_meta_context(s: &mut Sock, export: &str, context: &str) -> Result<Option<u32>> {
     let mut data = Vec::new();
     data.extend_from_slice(&(export.len() as u32).to_be_bytes());
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&1u32.to_be_bytes());
-    data.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
-    data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    data.extend_from_slice(&(context.len() as u32).to_be_bytes());
+    data.extend_from_slice(context.as_bytes());
     send_option(s, OPT_SET_META_CONTEXT, &data)?;
     let mut id = None;
     loop {
         match read_reply(s, OPT_SET_META_CONTEXT)? {
             Reply::Ack => return Ok(id),
             Reply::Other(REP_META_CONTEXT, d) if d.len() >= 4 => {
-                if &d[4..] == BASE_ALLOCATION.as_bytes() {
+                if &d[4..] == context.as_bytes() {
                     id = Some(u32::from_be_bytes(d[..4].try_into().unwrap()));
                 }
             }

@@ -27,6 +27,10 @@ pub struct NbdTarget {
     pub addr: NbdAddr,
     /// The export name ("" is the default export).
     pub export: String,
+    /// The meta context block status reports instead of
+    /// `base:allocation` (QEMU's `x-dirty-bitmap` option, e.g.
+    /// `qemu:dirty-bitmap:NAME`: a dirty range then reads as a hole).
+    pub meta_context: Option<String>,
 }
 
 /// Whether a file name names an NBD export (by its protocol prefix).
@@ -63,6 +67,7 @@ impl NbdTarget {
             return Ok(NbdTarget {
                 addr: NbdAddr::Unix(PathBuf::from(path)),
                 export,
+                meta_context: None,
             });
         }
         let parse_err = || bad(format!("error parsing address '{addr}'"));
@@ -78,6 +83,7 @@ impl NbdTarget {
                 port,
             },
             export,
+            meta_context: None,
         })
     }
 
@@ -109,6 +115,7 @@ impl NbdTarget {
             "export",
             "reconnect-delay",
             "open-timeout",
+            "x-dirty-bitmap",
         ];
         let get = |k: &str| opts.get(k).map(String::as_str);
         let has_server = opts.keys().any(|k| k.starts_with("server."));
@@ -164,7 +171,11 @@ impl NbdTarget {
                 },
             }
         };
-        Ok(NbdTarget { addr, export })
+        Ok(NbdTarget {
+            addr,
+            export,
+            meta_context: get("x-dirty-bitmap").map(str::to_string),
+        })
     }
 
     /// The name QEMU gives the node (`nbd+unix:///EXPORT?socket=PATH`,
@@ -228,6 +239,7 @@ fn parse_uri(name: &str) -> Option<NbdTarget> {
         return Some(NbdTarget {
             addr: NbdAddr::Unix(PathBuf::from(percent_decode(socket)?)),
             export,
+            meta_context: None,
         });
     }
     if query.is_some() || authority.is_empty() {
@@ -250,6 +262,7 @@ fn parse_uri(name: &str) -> Option<NbdTarget> {
     Some(NbdTarget {
         addr: NbdAddr::Tcp { host, port },
         export,
+        meta_context: None,
     })
 }
 
@@ -278,6 +291,7 @@ mod tests {
         NbdTarget {
             addr: NbdAddr::Unix(PathBuf::from(p)),
             export: e.into(),
+            meta_context: None,
         }
     }
     fn tcp(h: &str, port: u16, e: &str) -> NbdTarget {
@@ -287,6 +301,7 @@ mod tests {
                 port,
             },
             export: e.into(),
+            meta_context: None,
         }
     }
 

@@ -72,6 +72,12 @@ pub struct Args {
     /// Source cache mode (accepted, ignored)
     #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     source_cache: Option<String>,
+    /// Copy the persistent bitmaps of the source's top image too
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps instead of failing
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Accepted for compatibility (the source is always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -115,6 +121,9 @@ pub fn run(a: Args) -> CliResult<()> {
             v
         }
     };
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
     if a.no_create && !a.options.is_empty() {
         return Err("-o has no effect when skipping image creation".into());
     }
@@ -191,6 +200,10 @@ fn convert(
     if let Some(p) = &a.snapshot {
         load_snapshot(&src.img, p)?;
     }
+    let bitmaps = match a.bitmaps {
+        true => bitmaps_to_copy(&src.img, a.skip_broken_bitmaps)?,
+        false => Vec::new(),
+    };
     let size = virtual_size(&src.img);
     let dst_name = a.destination.clone();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
@@ -211,6 +224,12 @@ fn convert(
         }
     }
     let dst = open_image(&a.destination, Some(&a.out_fmt), &opts)?;
+    if a.bitmaps && !matches!(&dst, Image::Qcow2(q) if q.version() >= 3) {
+        return Err(format!(
+            "Format driver '{}' does not support bitmaps",
+            a.out_fmt
+        ));
+    }
     if a.no_create && dst.size() < size {
         return Err("output file is smaller than input file".into());
     }
@@ -236,10 +255,52 @@ fn convert(
         ordered: !a.oob_writes,
         top_only: has_backing,
     };
-    let r = job.run(workers, progress);
+    let r = job
+        .run(workers, progress)
+        .and_then(|_| copy_bitmaps(&src.img, &dst, &bitmaps));
     let closed = dst.close().map_err(|e| errmsg(&e));
     r?;
     closed
+}
+
+/// --bitmaps: the persistent bitmaps of the source's top image that are
+/// copied, in directory order. An inconsistent one fails the convert
+/// before the target is created, or with `skip` is left out with a
+/// warning; qemu-img looks at them last to first.
+fn bitmaps_to_copy(src: &Image, skip: bool) -> CliResult<Vec<oxqcow::engine::BitmapInfo>> {
+    let Image::Qcow2(q) = src else {
+        return Err("Source lacks bitmap support".into());
+    };
+    let mut list = q.bitmap_list().map_err(|e| errmsg(&e))?;
+    for b in list.iter().rev().filter(|b| b.inconsistent) {
+        if !skip {
+            return Err(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            ));
+        }
+        crate::util::report(&format!(
+            "warning: Skipping inconsistent bitmap '{}'",
+            b.name
+        ));
+    }
+    list.retain(|b| !b.inconsistent);
+    Ok(list)
+}
+
+/// Adds each bitmap to the target (same name, granularity and enabled
+/// state) and merges the source's bits into it, once the data is copied
+/// so that the copy's own writes leave no trace in them.
+fn copy_bitmaps(src: &Image, dst: &Image, list: &[oxqcow::engine::BitmapInfo]) -> CliResult<()> {
+    let (Image::Qcow2(s), Image::Qcow2(d)) = (src, dst) else {
+        return Ok(());
+    };
+    for b in list {
+        d.bitmap_add(&b.name, Some(b.granularity), b.enabled)
+            .and_then(|_| d.bitmap_merge(&b.name, s, &b.name))
+            .map_err(|e| errmsg(&e))?;
+    }
+    Ok(())
 }
 
 /// `-l`: makes the source show one of its internal snapshots. A plain

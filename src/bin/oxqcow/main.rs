@@ -7,6 +7,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod blockopts;
 mod check;
 mod commit;
@@ -74,6 +75,8 @@ enum Cmd {
     Rebase(rebase::Args),
     /// Write an image's data into its backing file
     Commit(commit::Args),
+    /// Add, remove, clear, enable, disable or merge a persistent bitmap
+    Bitmap(bitmap::Args),
     /// Run a simple I/O benchmark on an image
     Bench(bench::Args),
 }
@@ -131,6 +134,7 @@ fn main() {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
         Cmd::Bench(a) => bench::run(a),
     };
     if let Err(msg) = r {

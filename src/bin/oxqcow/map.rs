@@ -177,16 +177,19 @@ pub fn run(a: Args) -> CliResult<()> {
             ));
         }
         let found = if nbd {
+            // An unallocated range of an export is a dirty one with
+            // x-dirty-bitmap: neither present nor known to be zeros.
             let zero = matches!(st, BlockStatus::Zero { .. });
+            let present = !matches!(st, BlockStatus::Unallocated { .. });
             vec![Entry {
                 start: pos,
                 length: n,
                 depth: 0,
-                present: true,
+                present,
                 zero,
-                data: !zero,
+                data: present && !zero,
                 compressed: false,
-                offset: Some(pos),
+                offset: present.then_some(pos),
             }]
         } else {
             describe(&mut layers, st, pos, n)?
