@@ -18,6 +18,7 @@ mod compressed_write;
 mod create;
 mod crypt;
 mod data_file;
+mod empty;
 mod io;
 mod meta;
 mod open;
@@ -464,6 +465,9 @@ impl Qcow2 {
     /// file's data, or zeros), as `qemu-img commit` leaves an overlay.
     pub fn make_empty(&self) -> Result<()> {
         self.lock().ensure_writable()?;
+        if self.can_empty_completely() {
+            return self.make_completely_empty();
+        }
         self.file.debug_event(DebugEvent::EmptyImagePrepare);
         let size = self.size();
         let end = size.div_ceil(self.cs) * self.cs;

@@ -7,7 +7,7 @@
 //! failed: WHY`. An action that fails stops the rest; the image is closed
 //! either way, so what the earlier actions did is kept.
 
-use crate::img_util::{open_named, size_opt};
+use crate::img_util::{open_named, report_lost_bitmaps, size_opt};
 use crate::util::{errmsg, report, CliResult};
 use oxqcow::{Image, OpenOptions, Qcow2};
 
@@ -169,13 +169,15 @@ pub fn run(a: Args) -> CliResult<()> {
             break;
         }
     }
-    let closed = close(img);
-    if let Err(e) = result {
-        report(&e);
-        let _ = closed;
-        return Err(String::new());
+    if let Err(e) = &result {
+        report(e);
     }
-    closed
+    let closed = img.close().map_err(|e| errmsg(&e));
+    match closed {
+        Err(e) if report_lost_bitmaps(&e, true) => Err(String::new()),
+        Err(e) if result.is_ok() => Err(e),
+        _ => result.map_err(|_| String::new()),
+    }
 }
 
 fn apply(
@@ -224,10 +226,4 @@ fn unsupported(file: &str, act: &Action, name: &str) -> CliResult<()> {
         )),
         _ => Err(format!("Dirty bitmap '{name}' not found")),
     }
-}
-
-/// Closes the image: the bitmaps reach the disk here. A failure is
-/// reported as QEMU reports losing bitmaps while closing.
-fn close(img: Image) -> CliResult<()> {
-    img.close().map_err(|e| errmsg(&e))
 }

@@ -90,6 +90,13 @@ pub fn run(a: Args) -> CliResult<()> {
     };
     let drop_top = a.drop || a.base.is_some();
     let (base_path, base_fmt, _) = chain[depth - 1].clone();
+    // A backing file named by a json: string (blkdebug rules, a raw
+    // window) is opened with its options, as QEMU's commit writes through
+    // the backing node itself.
+    let json = match (depth, top.qcow2()) {
+        (1, Some(q)) => q.header().backing_file.filter(|b| b.starts_with("json:")),
+        _ => None,
+    };
     let base_name = base_path.display().to_string();
     let base_opts = OpenOptions {
         writable: true,
@@ -97,7 +104,10 @@ pub fn run(a: Args) -> CliResult<()> {
         direct: cache.direct,
         ..Default::default()
     };
-    let base = open_named(&base_name, false, Some(base_fmt), &base_opts)?.img;
+    let base = match &json {
+        Some(j) => open_named(j, false, None, &base_opts)?.img,
+        None => open_named(&base_name, false, Some(base_fmt), &base_opts)?.img,
+    };
     let size = top.size();
     let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
     progress.add(0.0, 100);
@@ -120,26 +130,39 @@ pub fn run(a: Args) -> CliResult<()> {
         match st {
             BlockStatus::Data { depth: d, .. } if above(d) => {
                 let b = &mut buf[..n as usize];
-                top.read_at(b, off).map_err(|e| errmsg(&e))?;
-                base.write_at(b, off).map_err(|e| errmsg(&e))?;
+                top.read_at(b, off).map_err(|e| job_failed(&e))?;
+                base.write_at(b, off).map_err(|e| job_failed(&e))?;
             }
             // Past the end of a shorter layer above the base the image
             // reads zeros that this layer "has": QEMU commits them too.
             BlockStatus::Zero { depth: d } | BlockStatus::Unallocated { depth: d }
                 if above(d) && (matches!(st, BlockStatus::Zero { .. }) || d > 0) =>
             {
-                base.write_zeroes(off, n, true).map_err(|e| errmsg(&e))?;
+                base.write_zeroes(off, n, true)
+                    .map_err(|e| job_failed(&e))?;
             }
             _ => {}
         }
         off += n;
         progress.add(n as f32 * 100.0 / size as f32, 100);
     }
-    base.close().map_err(|e| errmsg(&e))?;
+    if let Err(e) = base.close() {
+        let e = errmsg(&e);
+        if crate::img_util::report_lost_bitmaps(&e, false) {
+            return Err(String::new());
+        }
+        return Err(e);
+    }
     drop(base);
     if !drop_top {
         if let Image::Qcow2(q) = &top {
-            q.make_empty().map_err(|e| errmsg(&e))?;
+            q.make_empty().map_err(|e| {
+                format!(
+                    "Failed to empty {}: {}",
+                    a.filename,
+                    crate::img_util::errno_text(&e)
+                )
+            })?;
         }
     }
     top.close().map_err(|e| errmsg(&e))?;
@@ -149,4 +172,9 @@ pub fn run(a: Args) -> CliResult<()> {
         println!("Image committed.");
     }
     Ok(())
+}
+
+/// A failed request of the copy: QEMU's commit job reports the errno.
+fn job_failed(e: &oxqcow::Error) -> String {
+    format!("Block job failed: {}", crate::img_util::errno_text(e))
 }

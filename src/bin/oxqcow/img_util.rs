@@ -423,3 +423,27 @@ impl QProgress {
         }
     }
 }
+
+/// When closing an image fails to write its persistent bitmaps back, the
+/// lines qemu-img prints: QEMU tries twice (inactivation, then close) and
+/// says so each time, naming the node by a generated name (`#blockNNN`),
+/// and reports the close itself as failed with EINVAL. `close_between`
+/// puts that report between the two tries, as `qemu-img bitmap` does;
+/// commit prints it last. Returns false (nothing printed) for other
+/// errors.
+pub fn report_lost_bitmaps(msg: &str, close_between: bool) -> bool {
+    if !msg.starts_with("Failed to write bitmap '") {
+        return false;
+    }
+    let lost = format!("Lost persistent bitmaps during inactivation of node '#block100': {msg}");
+    let closing = "Error while closing the image: Invalid argument";
+    report(&lost);
+    if close_between {
+        report(closing);
+        report(&lost);
+    } else {
+        report(&lost);
+        report(closing);
+    }
+    true
+}

@@ -412,6 +412,12 @@ fn open_node(
         writethrough: flags.writethrough,
         ..flags.engine.clone()
     };
+    let window = fmt == "raw" && (map.contains_key("offset") || map.contains_key("size"));
+    if window && nested {
+        return Err(
+            "oxqcow does not implement the raw driver's offset and size over a format node".into(),
+        );
+    }
     if nested {
         let sub = child_opts(map, "file.");
         let file_prefix = format!("{prefix}file.");
@@ -441,6 +447,19 @@ fn open_node(
         filter_data_file(&mut oo, nodes, prefix)?;
     }
     let file_prefix = format!("{prefix}file.");
+    if window {
+        // A raw node's offset and size: a window onto its file, which
+        // never grows (writes past it fail with ENOSPC, as on a full
+        // block device).
+        let num = |k: &str| map.get(k).map(|v| parse_size_opt(k, v)).transpose();
+        let (offset, size) = (num("offset")?.unwrap_or(0), num("size")?);
+        let f = FileStorage::open(Path::new(&path), oo.writable, oo.direct)
+            .map_err(|e| format!("Could not open '{path}': {}", crate::util::ioerr(&e)))?;
+        let storage = wrap(Arc::new(f), nodes, &file_prefix);
+        let window = Arc::new(oxqcow::storage::WindowStorage::new(storage, offset, size));
+        let img = Image::open_on(window, &path, &fmt, &oo).map_err(|e| open_errmsg(&e, &path))?;
+        return Ok((img, fmt));
+    }
     if filtered(nodes, &file_prefix) {
         let f = FileStorage::open(Path::new(&path), oo.writable, oo.direct)
             .map_err(|e| format!("Could not open '{path}': {}", crate::util::ioerr(&e)))?;
@@ -555,10 +574,9 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
                 return Err(format!("Parameter '{e}' is unexpected"));
             }
         }
-        if fmt == "raw" && (k == "offset" || k == "size") {
-            return Err("oxqcow does not implement the raw driver's offset and size".into());
-        }
-        let ok = NODE_OPTS.contains(&k.as_str())
+        let window = fmt == "raw" && (k == "offset" || k == "size");
+        let ok = window
+            || NODE_OPTS.contains(&k.as_str())
             || (fmt == "qcow2" && QCOW2_OPTS.contains(&k.as_str()))
             || k == "file";
         if !ok {
