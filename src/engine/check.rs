@@ -337,9 +337,13 @@ impl Meta {
     }
 
     /// Checks that COPIED flags say "refcount is exactly 1".
+    /// With leaks repaired only (`-r leaks`) they are fixed too, as in
+    /// QEMU, when nothing else is left wrong (a leak fixed can leave a
+    /// refcount of 1 whose flag was rightly clear before: iotest 217).
     fn check_oflag_copied(&mut self, w: &mut Walk<'_, '_>, fix: u32) -> Result<()> {
         let cs = self.cs;
-        let fixing = fix & FIX_ERRORS != 0;
+        let clean = w.res.check_errors == 0 && w.res.corruptions == 0 && w.res.leaks == 0;
+        let fixing = fix & FIX_ERRORS != 0 || (fix & FIX_LEAKS != 0 && clean);
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = e & OFFSET_MASK;

@@ -117,10 +117,22 @@ impl Meta {
         self.snapshots = list;
         self.snapshot_table = (new_off, len as u64);
         if old_len > 0 {
-            self.update_refcount(old_off, old_len, -1)?;
+            self.free_clusters_logged(old_off, old_len);
         }
         self.rebuild_metadata_map();
         self.flush_all()
+    }
+
+    /// Frees clusters that nothing on disk names any more, as QEMU's
+    /// qcow2_free_clusters does: the `cluster_free` event first, and a
+    /// failure only logged (the clusters leak; `check -r` finds them).
+    fn free_clusters_logged(&mut self, off: u64, len: u64) {
+        self.event(crate::storage::DebugEvent::ClusterFree);
+        if let Err(e) = self.update_refcount(off, len, -1) {
+            let why = std::io::Error::from_raw_os_error(e.errno()).to_string();
+            let why = why.split(" (os error").next().unwrap_or_default();
+            crate::log::warn(&format!("qcow2_free_clusters failed: {why}"));
+        }
     }
 
     fn find_snapshot(&self, name_or_id: &str) -> Result<usize> {
@@ -283,9 +295,16 @@ impl Qcow2 {
         let mut list = m.snapshots.clone();
         list.remove(i);
         m.write_snapshot_table(list)?;
-        m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, -1)?;
+        // QEMU's words; the tree's references leak (`check -r` finds them).
+        m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, -1)
+            .map_err(|e| match e {
+                Error::Io { source, .. } => {
+                    Error::io("Failed to free the cluster and L1 table", source)
+                }
+                e => e.context("Failed to free the cluster and L1 table"),
+            })?;
         if sn.l1_size > 0 {
-            m.update_refcount(sn.l1_table_offset, sn.l1_size as u64 * 8, -1)?;
+            m.free_clusters_logged(sn.l1_table_offset, sn.l1_size as u64 * 8);
         }
         let active_off = m.header.l1_table_offset;
         let n = m.l1.len() as u32;

@@ -98,13 +98,10 @@ pub fn run(a: Args) -> CliResult<()> {
         }
         Action::Delete(name) => {
             let r = match q {
-                Some(q) => q.snapshot_delete(&name).map_err(|e| {
-                    if is_not_found(q, &name) {
-                        "snapshot not found".to_string()
-                    } else {
-                        errmsg(&e)
-                    }
-                }),
+                Some(q) if is_not_found(q, &name) => Err("snapshot not found".to_string()),
+                // The table no longer names it once the delete failed
+                // later on: looked up first.
+                Some(q) => q.snapshot_delete(&name).map_err(|e| errmsg(&e)),
                 None => Err("snapshot not found".to_string()),
             };
             r.map_err(|e| format!("Could not delete snapshot '{name}': {e}"))?;
