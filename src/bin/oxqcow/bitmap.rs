@@ -174,7 +174,7 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     let closed = img.close().map_err(|e| errmsg(&e));
     match closed {
-        Err(e) if report_lost_bitmaps(&e, true) => Err(String::new()),
+        Err(e) if report_lost_bitmaps(&e, true, false) => Err(String::new()),
         Err(e) if result.is_ok() => Err(e),
         _ => result.map_err(|_| String::new()),
     }

@@ -120,6 +120,54 @@ pub fn run(a: Args) -> CliResult<()> {
             )
         })?;
     }
+    let copied = copy(&top, &base, size, depth, &mut progress);
+    // The base is closed whether the copy worked or not: bitmaps it
+    // cannot store then are reported before the job's own failure.
+    let closed = base.close().map_err(|e| errmsg(&e));
+    let lost = match &closed {
+        Err(e) => crate::img_util::report_lost_bitmaps(e, false, copied.is_err()),
+        Ok(()) => false,
+    };
+    copied?;
+    if lost {
+        return Err(String::new());
+    }
+    closed?;
+    drop(base);
+    if !drop_top {
+        if let Image::Qcow2(q) = &top {
+            q.make_empty().map_err(|e| {
+                format!(
+                    "Failed to empty {}: {}",
+                    a.filename,
+                    crate::img_util::errno_text(&e)
+                )
+            })?;
+        }
+    }
+    top.close().map_err(|e| errmsg(&e))?;
+    progress.add(100.0, 0);
+    progress.end();
+    if !a.quiet {
+        println!("Image committed.");
+    }
+    Ok(())
+}
+
+/// A failed request of the copy: QEMU's commit job reports the errno.
+fn job_failed(e: &oxqcow::Error) -> String {
+    format!("Block job failed: {}", crate::img_util::errno_text(e))
+}
+
+/// Writes every range allocated above the base (layers shallower than
+/// `depth`) into the base.
+fn copy(
+    top: &Image,
+    base: &Image,
+    size: u64,
+    depth: usize,
+    progress: &mut QProgress,
+) -> CliResult<()> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;
     while off < size {
@@ -146,35 +194,5 @@ pub fn run(a: Args) -> CliResult<()> {
         off += n;
         progress.add(n as f32 * 100.0 / size as f32, 100);
     }
-    if let Err(e) = base.close() {
-        let e = errmsg(&e);
-        if crate::img_util::report_lost_bitmaps(&e, false) {
-            return Err(String::new());
-        }
-        return Err(e);
-    }
-    drop(base);
-    if !drop_top {
-        if let Image::Qcow2(q) = &top {
-            q.make_empty().map_err(|e| {
-                format!(
-                    "Failed to empty {}: {}",
-                    a.filename,
-                    crate::img_util::errno_text(&e)
-                )
-            })?;
-        }
-    }
-    top.close().map_err(|e| errmsg(&e))?;
-    progress.add(100.0, 0);
-    progress.end();
-    if !a.quiet {
-        println!("Image committed.");
-    }
     Ok(())
-}
-
-/// A failed request of the copy: QEMU's commit job reports the errno.
-fn job_failed(e: &oxqcow::Error) -> String {
-    format!("Block job failed: {}", crate::img_util::errno_text(e))
 }

@@ -78,6 +78,10 @@ pub struct Args {
     /// With --bitmaps: skip inconsistent bitmaps instead of failing
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
+    /// Copy what can be read: unreadable sectors become zeros, with a
+    /// warning each
+    #[arg(long = "salvage")]
+    salvage: bool,
     /// Accepted for compatibility (the source is always opened read-only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -254,7 +258,11 @@ fn convert(
         cluster,
         ordered: !a.oob_writes,
         top_only: has_backing,
+        src_dbg: &src.top_dbg,
+        salvage: a.salvage,
     };
+    // Salvaging warns in guest order, as qemu-img does: one worker.
+    let workers = if a.salvage { 1 } else { workers };
     let r = job
         .run(workers, progress)
         .and_then(|_| copy_bitmaps(&src.img, &dst, &bitmaps));

@@ -13,9 +13,11 @@
 use crate::img_util::{strerror, QProgress};
 use crate::util::{errmsg, file_extent, CliResult};
 use oxqcow::format::entries::L2Entry;
+use oxqcow::storage::blkdebug::IoType;
+use oxqcow::storage::Blkdebug;
 use oxqcow::{BlockStatus, Image};
 use std::fs::File;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Bytes copied per step at most (qemu-img's buffer).
 const BUF: u64 = 2 << 20;
@@ -55,7 +57,17 @@ pub struct Job<'a> {
     pub ordered: bool,
     /// The target has a backing file: copy only the source's top image.
     pub top_only: bool,
+    /// Blkdebug nodes above the source: their rules fail reads and
+    /// block-status queries of the ranges they name.
+    pub src_dbg: &'a [Arc<Blkdebug>],
+    /// --salvage: a failed block-status query is retried on a quarter of
+    /// its range down to one sector, which is then copied as data; a
+    /// failed read is retried sector by sector and an unreadable sector
+    /// is written as zeros; each with a warning, as qemu-img does.
+    pub salvage: bool,
 }
+
+const SECTOR: u64 = 512;
 
 /// Walks the source from the start, one step at a time.
 struct Walker<'j, 'a> {
@@ -172,13 +184,27 @@ impl Done<'_> {
 impl<'a> Job<'a> {
     /// The source's extent at `pos`, as a step kind, and its length.
     fn status(&self, pos: u64) -> CliResult<(Kind, u64)> {
-        let want = self.size - pos;
-        let (st, n) = self.src.block_status(pos, want).map_err(|e| {
-            format!(
-                "error while reading block status at byte {pos}: {}",
-                errmsg(&e)
-            )
-        })?;
+        let mut want = self.size - pos;
+        let (st, n) = loop {
+            match self.query(pos, want) {
+                Ok(r) => break r,
+                Err(e) if self.salvage && want > SECTOR => {
+                    let _ = e;
+                    want = want.div_ceil(SECTOR).div_ceil(4) * SECTOR;
+                }
+                Err(e) if self.salvage => {
+                    crate::util::report(&format!(
+                        "warning: error while reading block status at offset {pos}: {e}"
+                    ));
+                    return Ok((Kind::Data, want));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "error while reading block status at offset {pos}: {e}"
+                    ))
+                }
+            }
+        };
         let mut n = n.clamp(1, want);
         let mut kind = match st {
             BlockStatus::Data { depth, .. } | BlockStatus::Zero { depth }
@@ -202,6 +228,49 @@ impl<'a> Job<'a> {
             kind = Kind::Data;
         }
         Ok((kind, n))
+    }
+
+    /// One block-status query of the source, through the blkdebug rules
+    /// above it; errors as strerror() words them (what qemu-img prints).
+    fn query(&self, pos: u64, len: u64) -> Result<(BlockStatus, u64), String> {
+        for d in self.src_dbg {
+            d.check(pos, len, IoType::BlockStatus)
+                .map_err(|e| crate::util::ioerr(&e))?;
+        }
+        self.src
+            .block_status(pos, len)
+            .map_err(|e| crate::img_util::errno_text(&e))
+    }
+
+    /// Reads guest bytes of the source through the blkdebug rules above it.
+    fn read(&self, b: &mut [u8], pos: u64) -> Result<(), String> {
+        for d in self.src_dbg {
+            d.check(pos, b.len() as u64, IoType::Read)
+                .map_err(|e| crate::util::ioerr(&e))?;
+        }
+        self.src.read_at(b, pos).map_err(|e| errmsg(&e))
+    }
+
+    /// A read that --salvage retries sector by sector, zeros in place of
+    /// what cannot be read.
+    fn read_salvaging(&self, b: &mut [u8], pos: u64) -> Result<(), String> {
+        match self.read(b, pos) {
+            Err(e) if !self.salvage => Err(e),
+            Err(_) => {
+                for (i, sec) in b.chunks_mut(SECTOR as usize).enumerate() {
+                    let at = pos + i as u64 * SECTOR;
+                    if let Err(e) = self.read(sec, at) {
+                        let why = e.rsplit(": ").next().unwrap_or(&e).to_string();
+                        crate::util::report(&format!(
+                            "warning: error while reading offset {at}: {why}"
+                        ));
+                        sec.fill(0);
+                    }
+                }
+                Ok(())
+            }
+            ok => ok,
+        }
     }
 
     fn walker(&self) -> Walker<'_, 'a> {
@@ -296,9 +365,8 @@ impl<'a> Job<'a> {
             0
         }];
         if s.kind == Kind::Data {
-            self.src
-                .read_at(b, s.pos)
-                .map_err(|e| format!("error while reading at byte {}: {}", s.pos, errmsg(&e)))?;
+            self.read_salvaging(b, s.pos)
+                .map_err(|e| format!("error while reading at byte {}: {e}", s.pos))?;
         }
         if !self.ordered {
             return self.write(s, b).map(|()| count());

@@ -165,6 +165,10 @@ pub struct Named {
     /// What reports call it, as QEMU names the node: the name given
     /// ("blkdebug::F" included), or for options the host file.
     pub name: String,
+    /// Blkdebug nodes above the image, outermost first: their rules
+    /// apply to every request of the whole device (convert's reads and
+    /// block-status queries check them).
+    pub top_dbg: Vec<std::sync::Arc<oxqcow::storage::Blkdebug>>,
 }
 
 /// Opens what a command line names: a file name, a `json:{...}` name or
@@ -185,6 +189,7 @@ pub fn open_named(
             img: open_image(spec, fmt, opts)?,
             file: Some(spec.to_string()),
             name: spec.to_string(),
+            top_dbg: Vec::new(),
         });
     }
     let could_not = |e: String| format!("Could not open '{spec}': {e}");
@@ -221,7 +226,9 @@ pub fn open_named(
         Some(f) if image_opts || (spec.starts_with("json:") && plain_graph) => f.clone(),
         _ => spec.to_string(),
     };
+    let top_dbg = dev.top_dbg.clone();
     Ok(Named {
+        top_dbg,
         img: dev.into_image(),
         file,
         name,
@@ -429,9 +436,10 @@ impl QProgress {
 /// says so each time, naming the node by a generated name (`#blockNNN`),
 /// and reports the close itself as failed with EINVAL. `close_between`
 /// puts that report between the two tries, as `qemu-img bitmap` does;
-/// commit prints it last. Returns false (nothing printed) for other
+/// commit prints it last, and not at all when its job failed (the job's
+/// error follows instead). Returns false (nothing printed) for other
 /// errors.
-pub fn report_lost_bitmaps(msg: &str, close_between: bool) -> bool {
+pub fn report_lost_bitmaps(msg: &str, close_between: bool, job_failed: bool) -> bool {
     if !msg.starts_with("Failed to write bitmap '") {
         return false;
     }
@@ -443,7 +451,9 @@ pub fn report_lost_bitmaps(msg: &str, close_between: bool) -> bool {
         report(&lost);
     } else {
         report(&lost);
-        report(closing);
+        if !job_failed {
+            report(closing);
+        }
     }
     true
 }
