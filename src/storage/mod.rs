@@ -16,6 +16,7 @@ pub mod event;
 mod file;
 mod mem;
 mod null;
+mod quorum;
 mod window;
 
 pub use blkdebug::{Blkdebug, BlkdebugStorage};
@@ -24,6 +25,7 @@ pub use event::DebugEvent;
 pub use file::{set_extent_size_hint, FileStorage};
 pub use mem::MemStorage;
 pub use null::{AbsentStorage, NullStorage};
+pub use quorum::QuorumStorage;
 pub use window::WindowStorage;
 
 use std::io;

@@ -169,6 +169,8 @@ pub struct Named {
     /// apply to every request of the whole device (convert's reads and
     /// block-status queries check them).
     pub top_dbg: Vec<std::sync::Arc<oxqcow::storage::Blkdebug>>,
+    /// The host files of the children of a quorum node the image lies on.
+    pub quorum: Option<Vec<String>>,
 }
 
 /// Opens what a command line names: a file name, a `json:{...}` name or
@@ -190,6 +192,7 @@ pub fn open_named(
             file: Some(spec.to_string()),
             name: spec.to_string(),
             top_dbg: Vec::new(),
+            quorum: None,
         });
     }
     let could_not = |e: String| format!("Could not open '{spec}': {e}");
@@ -227,8 +230,10 @@ pub fn open_named(
         _ => spec.to_string(),
     };
     let top_dbg = dev.top_dbg.clone();
+    let quorum = io_open::quorum_children(&dev.explicit);
     Ok(Named {
         top_dbg,
+        quorum,
         img: dev.into_image(),
         file,
         name,

@@ -68,12 +68,16 @@ pub fn run(a: Args) -> CliResult<()> {
         };
         let named = open_named(&spec, image_opts, fmt.as_deref(), &opts)?;
         image_opts = false;
-        let path = named.file.clone().unwrap_or_else(|| spec.clone());
+        // A quorum node's image is read through its first child here.
+        let path = match &named.quorum {
+            Some(q) => q.first().cloned().unwrap_or_default(),
+            None => named.file.clone().unwrap_or_else(|| spec.clone()),
+        };
         let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone().into());
         if !seen.insert(key) {
             return Err(format!("Backing file '{path}' creates an infinite loop."));
         }
-        let r = image_report(named.img, &named.name, &path)?;
+        let r = image_report(named.img, &named.name, &path, named.quorum.as_deref())?;
         if a.backing_chain {
             next = r.backing.clone();
         }
@@ -98,7 +102,12 @@ pub fn run(a: Args) -> CliResult<()> {
 
 /// The report on one image: `name` is what QEMU calls the node, `path`
 /// its host file.
-fn image_report(img: Image, name: &str, path: &str) -> CliResult<ImageReport> {
+fn image_report(
+    img: Image,
+    name: &str,
+    path: &str,
+    quorum: Option<&[String]>,
+) -> CliResult<ImageReport> {
     if let Some(c) = img.nbd() {
         return Ok(nbd_report(c.name(), virtual_size(&img)));
     }
@@ -113,27 +122,15 @@ fn image_report(img: Image, name: &str, path: &str) -> CliResult<ImageReport> {
     let actual = img.allocated_file_size();
     let vsize = virtual_size(&img);
 
-    let child_info = Obj::new()
-        .put_str("filename", path)
-        .put_str("format", "file")
-        .put_bool("dirty-flag", false)
-        .put_int("actual-size", actual)
-        .put_int("virtual-size", file_len)
-        .put(
-            "format-specific",
-            Json::Obj(
-                Obj::new()
-                    .put_str("type", "file")
-                    .put("data", Json::Obj(Obj::new())),
-            ),
-        )
-        .put("children", Json::List(vec![]));
+    let (child_info, child_human) = match quorum {
+        Some(files) => quorum_child(name, files, file_len, actual),
+        None => (file_child(path, file_len, actual), String::new()),
+    };
     let children = Json::List(vec![Json::Obj(
         Obj::new()
             .put_str("name", "file")
             .put("info", Json::Obj(child_info)),
     )]);
-
     let mut human = String::new();
     let _ = writeln!(human, "image: {name}");
     let _ = writeln!(human, "file format: {}", img.format());
@@ -172,7 +169,15 @@ fn image_report(img: Image, name: &str, path: &str) -> CliResult<ImageReport> {
             if dirty {
                 human.push_str("cleanly shut down: no\n");
             }
-            if let Some(b) = &h.backing_file {
+            if let (Some(b), Some(_)) = (&h.backing_file, quorum) {
+                // No directory to look the backing file up in.
+                o = o.put_str("backing-filename", b);
+                let _ = writeln!(human, "backing file: {b} (cannot determine actual path)");
+                if let Some(f) = &h.backing_format {
+                    o = o.put_str("backing-filename-format", f);
+                    let _ = writeln!(human, "backing file format: {f}");
+                }
+            } else if let Some(b) = &h.backing_file {
                 let full = resolve_backing(path, b).display().to_string();
                 o = o
                     .put_str("backing-filename", b)
@@ -209,21 +214,97 @@ fn image_report(img: Image, name: &str, path: &str) -> CliResult<ImageReport> {
             .put("children", children)
         }
     };
-    human.push_str("Child node '/file':\n");
-    let _ = writeln!(human, "    filename: {path}");
-    human.push_str("    protocol type: file\n");
-    let _ = writeln!(
-        human,
-        "    file length: {} ({file_len} bytes)",
-        size_to_str(file_len)
-    );
-    let _ = writeln!(human, "    disk size: {}", size_to_str(actual));
+    if quorum.is_some() {
+        human.push_str(&child_human);
+    } else {
+        human.push_str("Child node '/file':\n");
+        human.push_str(&file_child_human(path, file_len, actual, "    "));
+    }
     drop(img);
     Ok(ImageReport {
         json,
         human,
         backing,
     })
+}
+
+/// The `file` protocol node under an image, as `info --output=json`
+/// reports it.
+fn file_child(path: &str, file_len: u64, actual: u64) -> Obj {
+    Obj::new()
+        .put_str("filename", path)
+        .put_str("format", "file")
+        .put_bool("dirty-flag", false)
+        .put_int("actual-size", actual)
+        .put_int("virtual-size", file_len)
+        .put(
+            "format-specific",
+            Json::Obj(
+                Obj::new()
+                    .put_str("type", "file")
+                    .put("data", Json::Obj(Obj::new())),
+            ),
+        )
+        .put("children", Json::List(vec![]))
+}
+
+fn file_child_human(path: &str, file_len: u64, actual: u64, indent: &str) -> String {
+    format!(
+        "{indent}filename: {path}\n{indent}protocol type: file\n{indent}file length: {} ({file_len} bytes)\n{indent}disk size: {}\n",
+        size_to_str(file_len),
+        size_to_str(actual)
+    )
+}
+
+/// A quorum node under the image and its file children, listed last to
+/// first as QEMU lists them. `name` is the image's; the node's own name
+/// is its `file` object of that json: name.
+fn quorum_child(name: &str, files: &[String], len: u64, actual: u64) -> (Obj, String) {
+    let node = name
+        .strip_prefix("json:")
+        .and_then(|j| {
+            j.find("\"file\"")
+                .or_else(|| j.find("'file'"))
+                .map(|i| (j, i))
+        })
+        .map(|(j, i)| {
+            let rest = j[i..]
+                .split_once(':')
+                .map(|x| x.1)
+                .unwrap_or("")
+                .trim_start();
+            format!("json:{}", rest.strip_suffix('}').unwrap_or(rest).trim_end())
+        })
+        .unwrap_or_else(|| name.to_string());
+    let mut human = format!(
+        "Child node '/file':\n    image: {node}\n    file format: quorum\n    virtual size: {} ({len} bytes)\n    disk size: {}\n",
+        size_to_str(len),
+        size_to_str(actual)
+    );
+    let mut kids = Vec::new();
+    for (n, f) in files.iter().enumerate().rev() {
+        let (flen, fact) = match std::fs::metadata(f) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                (m.len().div_ceil(512) * 512, m.blocks() * 512)
+            }
+            Err(_) => (0, 0),
+        };
+        let _ = writeln!(human, "    Child node '/file/children.{n}':");
+        human.push_str(&file_child_human(f, flen, fact, "        "));
+        kids.push(Json::Obj(
+            Obj::new()
+                .put_str("name", &format!("children.{n}"))
+                .put("info", Json::Obj(file_child(f, flen, fact))),
+        ));
+    }
+    let json = Obj::new()
+        .put("children", Json::List(kids))
+        .put_int("virtual-size", len)
+        .put_str("filename", &node)
+        .put_str("format", "quorum")
+        .put_int("actual-size", actual);
+    (json, human)
 }
 
 /// A raw disk served over NBD: QEMU names it by its URI, reports the

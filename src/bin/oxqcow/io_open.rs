@@ -9,6 +9,10 @@
 
 #[path = "io_datafile.rs"]
 mod io_datafile;
+#[path = "io_quorum.rs"]
+mod io_quorum;
+use io_quorum::open_on_quorum;
+pub use io_quorum::quorum_children;
 
 use crate::io::io_filters::{self, filtered, is_protocol, wrap, DebugNodes};
 use oxqcow::storage::blkdebug::IoType;
@@ -373,6 +377,9 @@ fn open_node(
         }
     }
     let file_driver = map.get("file.driver").cloned();
+    if file_driver.as_deref() == Some("quorum") {
+        return open_on_quorum(map, flags);
+    }
     if let Some(fd) = file_driver.as_deref() {
         if !is_protocol(fd) && fd != "qcow2" && fd != "raw" {
             return Err(unsupported_driver(fd));
