@@ -313,61 +313,93 @@ fn read_f(s: &mut Session, w: &[String]) -> i32 {
     ret
 }
 
-fn readv_f(s: &mut Session, w: &[String]) -> i32 {
-    let (mut cflag, mut qflag, mut vflag, mut pflag) = (false, false, false, false);
-    let mut pattern = 0u8;
-    let (opts, args) = getopt(w, "CP:qrv");
+/// What readv and aio_read take: -C, -P PATTERN, -q, -r (ignored), -v
+/// (and aio_read's -i), an offset and the lengths of the vector.
+struct VecRead {
+    cflag: bool,
+    qflag: bool,
+    vflag: bool,
+    pattern: Option<u8>,
+    off: u64,
+    total: u64,
+}
+
+/// Parses a readv / aio_read line; Err is the status to return (0 after
+/// aio_read's -i message).
+fn parse_vec_read(s: &mut Session, w: &[String], name: &str) -> Result<VecRead, i32> {
+    let aio = name == "aio_read";
+    let mut r = VecRead {
+        cflag: false,
+        qflag: false,
+        vflag: false,
+        pattern: None,
+        off: 0,
+        total: 0,
+    };
+    let (opts, args) = getopt(w, if aio { "CiP:qrv" } else { "CP:qrv" });
     for o in opts {
         match o {
-            Opt::Flag('C', _) => cflag = true,
+            Opt::Flag('C', _) => r.cflag = true,
             Opt::Flag('P', Some(a)) => {
-                pflag = true;
-                pattern = match parse_pattern(&mut s.out, &a) {
-                    Some(p) => p,
-                    None => return EINVAL,
-                };
+                r.pattern = Some(parse_pattern(&mut s.out, &a).ok_or(EINVAL)?);
             }
-            Opt::Flag('q', _) => qflag = true,
+            Opt::Flag('i', _) => {
+                s.out.line("injecting invalid read request");
+                return Err(0);
+            }
+            Opt::Flag('q', _) => r.qflag = true,
             Opt::Flag('r', _) => {}
-            Opt::Flag('v', _) => vflag = true,
-            _ => return usage(s, "readv"),
+            Opt::Flag('v', _) => r.vflag = true,
+            _ => return Err(usage(s, name)),
         }
     }
     if args.len() < 2 {
-        return usage(s, "readv");
+        return Err(usage(s, name));
     }
-    let off = match num(s, &args[0]) {
-        Ok(v) => v,
+    r.off = num(s, &args[0])?;
+    r.total = iov_lengths(s, &args[1..]).ok_or(EINVAL)?.iter().sum();
+    Ok(r)
+}
+
+impl VecRead {
+    /// Reads the vector: what qemu-io prints of it goes to `out`; the
+    /// status (EINVAL when the pattern does not match).
+    fn run(&self, dev: &io_open::Dev, out: &mut crate::io::io_fmt::Out) -> i32 {
+        let (off, total) = (self.off, self.total);
+        let mut buf = vec![0xabu8; total as usize];
+        let t1 = Instant::now();
+        let r = dev.read(&mut buf, off);
+        let d = t1.elapsed();
+        if let Err(e) = r {
+            out.line(&format!("readv failed: {}", strerror(e)));
+            return -e;
+        }
+        let mut ret = 0;
+        if self.pattern.is_some_and(|p| buf.iter().any(|&x| x != p)) {
+            out.line(&format!(
+                "Pattern verification failed at offset {off}, {total} bytes"
+            ));
+            ret = EINVAL;
+        }
+        if self.qflag {
+            return ret;
+        }
+        if self.vflag {
+            dump_buffer(out, &buf, off);
+        }
+        report(out, "read", d, off, total, total, 1, self.cflag);
+        ret
+    }
+}
+
+fn readv_f(s: &mut Session, w: &[String]) -> i32 {
+    let r = match parse_vec_read(s, w, "readv") {
+        Ok(r) => r,
         Err(e) => return e,
     };
-    let Some(lens) = iov_lengths(s, &args[1..]) else {
-        return EINVAL;
-    };
-    let total: u64 = lens.iter().sum();
-    let mut buf = vec![0xabu8; total as usize];
     s.drain();
-    let t1 = Instant::now();
-    let r = dev(s).read(&mut buf, off);
-    let d = t1.elapsed();
-    if let Err(e) = r {
-        s.out.line(&format!("readv failed: {}", strerror(e)));
-        return -e;
-    }
-    let mut ret = 0;
-    if pflag && buf.iter().any(|&x| x != pattern) {
-        s.out.line(&format!(
-            "Pattern verification failed at offset {off}, {total} bytes"
-        ));
-        ret = EINVAL;
-    }
-    if qflag {
-        return ret;
-    }
-    if vflag {
-        dump_buffer(&mut s.out, &buf, off);
-    }
-    report(&mut s.out, "read", d, off, total, total, 1, cflag);
-    ret
+    let dev = s.dev.clone().expect("readv needs an open device");
+    r.run(&dev, &mut s.out)
 }
 
 // ---- write ---------------------------------------------------------------------------
@@ -522,50 +554,115 @@ fn write_f(s: &mut Session, w: &[String]) -> i32 {
     0
 }
 
-fn writev_f(s: &mut Session, w: &[String]) -> i32 {
-    let (mut cflag, mut qflag, mut fua) = (false, false, false);
-    let mut pattern = 0xcdu8;
-    let (opts, args) = getopt(w, "CfP:qr");
+/// What writev and aio_write take: -C, -f (FUA), -P PATTERN, -q, -r, an
+/// offset and the vector's lengths; aio_write also -i, and -z [-u] with
+/// one length (a zero write).
+struct VecWrite {
+    cflag: bool,
+    qflag: bool,
+    fua: bool,
+    zflag: bool,
+    unmap: bool,
+    pattern: u8,
+    off: u64,
+    total: u64,
+}
+
+/// Parses a writev / aio_write line; Err is the status to return (0
+/// after aio_write's -i message).
+fn parse_vec_write(s: &mut Session, w: &[String], name: &str) -> Result<VecWrite, i32> {
+    let aio = name == "aio_write";
+    let mut v = VecWrite {
+        cflag: false,
+        qflag: false,
+        fua: false,
+        zflag: false,
+        unmap: false,
+        pattern: 0xcd,
+        off: 0,
+        total: 0,
+    };
+    let mut reg = false;
+    let (opts, args) = getopt(w, if aio { "CfiP:qruz" } else { "CfP:qr" });
     for o in opts {
         match o {
-            Opt::Flag('C', _) => cflag = true,
-            Opt::Flag('f', _) => fua = true,
-            Opt::Flag('q', _) => qflag = true,
-            Opt::Flag('r', _) => {}
+            Opt::Flag('C', _) => v.cflag = true,
+            Opt::Flag('f', _) => v.fua = true,
+            Opt::Flag('q', _) => v.qflag = true,
+            // aio_write: a registered buffer; writev ignores it.
+            Opt::Flag('r', _) => reg = aio,
+            Opt::Flag('u', _) => v.unmap = true,
             Opt::Flag('P', Some(a)) => {
-                pattern = match parse_pattern(&mut s.out, &a) {
-                    Some(p) => p,
-                    None => return EINVAL,
-                };
+                v.pattern = parse_pattern(&mut s.out, &a).ok_or(EINVAL)?;
             }
-            _ => return usage(s, "writev"),
+            Opt::Flag('i', _) => {
+                s.out.line("injecting invalid write request");
+                return Err(0);
+            }
+            Opt::Flag('z', _) => v.zflag = true,
+            _ => return Err(usage(s, name)),
         }
     }
     if args.len() < 2 {
-        return usage(s, "writev");
+        return Err(usage(s, name));
     }
-    let off = match num(s, &args[0]) {
+    let refuse = |s: &mut Session, msg: &str| {
+        s.out.line(msg);
+        Err(EINVAL)
+    };
+    if v.zflag && args.len() != 2 {
+        return refuse(s, "-z supports only a single length parameter");
+    }
+    if v.unmap && !v.zflag {
+        return refuse(s, "-u requires -z to be specified");
+    }
+    if v.zflag && reg {
+        return refuse(s, "cannot combine zero write with registered I/O buffer");
+    }
+    v.off = num(s, &args[0])?;
+    v.total = if v.zflag {
+        num(s, &args[1])?
+    } else {
+        iov_lengths(s, &args[1..]).ok_or(EINVAL)?.iter().sum()
+    };
+    Ok(v)
+}
+
+impl VecWrite {
+    /// Writes the vector (or the zeroes); `Err` is the errno, the Ok
+    /// value what qemu-io prints of it.
+    fn run(&self, dev: &io_open::Dev) -> Result<String, i32> {
+        let t1 = Instant::now();
+        if self.zflag {
+            dev.write_zeroes(self.off, self.total, self.unmap, self.fua)?;
+        } else {
+            let buf = vec![self.pattern; self.total as usize];
+            dev.write(&buf, self.off, self.fua)?;
+        }
+        let d = t1.elapsed();
+        Ok(match self.qflag {
+            true => String::new(),
+            false => report_text("wrote", d, self.off, self.total, self.cflag),
+        })
+    }
+}
+
+fn writev_f(s: &mut Session, w: &[String]) -> i32 {
+    let v = match parse_vec_write(s, w, "writev") {
         Ok(v) => v,
         Err(e) => return e,
     };
-    let Some(lens) = iov_lengths(s, &args[1..]) else {
-        return EINVAL;
-    };
-    let total: u64 = lens.iter().sum();
-    let buf = vec![pattern; total as usize];
     s.drain();
-    let t1 = Instant::now();
-    let r = dev(s).write(&buf, off, fua);
-    let d = t1.elapsed();
-    if let Err(e) = r {
-        s.out.line(&format!("writev failed: {}", strerror(e)));
-        return -e;
+    match v.run(dev(s)) {
+        Ok(text) => {
+            s.out.put(&text);
+            0
+        }
+        Err(e) => {
+            s.out.line(&format!("writev failed: {}", strerror(e)));
+            -e
+        }
     }
-    if qflag {
-        return 0;
-    }
-    report(&mut s.out, "wrote", d, off, total, total, 1, cflag);
-    0
 }
 
 // ---- aio -----------------------------------------------------------------------------
@@ -578,139 +675,26 @@ fn report_text(op: &str, d: Duration, off: u64, n: u64, machine: bool) -> String
 }
 
 fn aio_read_f(s: &mut Session, w: &[String]) -> i32 {
-    let (mut cflag, mut qflag, mut vflag, mut pflag) = (false, false, false, false);
-    let mut pattern = 0u8;
-    let (opts, args) = getopt(w, "CiP:qrv");
-    for o in opts {
-        match o {
-            Opt::Flag('C', _) => cflag = true,
-            Opt::Flag('P', Some(a)) => {
-                pflag = true;
-                pattern = match parse_pattern(&mut s.out, &a) {
-                    Some(p) => p,
-                    None => return EINVAL,
-                };
-            }
-            Opt::Flag('i', _) => {
-                s.out.line("injecting invalid read request");
-                return 0;
-            }
-            Opt::Flag('q', _) => qflag = true,
-            Opt::Flag('r', _) => {}
-            Opt::Flag('v', _) => vflag = true,
-            _ => return usage(s, "aio_read"),
-        }
-    }
-    if args.len() < 2 {
-        return usage(s, "aio_read");
-    }
-    let off = match num(s, &args[0]) {
-        Ok(v) => v,
+    let r = match parse_vec_read(s, w, "aio_read") {
+        Ok(r) => r,
         Err(e) => return e,
     };
-    let Some(lens) = iov_lengths(s, &args[1..]) else {
-        return EINVAL;
-    };
-    let total: u64 = lens.iter().sum();
     s.submit(Box::new(move |dev| {
-        let mut buf = vec![0xabu8; total as usize];
-        let t1 = Instant::now();
-        let r = dev.read(&mut buf, off);
-        let d = t1.elapsed();
-        let mut text = String::new();
-        match r {
-            Err(e) => text.push_str(&format!("readv failed: {}\n", strerror(e))),
-            Ok(()) => {
-                if pflag && buf.iter().any(|&x| x != pattern) {
-                    text.push_str(&format!(
-                        "Pattern verification failed at offset {off}, {total} bytes\n"
-                    ));
-                }
-                if !qflag {
-                    if vflag {
-                        let mut tmp = crate::io::io_fmt::Out::capture();
-                        dump_buffer(&mut tmp, &buf, off);
-                        text.push_str(&tmp.take());
-                    }
-                    text.push_str(&report_text("read", d, off, total, cflag));
-                }
-            }
-        }
-        text
+        let mut out = crate::io::io_fmt::Out::capture();
+        r.run(dev, &mut out);
+        out.take()
     }));
     0
 }
 
 fn aio_write_f(s: &mut Session, w: &[String]) -> i32 {
-    let (mut cflag, mut qflag, mut zflag, mut fua, mut unmap, mut reg) =
-        (false, false, false, false, false, false);
-    let mut pattern = 0xcdu8;
-    let (opts, args) = getopt(w, "CfiP:qruz");
-    for o in opts {
-        match o {
-            Opt::Flag('C', _) => cflag = true,
-            Opt::Flag('f', _) => fua = true,
-            Opt::Flag('q', _) => qflag = true,
-            Opt::Flag('r', _) => reg = true,
-            Opt::Flag('u', _) => unmap = true,
-            Opt::Flag('P', Some(a)) => {
-                pattern = match parse_pattern(&mut s.out, &a) {
-                    Some(p) => p,
-                    None => return EINVAL,
-                };
-            }
-            Opt::Flag('i', _) => {
-                s.out.line("injecting invalid write request");
-                return 0;
-            }
-            Opt::Flag('z', _) => zflag = true,
-            _ => return usage(s, "aio_write"),
-        }
-    }
-    if args.len() < 2 {
-        return usage(s, "aio_write");
-    }
-    if zflag && args.len() != 2 {
-        s.out.line("-z supports only a single length parameter");
-        return EINVAL;
-    }
-    if unmap && !zflag {
-        s.out.line("-u requires -z to be specified");
-        return EINVAL;
-    }
-    if zflag && reg {
-        s.out
-            .line("cannot combine zero write with registered I/O buffer");
-        return EINVAL;
-    }
-    let off = match num(s, &args[0]) {
+    let v = match parse_vec_write(s, w, "aio_write") {
         Ok(v) => v,
         Err(e) => return e,
     };
-    let total = if zflag {
-        match num(s, &args[1]) {
-            Ok(v) => v,
-            Err(e) => return e,
-        }
-    } else {
-        let Some(lens) = iov_lengths(s, &args[1..]) else {
-            return EINVAL;
-        };
-        lens.iter().sum()
-    };
-    s.submit(Box::new(move |dev| {
-        let t1 = Instant::now();
-        let r = if zflag {
-            dev.write_zeroes(off, total, unmap, fua)
-        } else {
-            dev.write(&vec![pattern; total as usize], off, fua)
-        };
-        let d = t1.elapsed();
-        match r {
-            Err(e) => format!("aio_write failed: {}\n", strerror(e)),
-            Ok(()) if qflag => String::new(),
-            Ok(()) => report_text("wrote", d, off, total, cflag),
-        }
+    s.submit(Box::new(move |dev| match v.run(dev) {
+        Ok(text) => text,
+        Err(e) => format!("aio_write failed: {}\n", strerror(e)),
     }));
     0
 }
