@@ -24,7 +24,6 @@ use oxqcow::engine::{OpenOptions, Qcow2};
 use oxqcow::storage::{CrashSpec, CrashStorage, MemStorage, Storage};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_oxqcow");
@@ -151,52 +150,32 @@ fn touched(ranges: &[(u64, u64)], g: u64) -> BTreeSet<u64> {
 /// exports the bitmaps, `qemu-img map` with `x-dirty-bitmap` shows dirty
 /// regions as `"data": false`.
 fn qemu_dirty(img: &Path, names: &[(&str, u64)], dir: &Scratch) -> Vec<BTreeSet<u64>> {
-    let sock = dir.path("nbd.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&sock);
-    for (n, _) in names {
-        cmd.args(["-B", n]);
-    }
-    let mut child = cmd
-        .arg(img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd");
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
+    let bitmaps: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+    with_qemu_nbd(&dir.0, img, &bitmaps, |opts| {
+        let mut out = Vec::new();
+        for (n, g) in names {
+            let opts = format!("{opts},x-dirty-bitmap=qemu:dirty-bitmap:{n}");
+            let (code, text, err) =
+                run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+            assert_eq!(code, 0, "qemu-img map of bitmap {n}: {err}");
+            let mut set = BTreeSet::new();
+            for line in text.lines().filter(|l| l.contains("\"data\": false")) {
+                let num = |key: &str| -> u64 {
+                    let s = &line[line.find(key).unwrap() + key.len()..];
+                    s.trim_start()
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                let (s, l) = (num("\"start\":"), num("\"length\":"));
+                set.extend(s / g..(s + l).div_ceil(*g));
+            }
+            out.push(set);
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let mut out = Vec::new();
-    for (n, g) in names {
-        let opts = format!(
-            "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{n}",
-            sock.display()
-        );
-        let (code, text, err) = run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
-        assert_eq!(code, 0, "qemu-img map of bitmap {n}: {err}");
-        let mut set = BTreeSet::new();
-        for line in text.lines().filter(|l| l.contains("\"data\": false")) {
-            let num = |key: &str| -> u64 {
-                let s = &line[line.find(key).unwrap() + key.len()..];
-                s.trim_start()
-                    .split(|c: char| !c.is_ascii_digit())
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            let (s, l) = (num("\"start\":"), num("\"length\":"));
-            set.extend(s / g..(s + l).div_ceil(*g));
-        }
-        out.push(set);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    out
+        out
+    })
 }
 
 // ---- running qemu-io and oxqcow io side by side ---------------------------------------

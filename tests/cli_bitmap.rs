@@ -12,41 +12,11 @@ mod common;
 use common::case::*;
 use common::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-/// Starts qemu-nbd on `img` exporting `bitmaps`, runs `f` with the
-/// `--image-opts` string of the export (without the bitmap option).
-fn with_nbd<T>(dir: &Path, img: &Path, bitmaps: &[&str], f: impl FnOnce(&str) -> T) -> T {
-    let sock = dir.join("nbd.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&sock);
-    for b in bitmaps {
-        cmd.args(["-B", b]);
-    }
-    let mut child = cmd
-        .arg(img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd");
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let opts = format!("driver=nbd,server.type=unix,server.path={}", sock.display());
-    let r = f(&opts);
-    let _ = child.kill();
-    let _ = child.wait();
-    r
-}
 
 /// What QEMU reports of each bitmap of `img`: `qemu-img map` of
 /// qemu-nbd's dirty-bitmap export (dirty ranges as `"data": false`).
 fn bitmap_maps(dir: &Path, img: &Path, bitmaps: &[&str]) -> Vec<String> {
-    with_nbd(dir, img, bitmaps, |opts| {
+    with_qemu_nbd(dir, img, bitmaps, |opts| {
         bitmaps
             .iter()
             .map(|b| {
@@ -413,7 +383,7 @@ fn x_dirty_bitmap_reads_as_qemus_nbd_client_reads() {
     );
     qemu_io_in(&c.setup, "m.qcow2", &["write 100k 1k", "write 7M 3M"]);
     let img = c.setup.join("m.qcow2");
-    with_nbd(&c.setup, &img, &["small", "big"], |opts| {
+    with_qemu_nbd(&c.setup, &img, &["small", "big"], |opts| {
         for b in ["small", "big", "nope"] {
             let o = format!("{opts},x-dirty-bitmap=qemu:dirty-bitmap:{b}");
             for out in ["--output=json", "--output=human"] {

@@ -35,29 +35,14 @@ fn poke_refcount(path: &Path, cluster: u64, value: u16) {
 fn check_matches_qemu_img() {
     let d = Scratch::new("img-check");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "clean.qcow2", "64M"],
-    );
+    c.qcow2("clean.qcow2", "64M", &[]);
     qemu_io_in(
         &c.setup,
         "clean.qcow2",
         &["write -P 1 0 1M", "write -c -P 2 2M 64k"],
     );
     // A dirty lazy-refcounts image: QEMU killed after an allocating write.
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            "dirty.qcow2",
-            "64M",
-        ],
-    );
+    c.qcow2("dirty.qcow2", "64M", &["-o", "lazy_refcounts=on"]);
     let _ = run_in(
         &c.setup,
         "qemu-io",
@@ -125,24 +110,9 @@ fn check_matches_qemu_img() {
 fn amend_matches_qemu_img() {
     let d = Scratch::new("img-amend");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"],
-    );
+    c.qcow2("a.qcow2", "64M", &[]);
     qemu_io_in(&c.setup, "a.qcow2", &["write -P 1 0 1M", "write -z 2M 64k"]);
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "v2.qcow2",
-            "64M",
-        ],
-    );
+    c.qcow2("v2.qcow2", "64M", &["-o", "compat=0.10"]);
     std::fs::write(c.setup.join("r.raw"), vec![0u8; 1 << 20]).unwrap();
     for o in [
         "compat=0.10",
@@ -211,10 +181,7 @@ fn amend_matches_qemu_img() {
 fn resize_matches_qemu_img() {
     let d = Scratch::new("img-resize");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"],
-    );
+    c.qcow2("a.qcow2", "64M", &[]);
     qemu_io_in(
         &c.setup,
         "a.qcow2",
@@ -222,19 +189,7 @@ fn resize_matches_qemu_img() {
     );
     std::fs::copy(c.setup.join("a.qcow2"), c.setup.join("snap.qcow2")).unwrap();
     c.prep("qemu-img", &["snapshot", "-c", "s", "snap.qcow2"]);
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "v2.qcow2",
-            "1M",
-        ],
-    );
+    c.qcow2("v2.qcow2", "1M", &["-o", "compat=0.10"]);
     c.prep("qemu-img", &["snapshot", "-c", "s", "v2.qcow2"]);
     std::fs::write(c.setup.join("r.raw"), vec![5u8; 1000]).unwrap();
     for a in [
@@ -288,10 +243,7 @@ fn resize_matches_qemu_img() {
 fn snapshots_cross_between_the_tools() {
     let d = Scratch::new("img-snap");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
-    );
+    c.qcow2("a.qcow2", "4M", &[]);
     qemu_io_in(&c.setup, "a.qcow2", &["write -P 1 0 1M"]);
     std::fs::write(c.setup.join("r.raw"), vec![0u8; 65536]).unwrap();
     for a in [
@@ -365,10 +317,7 @@ fn snapshots_cross_between_the_tools() {
 fn measure_gives_qemu_img_numbers() {
     let d = Scratch::new("img-measure");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"],
-    );
+    c.qcow2("a.qcow2", "64M", &[]);
     qemu_io_in(
         &c.setup,
         "a.qcow2",
@@ -379,43 +328,14 @@ fn measure_gives_qemu_img_numbers() {
             "write -P 4 30M 4k",
         ],
     );
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "a.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "100M",
-        ],
-    );
+    c.qcow2("top.qcow2", "100M", &["-b", "a.qcow2", "-F", "qcow2"]);
     qemu_io_in(
         &c.setup,
         "top.qcow2",
         &["write -P 5 50M 1M", "write -z 100k 64k"],
     );
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "v2.qcow2",
-            "10M",
-        ],
-    );
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "bm.qcow2", "100M"],
-    );
+    c.qcow2("v2.qcow2", "10M", &["-o", "compat=0.10"]);
+    c.qcow2("bm.qcow2", "100M", &[]);
     c.prep("qemu-img", &["bitmap", "--add", "bm.qcow2", "b0"]);
     c.prep(
         "qemu-img",
@@ -884,10 +804,7 @@ fn commit_matches_qemu_img() {
 fn bench_prints_what_qemu_img_prints() {
     let d = Scratch::new("img-bench");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"],
-    );
+    c.qcow2("a.qcow2", "64M", &[]);
     std::fs::write(c.setup.join("r.raw"), vec![0u8; 1 << 20]).unwrap();
     for a in [
         &["-c", "10", "a.qcow2"][..],
@@ -1380,10 +1297,7 @@ fn same_view_here(c: &Case, file: &str) {
 fn data_file_create_like_qemu_img() {
     let d = Scratch::new("img-df-create");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
-    );
+    c.qcow2("b.qcow2", "1M", &[]);
     std::fs::create_dir_all(c.setup.join("sub")).unwrap();
     // Relative data file names are relative to the current directory.
     for (o, file) in [
@@ -1440,19 +1354,7 @@ fn data_file_create_like_qemu_img() {
 fn data_file_images_like_qemu_img() {
     let d = Scratch::new("img-df");
     let c = Case::new(&d);
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=a.raw",
-            "a.qcow2",
-            "4M",
-        ],
-    );
+    c.qcow2("a.qcow2", "4M", &["-o", "data_file=a.raw"]);
     qemu_io_in(
         &c.setup,
         "a.qcow2",
@@ -1471,20 +1373,7 @@ fn data_file_images_like_qemu_img() {
             "2M",
         ],
     );
-    c.prep(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "a.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    c.qcow2("top.qcow2", "", &["-b", "a.qcow2", "-F", "qcow2"]);
     for f in ["a.qcow2", "r.qcow2", "top.qcow2"] {
         c.same(&["info", f]);
         c.same(&["info", "--output=json", f]);

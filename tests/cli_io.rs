@@ -313,9 +313,7 @@ fn length_info_truncate() {
     same(
         &d,
         &["raw", "1M"],
-        &[
-            "-f", "raw", "-c", "info", "-c", "length", "-c", "map", "IMG",
-        ],
+        &io_args(&["-f", "raw"], &["info", "length", "map"], &["IMG"]),
         None,
     );
 }
@@ -446,55 +444,43 @@ fn open_close_reopen_options() {
     same(
         &d,
         Q,
-        &[
-            "-c",
-            "open -o driver=qcow2,lazy-refcounts=on IMG",
-            "-c",
-            "write -P 1 0 64k",
-            "-c",
-            "close",
-            "-c",
-            "open -r IMG",
-            "-c",
-            "write 0 512",
-            "-c",
-            "reopen -w",
-            "-c",
-            "write -P 2 0 512",
-            "-c",
-            "reopen -o lazy-refcounts=off",
-            "-c",
-            "reopen -c none -o cache.direct=on",
-            "-c",
-            "reopen -r -o read-only=on",
-            "-c",
-            "reopen -o read-only=foo",
-            "-c",
-            "reopen -o driver=raw",
-            "-c",
-            "reopen -o node-name=x",
-            "-c",
-            "read -P 2 0 512",
-            "-c",
-            "close",
-            "-c",
-            "close",
-        ],
+        &io_args(
+            &[],
+            &[
+                "open -o driver=qcow2,lazy-refcounts=on IMG",
+                "write -P 1 0 64k",
+                "close",
+                "open -r IMG",
+                "write 0 512",
+                "reopen -w",
+                "write -P 2 0 512",
+                "reopen -o lazy-refcounts=off",
+                "reopen -c none -o cache.direct=on",
+                "reopen -r -o read-only=on",
+                "reopen -o read-only=foo",
+                "reopen -o driver=raw",
+                "reopen -o node-name=x",
+                "read -P 2 0 512",
+                "close",
+                "close",
+            ],
+            &[],
+        ),
         None,
     );
     same(
         &d,
         Q,
-        &[
-            "-c",
-            "open -o cache-size=1M,l2-cache-size=2M IMG",
-            "-c",
-            "open -o l2-cache-entry-size=4242 IMG",
-            "-c",
-            "open -o l2-cache-size=0,refcount-cache-size=0 IMG",
-            "-c",
-            "read 0 64k",
-        ],
+        &io_args(
+            &[],
+            &[
+                "open -o cache-size=1M,l2-cache-size=2M IMG",
+                "open -o l2-cache-entry-size=4242 IMG",
+                "open -o l2-cache-size=0,refcount-cache-size=0 IMG",
+                "read 0 64k",
+            ],
+            &[],
+        ),
         None,
     );
     same(
@@ -822,25 +808,20 @@ fn external_data_files_and_their_options() {
         "1M",
     ]);
     let cases: &[&[&str]] = &[
-        &[
-            "-c",
-            "write -P 1 0 100k",
-            "-c",
-            "write -z 64k 64k",
-            "-c",
-            "write -z -u 128k 64k",
-            "-c",
-            "discard 1M 64k",
-            "-c",
-            "write -c 2M 64k",
-            "-c",
-            "write -P 3 3000 70000",
-            "-c",
-            "read -P 3 3000 70000",
-            "-c",
-            "map",
-            "IMG",
-        ],
+        &io_args(
+            &[],
+            &[
+                "write -P 1 0 100k",
+                "write -z 64k 64k",
+                "write -z -u 128k 64k",
+                "discard 1M 64k",
+                "write -c 2M 64k",
+                "write -P 3 3000 70000",
+                "read -P 3 3000 70000",
+                "map",
+            ],
+            &["IMG"],
+        ),
         &[
             "-c",
             "open -o data-file.filename=X IMG",
@@ -853,14 +834,15 @@ fn external_data_files_and_their_options() {
             "-c",
             "read -P 0x77 1M 4k",
         ],
-        &[
-            "-c",
-            "open -o data-file.driver=null-co,data-file.size=4M IMG",
-            "-c",
-            "write 0 64k",
-            "-c",
-            "read -P 0 0 64k",
-        ],
+        &io_args(
+            &[],
+            &[
+                "open -o data-file.driver=null-co,data-file.size=4M IMG",
+                "write 0 64k",
+                "read -P 0 0 64k",
+            ],
+            &[],
+        ),
         &[
             "-c",
             "open -o data-file.driver=null-co,data-file.read-zeroes=on IMG",
@@ -957,6 +939,27 @@ fn blkdebug_conf(d: &Scratch, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// A qemu-io command line: `before`, each of `cmds` after a `-c`, then
+/// `after` (the image).
+fn io_args<'a>(before: &[&'a str], cmds: &[&'a str], after: &[&'a str]) -> Vec<&'a str> {
+    let mut v = before.to_vec();
+    for c in cmds {
+        v.extend(["-c", c]);
+    }
+    v.extend_from_slice(after);
+    v
+}
+
+/// The same with the image given as an owned string (a `format!`ed name).
+fn io_args_owned(cmds: &[&str], image: String) -> Vec<String> {
+    let mut v: Vec<String> = io_args(&[], cmds, &[])
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.push(image);
+    v
+}
+
 fn args_of(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -986,12 +989,7 @@ fn blkdebug_rules_against_qemu() {
             "once.conf",
             &format!("[inject-error]\nevent = \"{ev}\"\nerrno = \"28\"\nonce = \"on\"\n"),
         );
-        let mut a: Vec<String> = Vec::new();
-        for w in writes {
-            a.push("-c".into());
-            a.push(w.into());
-        }
-        a.push(format!("blkdebug:{conf}:IMG"));
+        let a = io_args_owned(&writes, format!("blkdebug:{conf}:IMG"));
         same(&d, m1, &args_of(&a), None);
     }
     // set-state: the error is armed only by a write_aio in state 2, which
@@ -1002,35 +1000,29 @@ fn blkdebug_rules_against_qemu() {
         "[set-state]\nevent = \"l2_update\"\nnew_state = \"2\"\n\
          [inject-error]\nevent = \"write_aio\"\nstate = \"2\"\nonce = \"on\"\n",
     );
-    let a = [
-        "-c".to_string(),
-        "write -P 1 0 64k".into(),
-        "-c".into(),
-        "write -P 2 64k 64k".into(),
-        "-c".into(),
-        "write -P 3 128k 64k".into(),
-        "-c".into(),
-        "read -P 3 128k 64k".into(),
+    let a = io_args_owned(
+        &[
+            "write -P 1 0 64k",
+            "write -P 2 64k 64k",
+            "write -P 3 128k 64k",
+            "read -P 3 128k 64k",
+        ],
         format!("blkdebug:{conf}:IMG"),
-    ];
+    );
     same(&d, m1, &args_of(&a), None);
     // An error on the first L2 load, armed for good (iotest 089), and
     // json: options instead of a config file.
-    let a = [
-        "-c".to_string(),
-        "write -P 1 0 64k".into(),
-        "-c".into(),
-        "close".into(),
-        "-c".into(),
-        "open json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', \
-         'inject-error': [{'event': 'l2_load'}], 'image.filename': 'IMG'}}"
-            .into(),
-        "-c".into(),
-        "read -P 1 0 512".into(),
-        "-c".into(),
-        "write 0 512".into(),
-        "IMG".into(),
-    ];
+    let a = io_args_owned(
+        &[
+            "write -P 1 0 64k",
+            "close",
+            "open json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', \
+         'inject-error': [{'event': 'l2_load'}], 'image.filename': 'IMG'}}",
+            "read -P 1 0 512",
+            "write 0 512",
+        ],
+        "IMG".to_string(),
+    );
     same(&d, m1, &args_of(&a), None);
     // A sector filter and an iotype.
     let conf = blkdebug_conf(
@@ -1038,19 +1030,16 @@ fn blkdebug_rules_against_qemu() {
         "sector.conf",
         "[inject-error]\nevent = \"read_aio\"\nsector = \"130\"\niotype = \"read\"\n",
     );
-    let a = [
-        "-c".to_string(),
-        "write -P 1 0 128k".into(),
-        "-c".into(),
-        "read -P 1 0 64k".into(),
-        "-c".into(),
-        "read -P 1 64k 1k".into(),
-        "-c".into(),
-        "read -P 1 65536 64k".into(),
-        "-c".into(),
-        "write -P 2 66560 512".into(),
+    let a = io_args_owned(
+        &[
+            "write -P 1 0 128k",
+            "read -P 1 0 64k",
+            "read -P 1 64k 1k",
+            "read -P 1 65536 64k",
+            "write -P 2 66560 512",
+        ],
         format!("blkdebug:{conf}:IMG"),
-    ];
+    );
     same(&d, m1, &args_of(&a), None);
     // A persistent error on L2 write-back in writeback mode: the flush
     // and the close fail (QEMU's "Failed to flush the L2 table cache").
@@ -1060,17 +1049,11 @@ fn blkdebug_rules_against_qemu() {
         "[set-state]\nevent = \"l1_update\"\nnew_state = \"2\"\n\
          [inject-error]\nevent = \"l2_update\"\nstate = \"2\"\n",
     );
-    let a = [
-        "-t".to_string(),
-        "writeback".into(),
-        "-c".into(),
-        "write -P 1 0 64k".into(),
-        "-c".into(),
-        "flush".into(),
-        "-c".into(),
-        "write -P 3 2M 64k".into(),
+    let mut a = vec!["-t".to_string(), "writeback".into()];
+    a.extend(io_args_owned(
+        &["write -P 1 0 64k", "flush", "write -P 3 2M 64k"],
         format!("blkdebug:{conf}:IMG"),
-    ];
+    ));
     for img in ["p.img", "o.img"] {
         let p = d.path(img).display().to_string();
         qemu_img(&["create", "-q", "-f", "qcow2", &p, "4M"]);
@@ -1150,16 +1133,11 @@ fn blkdebug_top_node_and_config_errors() {
     same(
         &d,
         m1,
-        &[
-            "--image-opts",
-            "-c",
-            "info",
-            "-c",
-            "length",
-            "-c",
-            "map",
-            "driver=blkdebug,image.driver=qcow2,image.file.filename=IMG",
-        ],
+        &io_args(
+            &["--image-opts"],
+            &["info", "length", "map"],
+            &["driver=blkdebug,image.driver=qcow2,image.file.filename=IMG"],
+        ),
         None,
     );
     // Config file and option errors, in QEMU's words.
@@ -1227,15 +1205,11 @@ fn blkdebug_breakpoints() {
     same(
         &d,
         &["qcow2", "1M"],
-        &[
-            "-c",
-            "break write_aio A",
-            "-c",
-            "resume A",
-            "-c",
-            "remove_break A",
-            "IMG",
-        ],
+        &io_args(
+            &[],
+            &["break write_aio A", "resume A", "remove_break A"],
+            &["IMG"],
+        ),
         None,
     );
 }

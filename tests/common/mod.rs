@@ -5,6 +5,7 @@
 pub mod case;
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);
@@ -142,4 +143,35 @@ pub fn assert_same_view(path: &Path, dir: &Scratch) {
             theirs[i]
         );
     }
+}
+
+/// qemu-nbd serving a qcow2 image read-only with its persistent bitmaps
+/// (the `x-dirty-bitmap` oracle of the bitmap tests).
+/// Starts qemu-nbd on `img` exporting `bitmaps`, runs `f` with the
+/// `--image-opts` string of the export (without the bitmap option).
+pub fn with_qemu_nbd<T>(dir: &Path, img: &Path, bitmaps: &[&str], f: impl FnOnce(&str) -> T) -> T {
+    let sock = dir.join("nbd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&sock);
+    for b in bitmaps {
+        cmd.args(["-B", b]);
+    }
+    let mut child = cmd
+        .arg(img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let opts = format!("driver=nbd,server.type=unix,server.path={}", sock.display());
+    let r = f(&opts);
+    let _ = child.kill();
+    let _ = child.wait();
+    r
 }
