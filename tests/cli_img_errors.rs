@@ -82,16 +82,17 @@ fn commit_empties_the_image_as_qemu_img_does() {
         &["write -P 1 0 64k", "write -P 2 10M 1M"],
     );
     // Success: the emptied image is byte for byte QEMU's (fresh layout,
-    // file cut after the L1 table).
+    // file cut after the L1 table); the base has the same guest data
+    // (QEMU's parallel job may place it otherwise) and is clean.
     start(&c);
     assert_eq!(step(&c, &["commit", "t.qcow2"]), 0);
-    for f in ["t.qcow2", "base.qcow2"] {
-        assert_eq!(
-            std::fs::read(c.q.join(f)).unwrap(),
-            std::fs::read(c.o.join(f)).unwrap(),
-            "{f} after commit"
-        );
-    }
+    let same_file =
+        |f: &str| std::fs::read(c.q.join(f)).unwrap() == std::fs::read(c.o.join(f)).unwrap();
+    assert!(
+        same_file("t.qcow2"),
+        "t.qcow2 after commit differs from qemu-img's"
+    );
+    c.same_view("base.qcow2");
     // An error injected at each step of emptying: QEMU's message, the
     // same damage, the same repair by the next read-write open.
     for event in [
@@ -305,9 +306,9 @@ fn convert_salvage_like_qemu_img() {
     );
     start(&c);
     assert_eq!(step(&c, &["convert", "--salvage", &src, "out.raw"]), 0);
-    assert_eq!(
-        std::fs::read(c.q.join("out.raw")).unwrap(),
-        std::fs::read(c.o.join("out.raw")).unwrap()
+    assert!(
+        std::fs::read(c.q.join("out.raw")).unwrap() == std::fs::read(c.o.join("out.raw")).unwrap(),
+        "the salvaged copies differ"
     );
     step(
         &c,

@@ -122,10 +122,9 @@ fn reads_vote_and_writes_reach_every_child() {
             o.3
         );
         for f in ["x.qcow2", "y.qcow2", "z.qcow2"] {
-            assert_eq!(
-                std::fs::read(q.0.join(f)).unwrap(),
-                std::fs::read(o.0.join(f)).unwrap(),
-                "{f} after threshold {th} {pattern}"
+            assert!(
+                std::fs::read(q.0.join(f)).unwrap() == std::fs::read(o.0.join(f)).unwrap(),
+                "{f} after threshold {th} {pattern} differs from qemu-io's"
             );
             assert_clean(&o.0.join(f));
         }
