@@ -684,3 +684,98 @@ fn convert_compressed_with_extended_l2() {
     assert_eq!(map_json(&o), map_json(&q));
     assert_same_as_raw(&o, &src);
 }
+
+#[test]
+fn rebase_and_data_file_match_qemu() {
+    let d = Scratch::new("extl2-rebase");
+    let b0 = d.path("b0.qcow2");
+    let b1 = d.path("b1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &s(&b0), "1M"]);
+    qemu_io(&b0, &["write -P 1 0 1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &s(&b0),
+        "-F",
+        "qcow2",
+        &s(&b1),
+    ]);
+    qemu_io(&b1, &["write -P 2 0 512k"]);
+    let cmds = ["write -P 3 3k 5k", "write -z 600k 2k", "write -P 4 100k 3k"];
+    let (q, o) = (d.path("q.qcow2"), d.path("o.qcow2"));
+    for t in [&q, &o] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            &s(&b1),
+            "-F",
+            "qcow2",
+            &s(t),
+        ]);
+        qemu_io(t, &cmds);
+    }
+    qemu_img(&["rebase", "-b", &s(&b0), "-F", "qcow2", &s(&q)]);
+    let (code, _, err) = ox(&["rebase", "-b", &s(&b0), "-F", "qcow2", &s(&o)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(l2_dump(&o), l2_dump(&q));
+    assert_clean(&o);
+    assert_eq!(read_all_ours(&o), read_all_qemu(&q, &d));
+
+    // An external data file: every cluster at its guest offset, allocated
+    // per subcluster all the same.
+    let cmds = [
+        "write -P 1 4k 4k",
+        "write -P 2 1k 1k",
+        "write -z 64k 4k",
+        "write -P 3 100k 70k",
+        "write -z -u 128k 64k",
+        "discard 192k 64k",
+    ];
+    let (q, o) = (d.path("dq.qcow2"), d.path("do.qcow2"));
+    let (qd, od) = (d.path("dq.raw"), d.path("do.raw"));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("extended_l2=on,data_file={}", s(&qd)),
+        &s(&q),
+        "1M",
+    ]);
+    let (code, _, err) = ox(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("extended_l2=on,data_file={}", s(&od)),
+        &s(&o),
+        "1M",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    qemu_io(&q, &cmds);
+    let mut a = vec!["io", "-f", "qcow2"];
+    for c in &cmds {
+        a.push("-c");
+        a.push(c);
+    }
+    let os = s(&o);
+    a.push(&os);
+    let (code, out, err) = ox(&a);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(l2_dump(&o), l2_dump(&q));
+    assert!(std::fs::read(&od).unwrap() == std::fs::read(&qd).unwrap());
+    assert_clean(&o);
+    let (code, ours, err) = ox(&["map", "--output=json", &s(&q)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ours, map_json(&q));
+}

@@ -50,7 +50,9 @@ impl Qcow2 {
         let mut m = self.lock();
         let raw = m.l2_entry(off >> self.cb)?;
         Ok(match m.decode(raw) {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host, .. } if host != 0 => Some(host),
+            // Guest cluster 0 of an external data file is at host 0.
+            L2Entry::Normal { host, .. } if host != 0 || self.data.is_some() => Some(host),
+            L2Entry::Zero { host, .. } if host != 0 => Some(host),
             _ => None,
         })
     }
