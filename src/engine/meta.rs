@@ -591,7 +591,10 @@ impl Meta {
         }
         if let Some((off, len)) = self.decode(raw).host_range() {
             let len = if len == 0 { self.cs } else { len };
-            self.frees_pending |= raw & COPIED != 0;
+            // A compressed cluster dropped by a discard or an unmapping
+            // zero write is reusable at once in QEMU too (not one a
+            // copy-on-write replaced).
+            self.frees_pending |= raw & COPIED != 0 || (punch && raw & entries::COMPRESSED != 0);
             self.pending_unref.push((off, len, punch));
         }
         Ok(())

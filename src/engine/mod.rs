@@ -430,6 +430,13 @@ impl Qcow2 {
         if new_size < old {
             m.truncate_to_used()?;
         }
+        drop(m);
+        // As QEMU's block layer: where a longer backing file would show
+        // through the new area, it reads zeros instead.
+        let shown = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+        if shown > old && self.data.as_ref().is_none_or(|d| !d.raw) {
+            self.write_zeroes(old, shown - old, false)?;
+        }
         Ok(())
     }
 

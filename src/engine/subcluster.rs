@@ -65,6 +65,12 @@ impl Qcow2 {
     /// The entry pair of `gc`, refused (and the image marked corrupt, as
     /// QEMU does) when it contradicts itself.
     pub(super) fn ext_pair(&self, m: &mut Meta, gc: u64) -> Result<(u64, u64)> {
+        self.ext_pair_checked(m, gc, "  ")
+    }
+
+    /// [`Qcow2::ext_pair`] with QEMU's spacing of the message: two spaces
+    /// before the parenthesis on the read path, one on the write path.
+    fn ext_pair_checked(&self, m: &mut Meta, gc: u64, gap: &str) -> Result<(u64, u64)> {
         let (raw, bitmap) = m.l2_pair(gc)?;
         if subcluster::invalid_reason(self.typed_raw(raw), bitmap).is_some() {
             let l2_off = m.l1[(gc >> m.l2_bits) as usize] & crate::format::OFFSET_MASK;
@@ -75,7 +81,7 @@ impl Qcow2 {
                 format!("{index:#x}")
             };
             return Err(m.signal_corruption(&format!(
-                "Invalid cluster entry found  (L2 offset: {l2_off:#x}, L2 index: {index})"
+                "Invalid cluster entry found{gap}(L2 offset: {l2_off:#x}, L2 index: {index})"
             )));
         }
         Ok((raw, bitmap))
@@ -155,6 +161,18 @@ impl Qcow2 {
         let (cs, scs) = (self.cs, self.subcluster_size());
         let gc = off >> self.cb;
         let (raw, bitmap) = self.ext_pair(m, gc)?;
+        let host = raw & crate::format::OFFSET_MASK;
+        let compressed = raw & crate::format::entries::COMPRESSED != 0;
+        if host & (cs - 1) != 0 && !compressed && self.data.is_none() {
+            let l2_off = m.l1[(gc >> m.l2_bits) as usize] & crate::format::OFFSET_MASK;
+            let index = match gc & (m.l2_entries() - 1) {
+                0 => "0".to_string(),
+                i => format!("{i:#x}"),
+            };
+            return Err(m.signal_corruption(&format!(
+                "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {index})"
+            )));
+        }
         let in_cluster = off & (cs - 1);
         let sc = (in_cluster / scs) as u32;
         let (t, n) = subcluster::subcluster_run(self.typed_raw(raw), bitmap, sc);
@@ -182,7 +200,7 @@ impl Qcow2 {
         end: u64,
     ) -> Result<ClusterWrite> {
         let (cs, scs) = (self.cs, self.subcluster_size());
-        let (raw, bitmap) = self.ext_pair(m, gc)?;
+        let (raw, bitmap) = self.ext_pair_checked(m, gc, " ")?;
         let first_sc = (start / scs) as u32;
         let last_sc = ((end - 1) / scs) as u32;
         let mut w = ClusterWrite::new(gc, start, end, raw);
