@@ -258,33 +258,18 @@ OX_EXPORT int fcntl64(int fd, int cmd, ...)
 
 /* ---- read and write ------------------------------------------------------- */
 
-static ssize_t img_preadv(struct ox_img *im, const struct iovec *iov, int cnt, int64_t off)
+/* Vector read or write through the image, one element after another; stops
+ * at the first short transfer and reports what was done before an error. */
+static ssize_t img_iov(struct ox_img *im, const struct iovec *iov, int cnt, int64_t off,
+                       int write)
 {
     ssize_t total = 0;
     for (int i = 0; i < cnt; i++) {
         if (iov[i].iov_len == 0) {
             continue;
         }
-        ssize_t r = ox_img_pread(im, iov[i].iov_base, iov[i].iov_len, off + total);
-        if (r < 0) {
-            return total > 0 ? total : -1;
-        }
-        total += r;
-        if ((size_t)r < iov[i].iov_len) {
-            break;
-        }
-    }
-    return total;
-}
-
-static ssize_t img_pwritev(struct ox_img *im, const struct iovec *iov, int cnt, int64_t off)
-{
-    ssize_t total = 0;
-    for (int i = 0; i < cnt; i++) {
-        if (iov[i].iov_len == 0) {
-            continue;
-        }
-        ssize_t r = ox_img_pwrite(im, iov[i].iov_base, iov[i].iov_len, off + total);
+        ssize_t r = write ? ox_img_pwrite(im, iov[i].iov_base, iov[i].iov_len, off + total)
+                          : ox_img_pread(im, iov[i].iov_base, iov[i].iov_len, off + total);
         if (r < 0) {
             return total > 0 ? total : -1;
         }
@@ -335,7 +320,7 @@ static ssize_t fd_readv(const struct ox_fdent *e, int fd, const struct iovec *io
     }
     ssize_t r = -1;
     if (off >= 0 && ox_img_acquire(im, 0) == 0) {
-        r = img_preadv(im, iov, cnt, off);
+        r = img_iov(im, iov, cnt, off, 0);
         ox_img_release(im);
     }
     if (positional) {
@@ -385,7 +370,7 @@ static ssize_t fd_writev(const struct ox_fdent *e, int fd, const struct iovec *i
             off = REAL(lseek64)(fd, 0, SEEK_CUR);
         }
         if (off >= 0) {
-            r = img_pwritev(im, iov, cnt, off);
+            r = img_iov(im, iov, cnt, off, 1);
             if (r > 0 && sync && ox_img_flush(im) < 0) {
                 r = -1;
             }

@@ -63,10 +63,7 @@ impl Qcow2 {
             file.sync().map_err(|e| Error::io("sync", e))?;
         }
         let file_len = file.len().map_err(|e| Error::io("stat", e))?;
-        let mut buf = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
-        file.read_at(&mut buf, 0)
-            .map_err(|e| Error::io("Could not read qcow2 header", e))?;
-        let mut header = Header::parse(&buf)?;
+        let mut header = Header::parse(&read_header_cluster(file.as_ref(), file_len)?)?;
         let cs = header.cluster_size();
         let cb = header.cluster_bits;
 
@@ -327,4 +324,28 @@ impl Qcow2 {
         }
         Ok(img)
     }
+}
+
+/// The header and its extensions live in the first cluster. Its size is in
+/// the header itself, so read one page, then the rest of the cluster only
+/// if it is larger: opening a 64 KiB-cluster image used to read 2 MiB (the
+/// largest cluster size) where 64 KiB do, which is most of an open's I/O.
+fn read_header_cluster(file: &dyn Storage, file_len: u64) -> Result<Vec<u8>> {
+    const PAGE: u64 = 4096;
+    let read = |len: u64| {
+        let mut buf = vec![0u8; len as usize];
+        file.read_at(&mut buf, 0)
+            .map_err(|e| Error::io("Could not read qcow2 header", e))?;
+        Ok::<_, Error>(buf)
+    };
+    let head = read(file_len.min(PAGE))?;
+    let bits = head
+        .get(20..24)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    // Out-of-range cluster bits: the page is enough for Header::parse to
+    // name the error.
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) || (1u64 << bits) <= PAGE {
+        return Ok(head);
+    }
+    read(file_len.min(1 << bits))
 }

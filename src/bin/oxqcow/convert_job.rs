@@ -234,7 +234,14 @@ impl<'a> Job<'a> {
             total,
             line: progress,
         });
-        let cond = Condvar::new();
+        // One condition variable per worker: the steps in flight are always
+        // `workers` consecutive numbers from `turn` on, so step i's writer
+        // waits alone on conds[i % workers] and an advancing turn wakes only
+        // the next writer (one shared condvar woke every worker per step:
+        // half of a compressed image's conversion time went to scheduling).
+        let workers = workers.max(1);
+        let conds: Vec<Condvar> = (0..workers).map(|_| Condvar::new()).collect();
+        let wake_all = || conds.iter().for_each(Condvar::notify_all);
         let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
         let worker = || {
             let mut buf = vec![0u8; BUF.max(self.cluster.unwrap_or(0)) as usize];
@@ -252,24 +259,24 @@ impl<'a> Job<'a> {
                         Ok(None) => return,
                         Err(e) => {
                             sh.error = Some(e);
-                            cond.notify_all();
+                            wake_all();
                             return;
                         }
                     }
                 };
-                let r = self.step(i, step, &mut buf, &shared, &cond, &done);
-                let mut sh = lock();
+                let r = self.step(i, step, &mut buf, &shared, &conds, &done);
                 if let Err(e) = r {
+                    let mut sh = lock();
                     if sh.error.is_none() || i < sh.error_at {
                         sh.error = Some(e);
                         sh.error_at = i;
                     }
+                    wake_all();
                 }
-                cond.notify_all();
             }
         };
         std::thread::scope(|s| {
-            for _ in 0..workers.max(1) {
+            for _ in 0..workers {
                 s.spawn(worker);
             }
         });
@@ -286,7 +293,7 @@ impl<'a> Job<'a> {
         s: Step,
         buf: &mut [u8],
         shared: &Mutex<Shared>,
-        cond: &Condvar,
+        conds: &[Condvar],
         done: &Mutex<Done>,
     ) -> CliResult<()> {
         let count = || done.lock().unwrap_or_else(|e| e.into_inner()).add(s);
@@ -304,8 +311,11 @@ impl<'a> Job<'a> {
             return self.write(s, b).map(|()| count());
         }
         let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let n = conds.len() as u64;
         while sh.turn != i && sh.error.is_none() {
-            sh = cond.wait(sh).unwrap_or_else(|e| e.into_inner());
+            sh = conds[(i % n) as usize]
+                .wait(sh)
+                .unwrap_or_else(|e| e.into_inner());
         }
         if let Some(e) = &sh.error {
             return Err(e.clone());
@@ -314,7 +324,7 @@ impl<'a> Job<'a> {
         let r = self.write(s, b).map(|()| count());
         let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
         sh.turn += 1;
-        cond.notify_all();
+        conds[(sh.turn % n) as usize].notify_all();
         r
     }
 
