@@ -55,6 +55,8 @@ struct Workload {
     refcount_bits: u64,
     /// Put the image on a qcow2 backing file that qemu-img makes.
     backing: bool,
+    /// 128-bit L2 entries: allocation per subcluster.
+    extended_l2: bool,
     /// Cache sizes in clusters (L2, refcount blocks), to force evictions.
     caches: Option<(u64, u64)>,
     /// Run before the trace starts (then the image is closed cleanly).
@@ -449,6 +451,7 @@ fn create_image(w: &Workload, lazy: bool, dir: &Scratch, storage: &Arc<CrashStor
         cluster_size: w.cluster_size,
         refcount_bits: w.refcount_bits,
         lazy_refcounts: lazy,
+        extended_l2: w.extended_l2,
         ..Default::default()
     };
     let mut guest = vec![0u8; w.size as usize];
@@ -676,6 +679,7 @@ fn alloc() -> Workload {
         size: 4 * M,
         refcount_bits: 16,
         backing: false,
+        extended_l2: false,
         caches: None,
         setup: vec![],
         ops: vec![
@@ -707,6 +711,7 @@ fn overwrite() -> Workload {
         size: 4 * M,
         refcount_bits: 16,
         backing: false,
+        extended_l2: false,
         caches: None,
         setup: vec![W(0, 2 * M)],
         ops: vec![
@@ -739,6 +744,7 @@ fn discard() -> Workload {
         size,
         refcount_bits: 16,
         backing: false,
+        extended_l2: false,
         caches: None,
         setup: vec![W(0, 3 * M), W(size - 70 * K, 70 * K)],
         ops: vec![
@@ -772,6 +778,7 @@ fn zeroes() -> Workload {
         size: 4 * M,
         refcount_bits: 16,
         backing: false,
+        extended_l2: false,
         caches: None,
         setup: vec![W(0, 3 * M)],
         ops: vec![
@@ -808,6 +815,7 @@ fn cow() -> Workload {
         size: 4 * M,
         refcount_bits: 16,
         backing: true,
+        extended_l2: false,
         caches: None,
         setup: vec![],
         ops: vec![
@@ -834,6 +842,44 @@ fn cow() -> Workload {
 }
 
 /// Discards and zero writes over a backing file that need new L2 tables
+/// Extended L2 entries over a backing file: allocating writes that touch
+/// a few subclusters of a new cluster (partial head and tail subclusters
+/// copied from the backing file), writes that fill unallocated
+/// subclusters of an allocated cluster in place (only the bitmap
+/// changes), subcluster zero writes and whole-cluster discards.
+fn subclusters() -> Workload {
+    use Op::*;
+    Workload {
+        name: "subclusters",
+        cluster_size: 64 * K,
+        size: 4 * M,
+        refcount_bits: 16,
+        backing: true,
+        extended_l2: true,
+        caches: None,
+        setup: vec![W(2 * M, 10 * K)],
+        ops: vec![
+            W(3 * K, 5 * K),
+            W(100 * K + 1000, 3000),
+            F,
+            // In place: only the bitmap of the existing entry changes.
+            W(20 * K, 2 * K),
+            W(2 * M + 30 * K, 5 * K),
+            Z(2 * M + 2 * K, 4 * K, false),
+            F,
+            W(2 * M + 2 * K + 100, 100),
+            Z(M, 6 * K, true),
+            D(2 * M + 64 * K, 64 * K),
+            W(3 * M + K, 70 * K),
+            F,
+            W(3 * K, 64 * K),
+        ],
+        max_states: 2000,
+        qemu_states: 40,
+        expect_reftable_move: false,
+    }
+}
+
 /// (4 KiB clusters: one L2 table per 2 MiB).
 fn cow_discard() -> Workload {
     use Op::*;
@@ -843,6 +889,7 @@ fn cow_discard() -> Workload {
         size: 8 * M,
         refcount_bits: 16,
         backing: true,
+        extended_l2: false,
         caches: None,
         setup: vec![],
         ops: vec![
@@ -886,6 +933,7 @@ fn l2_growth() -> Workload {
         size: 2 * M,
         refcount_bits: 16,
         backing: false,
+        extended_l2: false,
         caches: Some((3, 4)),
         setup: vec![],
         ops,
@@ -906,6 +954,7 @@ fn reftable_growth() -> Workload {
         size: 10 * M,
         refcount_bits: 16,
         backing: false,
+        extended_l2: false,
         caches: None,
         setup: vec![W(0, 7 * M + 700 * K)],
         ops: vec![
@@ -961,6 +1010,10 @@ sweeps! {
     cow_writethrough: cow, Writethrough, false;
     // Engine bug, see bug_lazy_unordered_l2_entry_past_eof_is_unrepairable.
     cow_writethrough_lazy: cow, Writethrough, true;
+    subclusters_writeback: subclusters, Writeback, false;
+    subclusters_writeback_lazy: subclusters, Writeback, true;
+    subclusters_writethrough: subclusters, Writethrough, false;
+    subclusters_writethrough_lazy: subclusters, Writethrough, true;
     cow_discard_writeback: cow_discard, Writeback, false;
     cow_discard_writethrough: cow_discard, Writethrough, false;
     // Engine bug, see bug_lazy_discard_new_l2_table_leaves_clean_image_corrupt.

@@ -110,7 +110,11 @@ fn damaged_headers_are_refused_with_qemus_messages() {
         ),
         (&[(32, 32, 2)], "Missing CRYPTO header for crypt method 2"),
         (&[(32, 32, 3)], "Unsupported encryption method 3"),
-        (&[(72, 64, 1 << 4)], "extended L2 entries are not supported"),
+        // Extended L2 entries need subclusters of at least 512 bytes.
+        (
+            &[(72, 64, 1 << 4), (20, 32, 13)],
+            "Unsupported subcluster size: 256",
+        ),
         (
             &[(72, 64, 1 << 2)],
             "'data-file' is required for this image",

@@ -117,7 +117,12 @@ impl Meta {
                 self.count_data_l2(w, &l2, active);
                 continue;
             }
-            for raw in l2 {
+            let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
+            for (i, k) in (0..l2.len()).step_by(stride).enumerate() {
+                let raw = l2[k];
+                if self.ext_l2 && !self.bitmap_ok(w, i, raw, l2[k + 1]) {
+                    continue;
+                }
                 match self.decode(raw) {
                     L2Entry::Compressed { offset, len } => {
                         if raw & COPIED != 0 {
@@ -158,12 +163,40 @@ impl Meta {
         Ok(())
     }
 
+    /// QEMU's checks of a subcluster bitmap: false when the entry must
+    /// not be counted (a compressed cluster with a bitmap).
+    fn bitmap_ok(&self, w: &mut Walk<'_, '_>, index: usize, raw: u64, bitmap: u64) -> bool {
+        use crate::format::subcluster::ALL_ALLOC;
+        match self.decode(raw) {
+            L2Entry::Compressed { .. } if bitmap != 0 => {
+                (w.report)(&format!(
+                    "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={raw:#x}"
+                ));
+                w.res.corruptions += 1;
+                return false;
+            }
+            L2Entry::Normal { host, .. } if (bitmap >> 32) & bitmap != 0 => {
+                (w.report)(&format!(
+                    "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                ));
+                w.res.corruptions += 1;
+            }
+            L2Entry::Unallocated if bitmap & ALL_ALLOC != 0 => {
+                (w.report)("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+                w.res.corruptions += 1;
+            }
+            _ => {}
+        }
+        true
+    }
+
     /// An L2 table of an image with an external data file: its data
     /// clusters are counted as allocated (and fragmented) but hold no
     /// references; compressed entries are corruptions (QEMU's line).
     fn count_data_l2(&self, w: &mut Walk<'_, '_>, l2: &[u64], active: bool) {
         let cs = self.cs;
-        for (i, &raw) in l2.iter().enumerate() {
+        let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
+        for (i, &raw) in l2.iter().step_by(stride).enumerate() {
             let host = match self.decode(raw) {
                 L2Entry::Compressed { .. } => {
                     (w.report)(&format!(
@@ -366,7 +399,8 @@ impl Meta {
             }
             let mut l2 = self.read_table(l2_off, cs, "read L2 table")?;
             let mut changed = false;
-            for raw in l2.iter_mut() {
+            let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
+            for raw in l2.iter_mut().step_by(stride) {
                 let (host, copied) = match self.decode(*raw) {
                     L2Entry::Normal { host, copied } => (host, copied),
                     L2Entry::Zero { host, copied } if host != 0 => (host, copied),

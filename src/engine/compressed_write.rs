@@ -72,6 +72,8 @@ impl Qcow2 {
         let mut m = self.claim(gc, gc);
         let r = (|| -> Result<()> {
             m.ensure_writable()?;
+            // As QEMU: the L2 table first, then the compressed bytes.
+            m.l2_for_write(gc)?;
             let host = m.alloc_bytes(packed.len() as u64)?;
             m.check_overlap(host, packed.len() as u64)?;
             m.event(DebugEvent::WriteCompressed);
@@ -86,6 +88,7 @@ impl Qcow2 {
                 l2,
                 gc,
                 L2Entry::encode_compressed(host, packed.len() as u64, self.cb),
+                0,
             );
             m.unref_entry(old, false)?;
             Ok(())

@@ -64,6 +64,8 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// Keep the data file a valid raw image of the disk ("raw external data").
     pub data_file_raw: bool,
+    /// 128-bit L2 entries with 32 subclusters per cluster.
+    pub extended_l2: bool,
     /// Encrypt the image (the resolved `encrypt.*` options, with the
     /// password; see `crypto::encrypt_create_from_options`).
     pub encrypt: Option<crate::crypto::EncryptCreate>,
@@ -84,14 +86,20 @@ impl Default for CreateOptions {
             extent_size_hint: None,
             data_file: None,
             data_file_raw: false,
+            extended_l2: false,
             encrypt: None,
         }
     }
 }
 
-/// Largest virtual size a cluster size allows.
+/// Largest virtual size a cluster size allows (standard L2 entries).
 pub fn max_size(cluster_bits: u32) -> u64 {
-    (MAX_L1_SIZE_BYTES / 8) * l2_span(cluster_bits)
+    max_size_ext(cluster_bits, false)
+}
+
+/// Largest virtual size a cluster size and L2 entry width allow.
+pub fn max_size_ext(cluster_bits: u32, extended_l2: bool) -> u64 {
+    (MAX_L1_SIZE_BYTES / 8) * l2_span_ext(cluster_bits, extended_l2)
 }
 
 impl CreateOptions {
@@ -147,12 +155,7 @@ impl CreateOptions {
                 ))
             }
             "encryption" => {}
-            "extended_l2" if bool_opt(value)? => {
-                return Err(Error::Unsupported(
-                    "extended L2 entries are not supported by oxqcow".into(),
-                ))
-            }
-            "extended_l2" => {}
+            "extended_l2" => self.extended_l2 = bool_opt(value)?,
             "data_file" => self.data_file = Some(value.to_string()),
             "data_file_raw" => self.data_file_raw = bool_opt(value)?,
             _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
@@ -203,7 +206,10 @@ impl CreateOptions {
                 "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into(),
             ));
         }
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return Err(Error::InvalidArgument(
                 "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
             ));
@@ -233,7 +239,18 @@ impl CreateOptions {
                 "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
             ));
         }
-        if self.size > max_size(cs.trailing_zeros()) {
+        if self.extended_l2 && self.version < 3 {
+            return Err(Error::InvalidArgument(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)".into(),
+            ));
+        }
+        if self.extended_l2 && cs < 1 << subcluster::MIN_CLUSTER_BITS {
+            return Err(Error::InvalidArgument(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                    .into(),
+            ));
+        }
+        if self.size > max_size_ext(cs.trailing_zeros(), self.extended_l2) {
             return Err(Error::TooLarge(
                 "The image size is too large for file format 'qcow2' (try using a larger cluster size)".into(),
             ));
@@ -386,6 +403,9 @@ pub fn create_with_data(
     if o.compression_type != 0 {
         h.incompatible_features |= INCOMPAT_COMPRESSION;
     }
+    if o.extended_l2 {
+        h.incompatible_features |= INCOMPAT_EXTL2;
+    }
     if o.lazy_refcounts {
         h.compatible_features |= COMPAT_LAZY_REFCOUNTS;
     }
@@ -496,7 +516,7 @@ impl Qcow2 {
                     let n = (l2_entries - (gc % l2_entries)).min(n_data - gc);
                     let host = m.alloc_clusters(n)?;
                     for i in 0..n {
-                        m.set_l2_entry(l2, gc + i, (host + i * cs) | COPIED);
+                        m.set_l2_entry(l2, gc + i, (host + i * cs) | COPIED, 0);
                     }
                     end = host + n * cs;
                     gc += n;
@@ -530,7 +550,7 @@ impl Qcow2 {
                 }
                 for gc in 0..n_data {
                     let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, (data_start + gc * cs) | COPIED);
+                    m.set_l2_entry(l2, gc, (data_start + gc * cs) | COPIED, 0);
                 }
                 m.flush()?;
             }

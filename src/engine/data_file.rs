@@ -212,7 +212,7 @@ impl Qcow2 {
                 continue;
             }
             let l2 = m.l2_for_write(gc)?;
-            m.set_l2_entry(l2, gc, (gc << self.cb) | COPIED);
+            m.set_l2_entry(l2, gc, (gc << self.cb) | COPIED, 0);
         }
         Ok(())
     }

@@ -29,26 +29,58 @@ pub(super) enum CowSource {
     Zeros,
     Backing,
     Host(u64),
-    Compressed { offset: u64, len: u64 },
+    Compressed {
+        offset: u64,
+        len: u64,
+    },
+    /// The current guest view of the range (extended L2 entries, where
+    /// subclusters of one cluster may live in different places).
+    Guest,
 }
 
 /// The plan for one guest cluster of a write.
 pub(super) struct ClusterWrite {
-    gc: u64,
+    pub gc: u64,
     /// Byte range of the cluster the request covers.
-    start: u64,
-    end: u64,
-    host: u64,
+    pub start: u64,
+    pub end: u64,
+    pub host: u64,
     /// Needs a new L2 entry (new cluster, or a zero-flagged one made data).
-    link: bool,
-    old_raw: u64,
-    source: CowSource,
+    pub link: bool,
+    pub old_raw: u64,
+    pub source: CowSource,
     /// The host cluster is freshly allocated (release it if the write fails).
-    fresh: bool,
-    /// The whole cluster is written (head and tail filled from `source`).
-    fill: bool,
+    pub fresh: bool,
+    /// Bytes `lo..hi` of the cluster are written, the parts outside
+    /// `start..end` filled from `source` (the whole cluster for standard
+    /// entries; the copy-on-write subclusters with extended ones).
+    pub fill: bool,
+    pub lo: u64,
+    pub hi: u64,
     /// A never-written cluster inside the durable file length (reads zeros).
-    zero_host: bool,
+    pub zero_host: bool,
+    /// The subcluster bitmap to link with (extended L2 entries only).
+    pub bitmap: u64,
+}
+
+impl ClusterWrite {
+    pub(super) fn new(gc: u64, start: u64, end: u64, old_raw: u64) -> ClusterWrite {
+        ClusterWrite {
+            gc,
+            start,
+            end,
+            host: 0,
+            link: true,
+            old_raw,
+            source: CowSource::Zeros,
+            fresh: false,
+            fill: false,
+            lo: start,
+            hi: end,
+            zero_host: false,
+            bitmap: 0,
+        }
+    }
 }
 
 impl Qcow2 {
@@ -57,6 +89,9 @@ impl Qcow2 {
     /// Maps the longest run starting at `off` (inside one L2 table) whose
     /// clusters share a kind and, for data, are contiguous on the host.
     pub(super) fn map_run(&self, m: &mut Meta, off: u64, max: u64) -> Result<(Run, u64)> {
+        if self.ext_l2 {
+            return self.map_run_ext(m, off, max);
+        }
         let cs = self.cs;
         let gc = off >> self.cb;
         let in_cluster = off & (cs - 1);
@@ -211,6 +246,7 @@ impl Qcow2 {
                 let d = self.read_compressed(offset, len)?;
                 out.copy_from_slice(&d[start as usize..start as usize + out.len()]);
             }
+            CowSource::Guest => self.read_guest_view(gc, start, out)?,
         }
         Ok(())
     }
@@ -238,7 +274,7 @@ impl Qcow2 {
 
     /// Length of the next chunk: inside one L2 table and at most MAX_CHUNK.
     pub(super) fn chunk_len(&self, off: u64, remaining: u64) -> u64 {
-        let l2_span = crate::format::l2_span(self.cb);
+        let l2_span = self.l2_span();
         let table_end = (off / l2_span + 1) * l2_span;
         remaining.min(table_end - off).min(MAX_CHUNK)
     }
@@ -288,23 +324,20 @@ impl Qcow2 {
             let cstart = gc << self.cb;
             let start = off.max(cstart) - cstart;
             let end = (off + len).min(cstart + cs) - cstart;
+            if self.ext_l2 {
+                let w = self.plan_ext_cluster(m, gc, start, end)?;
+                if w.host == 0 && self.data.is_none() {
+                    need_alloc += 1;
+                }
+                plan.push(w);
+                continue;
+            }
             let raw = m.l2_entry(gc)?;
             if self.data.is_some() {
                 plan.push(self.plan_data_cluster(m, gc, start, end, raw)?);
                 continue;
             }
-            let mut w = ClusterWrite {
-                gc,
-                start,
-                end,
-                host: 0,
-                link: true,
-                old_raw: raw,
-                source: CowSource::Zeros,
-                fresh: false,
-                fill: false,
-                zero_host: false,
-            };
+            let mut w = ClusterWrite::new(gc, start, end, raw);
             match m.decode(raw) {
                 L2Entry::Normal { host, copied } => {
                     if copied || m.refcount(host / cs)? == 1 {
@@ -316,7 +349,7 @@ impl Qcow2 {
                 }
                 L2Entry::Zero { host, copied } if host != 0 && copied => {
                     w.host = host;
-                    w.fill = true;
+                    (w.fill, w.lo, w.hi) = (true, 0, cs);
                 }
                 L2Entry::Zero { .. } => {}
                 L2Entry::Unallocated => {
@@ -359,21 +392,33 @@ impl Qcow2 {
             // (writethrough, or flushes that follow nearly every write).
             // Not with encryption: zeros on disk do not read as zeros there.
             let flushed_often = self.writethrough || m.flush_follows_writes;
-            let zero_run =
-                host >= never_written && flushed_often && m.lazy && self.cipher.is_none();
+            let zero_run = host >= never_written
+                && flushed_often
+                && m.lazy
+                && self.cipher.is_none()
+                && !self.ext_l2;
             if zero_run {
                 m.reserve_zero_tail(host + need_alloc * cs)?;
             }
             for w in plan.iter_mut().filter(|w| w.host == 0) {
                 w.host = host;
                 w.fresh = true;
-                w.fill = true;
+                if !w.fill {
+                    (w.fill, w.lo, w.hi) = (true, 0, cs);
+                }
                 w.zero_host = zero_run;
                 host += cs;
             }
         }
-        for w in &plan {
-            let (s, e) = if w.fill { (0, cs) } else { (w.start, w.end) };
+        for w in plan.iter_mut() {
+            if w.fill && !self.ext_l2 {
+                (w.lo, w.hi) = (0, cs);
+            }
+            let (s, e) = if w.fill {
+                (w.lo, w.hi)
+            } else {
+                (w.start, w.end)
+            };
             m.check_overlap(w.host + s, e - s)?;
         }
         Ok(plan)
@@ -393,18 +438,9 @@ impl Qcow2 {
     ) -> Result<ClusterWrite> {
         let e = m.decode(raw);
         self.check_data_entry(m, gc, e)?;
-        let mut w = ClusterWrite {
-            gc,
-            start,
-            end,
-            host: gc << self.cb,
-            link: true,
-            old_raw: raw,
-            source: CowSource::Zeros,
-            fresh: false,
-            fill: true,
-            zero_host: false,
-        };
+        let mut w = ClusterWrite::new(gc, start, end, raw);
+        w.host = gc << self.cb;
+        (w.fill, w.lo, w.hi) = (true, 0, self.cs);
         match e {
             L2Entry::Normal { copied, .. } => {
                 w.link = !copied;
@@ -438,12 +474,12 @@ impl Qcow2 {
             let first = &group[0];
             let last = &group[group.len() - 1];
             let g_start = if first.fill {
-                0
+                first.lo
             } else {
                 self.crypt_span(first.start, first.end).0
             };
             let g_end = if last.fill {
-                cs
+                last.hi
             } else {
                 self.crypt_span(last.start, last.end).1
             };
@@ -517,9 +553,9 @@ impl Qcow2 {
         for w in plan.iter().filter(|w| w.link) {
             let l2 = m.l2_for_write(w.gc)?;
             if matches!(w.source, CowSource::Zeros) && w.zero_host {
-                m.set_l2_entry_unordered(l2, w.gc, w.host | COPIED);
+                m.set_l2_entry_unordered(l2, w.gc, w.host | COPIED, w.bitmap);
             } else {
-                m.set_l2_entry(l2, w.gc, w.host | COPIED);
+                m.set_l2_entry(l2, w.gc, w.host | COPIED, w.bitmap);
             }
             if w.fresh {
                 m.unref_entry(w.old_raw, false)?;

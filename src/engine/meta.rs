@@ -76,6 +76,8 @@ pub struct Meta {
     pub cb: u32,
     pub cs: u64,
     pub l2_bits: u32,
+    /// 128-bit L2 entries with subcluster bitmaps (see format::subcluster).
+    pub ext_l2: bool,
     pub rw: RefcountWidth,
     pub rb_bits: u32,
     pub l1: Vec<u64>,
@@ -418,22 +420,50 @@ impl Meta {
 
     // ---- L1 / L2 -----------------------------------------------------------------
 
-    /// The raw L2 entry of a guest cluster (0 if no L2 table covers it).
-    pub fn l2_entry(&mut self, gc: u64) -> Result<u64> {
+    /// Byte offset of the L2 entry of `gc` inside its table.
+    fn l2_slot(&self, gc: u64) -> usize {
+        ((gc & (self.l2_entries() - 1)) * l2_entry_bytes(self.ext_l2)) as usize
+    }
+
+    /// The cached L2 table covering `gc`, if one does (None: no L2 table).
+    fn l2_table_of(&mut self, gc: u64) -> Result<Option<u64>> {
         let l1i = (gc >> self.l2_bits) as usize;
         if l1i >= self.l1.len() {
-            return Ok(0);
+            return Ok(None);
         }
         let off = self.l1[l1i] & OFFSET_MASK;
         if off == 0 {
-            return Ok(0);
+            return Ok(None);
         }
         self.load_l2(off)?;
-        let idx = (gc & (self.l2_entries() - 1)) as usize;
-        Ok(be64(&self.l2_cache.get(off).unwrap().data, idx * 8))
+        Ok(Some(off))
+    }
+
+    /// The raw L2 entry of a guest cluster (0 if no L2 table covers it);
+    /// with extended L2 entries, its first word.
+    pub fn l2_entry(&mut self, gc: u64) -> Result<u64> {
+        Ok(self.l2_pair(gc)?.0)
+    }
+
+    /// The L2 entry of a guest cluster and its subcluster bitmap (0 for
+    /// standard entries).
+    pub fn l2_pair(&mut self, gc: u64) -> Result<(u64, u64)> {
+        let Some(off) = self.l2_table_of(gc)? else {
+            return Ok((0, 0));
+        };
+        let at = self.l2_slot(gc);
+        let data = &self.l2_cache.get(off).unwrap().data;
+        let bitmap = if self.ext_l2 { be64(data, at + 8) } else { 0 };
+        Ok((be64(data, at), bitmap))
     }
 
     pub fn decode(&self, raw: u64) -> L2Entry {
+        // Bit 0 of an extended entry is not the zero flag: the bitmap is.
+        let raw = if self.ext_l2 && raw & entries::COMPRESSED == 0 {
+            raw & !entries::ZERO
+        } else {
+            raw
+        };
         let e = L2Entry::decode(raw, self.cb);
         if e == L2Entry::Unallocated && raw & COPIED != 0 && self.has_data_file() {
             // Guest cluster 0 in the external data file (see data_file.rs).
@@ -517,11 +547,13 @@ impl Meta {
         self.sync()
     }
 
-    /// Sets the raw L2 entry of `gc`; the table must come from `l2_for_write`.
-    /// Conservatively, the next L2 write-back waits for guest data to be durable.
-    pub fn set_l2_entry(&mut self, l2_off: u64, gc: u64, raw: u64) {
+    /// Sets the raw L2 entry of `gc` (and, with extended L2 entries, its
+    /// subcluster bitmap; ignored otherwise); the table must come from
+    /// `l2_for_write`. Conservatively, the next L2 write-back waits for
+    /// guest data to be durable.
+    pub fn set_l2_entry(&mut self, l2_off: u64, gc: u64, raw: u64, bitmap: u64) {
         self.data_sync_needed = true;
-        self.set_l2_entry_unordered(l2_off, gc, raw);
+        self.set_l2_entry_unordered(l2_off, gc, raw, bitmap);
     }
 
     /// Sets an L2 entry that may reach the disk before the data it maps:
@@ -529,11 +561,17 @@ impl Meta {
     /// (see [`Meta::reserve_zero_tail`]) mapped over guest bytes that read
     /// as zeros, where a crash that loses the data still shows zeros, the
     /// old contents, and the entry still points inside the file.
-    pub fn set_l2_entry_unordered(&mut self, l2_off: u64, gc: u64, raw: u64) {
-        let idx = (gc & (self.l2_entries() - 1)) as usize;
+    pub fn set_l2_entry_unordered(&mut self, l2_off: u64, gc: u64, raw: u64, bitmap: u64) {
+        let at = self.l2_slot(gc);
+        let ext = self.ext_l2;
         let slot = self.l2_cache.get(l2_off).unwrap();
-        put64(&mut slot.data, idx * 8, raw);
-        slot.touch(idx * 8, idx * 8 + 8);
+        put64(&mut slot.data, at, raw);
+        if ext {
+            put64(&mut slot.data, at + 8, bitmap);
+            slot.touch(at, at + 16);
+        } else {
+            slot.touch(at, at + 8);
+        }
     }
 
     /// Gives back clusters that were allocated but never linked into any
@@ -553,7 +591,10 @@ impl Meta {
         }
         if let Some((off, len)) = self.decode(raw).host_range() {
             let len = if len == 0 { self.cs } else { len };
-            self.frees_pending |= raw & COPIED != 0;
+            // A compressed cluster dropped by a discard or an unmapping
+            // zero write is reusable at once in QEMU too (not one a
+            // copy-on-write replaced).
+            self.frees_pending |= raw & COPIED != 0 || (punch && raw & entries::COMPRESSED != 0);
             self.pending_unref.push((off, len, punch));
         }
         Ok(())

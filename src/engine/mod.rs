@@ -24,6 +24,8 @@ mod meta;
 mod open;
 mod refcount;
 mod snapshot;
+mod subcluster;
+mod subcluster_zero;
 mod vmstate;
 mod zero;
 
@@ -34,7 +36,7 @@ pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};
 pub use create::{
     apply_extent_size_hint, create, create_on, create_with_data, extent_size_hint, max_size,
-    parse_size, CreateOptions, Preallocation,
+    max_size_ext, parse_size, CreateOptions, Preallocation,
 };
 pub use data_file::DataFileSource;
 
@@ -115,6 +117,8 @@ pub struct Qcow2 {
     backing: Option<Box<dyn Layer>>,
     cb: u32,
     cs: u64,
+    /// Extended L2 entries: allocation is tracked per subcluster.
+    ext_l2: bool,
     size: AtomicU64,
     file_end: AtomicU64,
     compression_type: u8,
@@ -203,10 +207,16 @@ impl Qcow2 {
         self.lock().lazy
     }
     /// The L2 entry of the guest cluster holding `off`, in this image only
-    /// (e.g. the host cluster a preallocated zero cluster keeps).
+    /// (e.g. the host cluster a preallocated zero cluster keeps). With
+    /// extended L2 entries, what the subcluster holding `off` says, as a
+    /// standard entry (a subcluster not allocated in its host cluster is
+    /// `Unallocated`).
     pub fn l2_entry_at(&self, off: u64) -> Result<L2Entry> {
         self.check_range(off, 1)?;
         let mut m = self.lock();
+        if self.ext_l2 {
+            return self.ext_entry_at(&mut m, off);
+        }
         let raw = m.l2_entry(off >> self.cb)?;
         Ok(m.decode(raw))
     }
@@ -365,7 +375,7 @@ impl Qcow2 {
                 self.name
             )));
         }
-        let l2_span = crate::format::l2_span(self.cb);
+        let l2_span = self.l2_span();
         let need_l1 = new_size.div_ceil(l2_span);
         if need_l1 > m.l1.len() as u64 {
             m.grow_l1(need_l1)?;
@@ -386,16 +396,9 @@ impl Qcow2 {
             drop(m);
             let tail_start = new_size.div_ceil(cs) * cs;
             // Clear the tail of a partial last cluster so that a later grow reads zeros.
-            if tail_start > new_size {
-                let (st, _) =
-                    self.block_status(new_size & !(cs - 1), cs.min(old - (new_size & !(cs - 1))))?;
-                if !matches!(
-                    st,
-                    BlockStatus::Unallocated { .. } | BlockStatus::Zero { .. }
-                ) {
-                    let n = (tail_start.min(old) - new_size) as usize;
-                    self.write_chunk(&vec![0u8; n], new_size)?;
-                }
+            if tail_start > new_size && self.holds_data(new_size, tail_start.min(old))? {
+                let n = (tail_start.min(old) - new_size) as usize;
+                self.write_chunk(&vec![0u8; n], new_size)?;
             }
             if tail_start < old {
                 self.unmap_range(tail_start, old.div_ceil(cs) * cs, true, true)?;
@@ -430,7 +433,31 @@ impl Qcow2 {
         if new_size < old {
             m.truncate_to_used()?;
         }
+        drop(m);
+        // As QEMU's block layer: where a longer backing file would show
+        // through the new area, it reads zeros instead.
+        let shown = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+        if shown > old && self.data.as_ref().is_none_or(|d| !d.raw) {
+            self.write_zeroes(old, shown - old, false)?;
+        }
         Ok(())
+    }
+
+    /// Whether any byte of [from, to) may read as something else than
+    /// zeros (data in this image or its backing chain).
+    fn holds_data(&self, from: u64, to: u64) -> Result<bool> {
+        let mut pos = from;
+        while pos < to {
+            let (st, n) = self.block_status(pos, to - pos)?;
+            if !matches!(
+                st,
+                BlockStatus::Unallocated { .. } | BlockStatus::Zero { .. }
+            ) {
+                return Ok(true);
+            }
+            pos += n.max(1);
+        }
+        Ok(false)
     }
 
     /// Points the image at another backing file (or none), rewriting the
@@ -485,7 +512,7 @@ impl Qcow2 {
     /// Where QEMU keeps VM state: right after the last L1 entry the
     /// virtual size needs.
     pub fn vm_state_offset(&self) -> u64 {
-        let l2_span = crate::format::l2_span(self.cb);
+        let l2_span = self.l2_span();
         self.size().div_ceil(l2_span) * l2_span
     }
 

@@ -67,10 +67,12 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let cb = header.cluster_bits;
 
-        if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
-            return Err(Error::Unsupported(
-                "qcow2 images with extended L2 entries are not supported by oxqcow".into(),
-            ));
+        let ext_l2 = header.extended_l2();
+        if ext_l2 && cb < subcluster::MIN_CLUSTER_BITS {
+            return Err(Error::Invalid(format!(
+                "Unsupported subcluster size: {}",
+                cs / subcluster::SUBCLUSTERS as u64
+            )));
         }
         if header.incompatible_features & INCOMPAT_CORRUPT != 0 && opts.writable && !opts.check_mode
         {
@@ -134,7 +136,7 @@ impl Qcow2 {
         }
 
         // Active L1 table.
-        let l2_span = l2_span(cb);
+        let l2_span = l2_span_ext(cb, ext_l2);
         let max_l1 = MAX_L1_SIZE_BYTES / 8;
         if header.size.div_ceil(l2_span) > max_l1 {
             return Err(Error::Invalid("Image is too big".into()));
@@ -238,7 +240,8 @@ impl Qcow2 {
             header,
             cb,
             cs,
-            l2_bits: cb - 3,
+            l2_bits: l2_bits(cb, ext_l2),
+            ext_l2,
             rw,
             rb_bits: cb + 3 - rw.order,
             l1,
@@ -283,6 +286,7 @@ impl Qcow2 {
             backing,
             cb,
             cs,
+            ext_l2,
             size: AtomicU64::new(size),
             file_end: AtomicU64::new(file_len),
             compression_type,

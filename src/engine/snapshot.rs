@@ -36,8 +36,9 @@ impl Meta {
             }
             self.load_l2(l2_off)?;
             let entries = self.l2_entries() as usize;
+            let es = crate::format::l2_entry_bytes(self.ext_l2) as usize;
             for j in 0..entries {
-                let raw = be64(&self.l2_cache.get(l2_off).unwrap().data, j * 8);
+                let raw = be64(&self.l2_cache.get(l2_off).unwrap().data, j * es);
                 let new = match self.decode(raw) {
                     L2Entry::Compressed { offset, len } => {
                         if addend != 0 {
@@ -59,8 +60,8 @@ impl Meta {
                 };
                 if new != raw {
                     let slot = self.l2_cache.get(l2_off).unwrap();
-                    put64(&mut slot.data, j * 8, new);
-                    slot.touch(j * 8, j * 8 + 8);
+                    put64(&mut slot.data, j * es, new);
+                    slot.touch(j * es, j * es + 8);
                 }
             }
             if addend != 0 {

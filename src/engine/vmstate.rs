@@ -11,7 +11,7 @@
 
 use super::Qcow2;
 use crate::error::{Error, Result};
-use crate::format::{l2_span, MAX_L1_SIZE_BYTES};
+use crate::format::MAX_L1_SIZE_BYTES;
 
 impl Qcow2 {
     /// Writes `buf` at byte `pos` of the VM state area.
@@ -21,7 +21,7 @@ impl Qcow2 {
         if buf.is_empty() {
             return Ok(());
         }
-        let need = (off + buf.len() as u64).div_ceil(l2_span(self.cb));
+        let need = (off + buf.len() as u64).div_ceil(self.l2_span());
         {
             let mut m = self.quiesce();
             if need > m.l1.len() as u64 {

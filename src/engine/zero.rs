@@ -17,7 +17,7 @@ impl Qcow2 {
         self.lock().ensure_writable()?;
         self.track_write(off, len);
         let end = off + len;
-        let (a, b) = self.whole_clusters(off, end);
+        let (a, b) = self.whole_units(off, end, self.subcluster_size());
         if a >= b {
             self.zero_partial(off, len)?;
         } else {
@@ -37,8 +37,12 @@ impl Qcow2 {
 
     /// The whole clusters inside [off, end) as [a, b) (empty when b <= a);
     /// a partial last cluster at the end of the image counts as whole.
+    /// With extended L2 entries, zero writes work on whole subclusters.
     fn whole_clusters(&self, off: u64, end: u64) -> (u64, u64) {
-        let cs = self.cs;
+        self.whole_units(off, end, self.cs)
+    }
+
+    fn whole_units(&self, off: u64, end: u64, cs: u64) -> (u64, u64) {
         let a = off.div_ceil(cs) * cs;
         let mut b = end / cs * cs;
         if end == self.size() && end > b {
@@ -51,9 +55,9 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
-        // QEMU's rule: a cluster that already reads as zeros all over
-        // becomes a zero cluster (v3); otherwise the bytes are written.
-        let cs = self.cs;
+        // QEMU's rule: a cluster (subcluster) that already reads as zeros
+        // all over becomes a zero one (v3); otherwise the bytes are written.
+        let cs = self.subcluster_size();
         let mut all_zero = true;
         let mut c = off / cs * cs;
         while c < off + len {
@@ -84,6 +88,9 @@ impl Qcow2 {
     }
 
     pub(super) fn zero_clusters(&self, a: u64, b: u64, unmap: bool) -> Result<()> {
+        if self.ext_l2 {
+            return self.zero_ext(a, b, unmap);
+        }
         if self.version < 3 {
             if unmap && self.backing.is_none() {
                 return self.unmap_range(a, b, true, true);
@@ -112,7 +119,7 @@ impl Qcow2 {
                         continue;
                     }
                     let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, new);
+                    m.set_l2_entry(l2, gc, new, 0);
                     if new == ZERO {
                         m.unref_entry(raw, unmap)?;
                     }
@@ -164,6 +171,9 @@ impl Qcow2 {
     /// Drops the mapping of whole clusters in [a, b). `full` sets entries to
     /// 0 (unallocated); otherwise QEMU's discard rule applies.
     pub(super) fn unmap_range(&self, a: u64, b: u64, full: bool, punch: bool) -> Result<()> {
+        if self.ext_l2 {
+            return self.unmap_ext(a, b, full, punch);
+        }
         let mut pos = a;
         while pos < b {
             let n = self.chunk_len(pos, b - pos);
@@ -191,7 +201,7 @@ impl Qcow2 {
                         continue;
                     }
                     let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, new);
+                    m.set_l2_entry(l2, gc, new, 0);
                     m.unref_entry(raw, punch)?;
                 }
                 Ok(())

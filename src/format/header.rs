@@ -95,6 +95,10 @@ impl Header {
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
     }
+    /// The image uses 128-bit L2 entries with subclusters.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & super::INCOMPAT_EXTL2 != 0
+    }
 
     /// Decodes cluster 0. `buf` holds the first bytes of the file (at most one
     /// cluster; shorter if the file is shorter).

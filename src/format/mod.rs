@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod entries;
 pub mod header;
 pub mod snapshot;
+pub mod subcluster;
 pub mod types;
 
 pub use entries::{L1Entry, L2Entry, RefcountWidth};
@@ -41,9 +42,29 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 pub const AUTOCLEAR_KNOWN: u64 = 0x3;
 
-/// Guest bytes one L2 table maps (one L1 entry's reach).
+/// Guest bytes one L2 table maps (one L1 entry's reach) with standard
+/// 64-bit entries.
 pub fn l2_span(cluster_bits: u32) -> u64 {
     1u64 << (2 * cluster_bits - 3)
+}
+
+/// Bytes of one L2 entry: 16 with extended L2 entries, else 8.
+pub fn l2_entry_bytes(extended: bool) -> u64 {
+    if extended {
+        16
+    } else {
+        8
+    }
+}
+
+/// Log2 of the entries in one L2 table.
+pub fn l2_bits(cluster_bits: u32, extended: bool) -> u32 {
+    cluster_bits - if extended { 4 } else { 3 }
+}
+
+/// Guest bytes one L2 table maps, for either entry width.
+pub fn l2_span_ext(cluster_bits: u32, extended: bool) -> u64 {
+    1u64 << (cluster_bits + l2_bits(cluster_bits, extended))
 }
 
 /// Decodes a table of big-endian 64-bit entries (L1, L2, refcount table).

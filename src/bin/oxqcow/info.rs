@@ -362,7 +362,7 @@ fn qcow2_specific(file: &File, h: &Header, file_len: u64, enc: Option<&Encryptio
         );
     }
     let mut o = o
-        .put_bool("extended-l2", false)
+        .put_bool("extended-l2", h.extended_l2())
         .put_bool(
             "lazy-refcounts",
             h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,

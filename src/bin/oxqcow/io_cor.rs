@@ -2,12 +2,12 @@
 //! nodes on top of it (each request passes their armed errors; writes
 //! raise `pwritev`/`pwritev_done` on them, as QEMU's block layer does) and
 //! copy-on-read, done as QEMU's block layer does it: the request is
-//! widened to whole clusters; ranges the image already has (data or zero
-//! clusters) are read as they are; the others are read (at most 16 MiB at
-//! a time), the `cor_write` event is raised on the top blkdebug node, and
-//! they are written into the image — as zero clusters when all zeros —
-//! without the flush a writethrough write would get (the guest data does
-//! not change).
+//! widened to whole clusters (subclusters with extended L2 entries);
+//! ranges the image already has (data or zero clusters) are read as they
+//! are; the others are read (at most 16 MiB at a time), the `cor_write`
+//! event is raised on the top blkdebug node, and they are written into
+//! the image — as zero clusters when all zeros — without the flush a
+//! writethrough write would get (the guest data does not change).
 
 use crate::io_open::{Backend, Dev};
 use oxqcow::storage::blkdebug::IoType;
@@ -26,7 +26,7 @@ fn errno(e: std::io::Error) -> i32 {
 /// the end of the image) the answer holds: QEMU's bdrv_is_allocated().
 fn top_allocated(q: &oxqcow::Qcow2, off: u64, len: u64) -> Result<(bool, u64), i32> {
     use oxqcow::format::entries::L2Entry;
-    let (cs, size) = (q.cluster_size(), q.size());
+    let (cs, size) = (q.allocation_granularity(), q.size());
     let end = (off + len).min(size);
     let has = |at: u64| -> Result<bool, i32> {
         let e = q.l2_entry_at(at).map_err(|e| e.errno())?;
@@ -112,7 +112,7 @@ impl Dev {
             Backend::Img(Image::Qcow2(q)) => q,
             _ => return self.plain_read(buf, off),
         };
-        let cs = q.cluster_size();
+        let cs = q.allocation_granularity();
         let end = off + buf.len() as u64;
         let mut pos = off / cs * cs;
         let aligned_end = end.div_ceil(cs) * cs;

@@ -1014,8 +1014,9 @@ fn open_null(map: &BTreeMap<String, String>, req: OpenReq, flags: Flags) -> Resu
 /// holds no data in this image, otherwise zeros are written as data
 /// (the block layer's fallback). Whole clusters get the zero flag (v3),
 /// are discarded (v2 without a backing file) or are written as data.
+/// With extended L2 entries all of this works on subclusters.
 fn qcow2_write_zeroes(q: &oxqcow::Qcow2, off: u64, len: u64, unmap: bool) -> Result<(), i32> {
-    let cs = q.cluster_size();
+    let cs = q.allocation_granularity();
     let mut head = off % cs;
     let tail = (off + len) % cs;
     let (mut pos, mut left) = (off, len);
@@ -1075,7 +1076,7 @@ fn limited_write_zeroes(
 
 /// qcow2's pwrite_zeroes for one piece; ENOTSUP asks for the fallback.
 fn qcow2_zero_piece(q: &oxqcow::Qcow2, off: u64, len: u64, unmap: bool) -> Result<(), i32> {
-    let cs = q.cluster_size();
+    let cs = q.allocation_granularity();
     let size = q.size();
     let head = off % cs;
     let mut tail = (off + len).div_ceil(cs) * cs - (off + len);

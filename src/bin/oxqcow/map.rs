@@ -365,6 +365,23 @@ fn describe(layers: &mut [LayerInfo], st: BlockStatus, pos: u64, n: u64) -> CliR
             } else {
                 depth
             };
+            // A subcluster not allocated in its cluster's host cluster:
+            // QEMU names the host offset all the same.
+            if layers[depth as usize].format == "qcow2" {
+                let q = layers[depth as usize].qcow()?;
+                if q.extended_l2() {
+                    let cs = q.cluster_size();
+                    let mut p = pos;
+                    while p < pos + n {
+                        let len = (cs - p % cs).min(pos + n - p);
+                        let host = q.host_cluster_at(p).map_err(|e| errmsg(&e))?;
+                        let offset = host.map(|h| h + p % cs);
+                        out.push(entry(p, len, depth, false, true, false, offset));
+                        p += len;
+                    }
+                    return Ok(out);
+                }
+            }
             out.push(entry(pos, n, depth, false, true, false, None));
         }
     }

@@ -193,14 +193,16 @@ pub fn run(a: Args) -> CliResult<()> {
 }
 
 /// Whether the overlay itself has `off` allocated (data or zero
-/// clusters), and for how many bytes of `len` that holds: runs of
-/// clusters alike, within one L2 table, as QEMU's allocation query
+/// clusters, or subclusters), and for how many bytes of `len` that holds:
+/// runs of clusters alike, within one L2 table, as QEMU's allocation query
 /// reports them.
 fn top_run(q: &oxqcow::Qcow2, off: u64, len: u64) -> oxqcow::Result<(bool, u64)> {
     use oxqcow::format::entries::L2Entry;
     let cs = q.cluster_size();
-    let l2_span = cs * (cs / 8);
+    let l2_span = cs * (cs / if q.extended_l2() { 16 } else { 8 });
     let limit = (off + len).min((off / l2_span + 1) * l2_span);
+    // Extended L2 entries: allocation is per subcluster.
+    let cs = q.allocation_granularity();
     let alloc =
         |o: u64| -> oxqcow::Result<bool> { Ok(!matches!(q.l2_entry_at(o)?, L2Entry::Unallocated)) };
     let first = alloc(off)?;
