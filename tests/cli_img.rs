@@ -477,6 +477,63 @@ fn measure_gives_qemu_img_numbers() {
     }
 }
 
+#[test]
+fn measure_of_snapshots_and_preallocated_sources_matches_qemu_img() {
+    let d = Scratch::new("img-measure-snap");
+    let c = Case::new(&d);
+    c.qcow2("s.qcow2", "64M", &[]);
+    qemu_io_in(&c.setup, "s.qcow2", &["write -P 1 0 8M"]);
+    c.prep("qemu-img", &["snapshot", "-c", "snap1", "s.qcow2"]);
+    qemu_io_in(&c.setup, "s.qcow2", &["write -P 2 16M 16M"]);
+    c.prep("qemu-img", &["convert", "-O", "raw", "s.qcow2", "s.raw"]);
+    // The snapshot holds 8 MiB, the active layer 24 MiB: the two differ.
+    let (_, active) = c.same(&["measure", "-O", "qcow2", "s.qcow2"]);
+    let (_, snap) = c.same(&["measure", "-l", "snap1", "-O", "qcow2", "s.qcow2"]);
+    assert_ne!(active, snap);
+    for a in [
+        &[
+            "measure",
+            "-l",
+            "snapshot.name=snap1",
+            "-O",
+            "qcow2",
+            "s.qcow2",
+        ][..],
+        &["measure", "-l", "snapshot.id=1", "-O", "raw", "s.qcow2"],
+        &[
+            "measure",
+            "-l",
+            "1",
+            "--output=json",
+            "-O",
+            "qcow2",
+            "s.qcow2",
+        ],
+        &["measure", "-l", "nope", "-O", "qcow2", "s.qcow2"],
+        &["measure", "-l", "snapshot.foo=1", "-O", "qcow2", "s.qcow2"],
+        &["measure", "-l", "snap1", "--size", "1G", "-O", "qcow2"],
+        &["measure", "-f", "raw", "-l", "snap1", "s.raw"],
+        &["measure", "-f", "raw"],
+        &["measure", "-f", "raw", "--size", "1G", "s.raw"],
+    ] {
+        c.same(a);
+    }
+    // Metadata preallocation: data clusters over holes in the host file
+    // read as zeros, and QEMU does not count them as required.
+    c.qcow2("pm.qcow2", "16M", &["-o", "preallocation=metadata"]);
+    qemu_io_in(&c.setup, "pm.qcow2", &["write -P 1 1M 64k"]);
+    let num = |out: &str, key: &str| -> u64 {
+        let line = out.lines().find(|l| l.starts_with(key)).expect(key);
+        line[key.len()..].trim().parse().unwrap()
+    };
+    for o in ["cluster_size=64k", "cluster_size=4k", "cluster_size=2M"] {
+        let (_, out) = c.same(&["measure", "-O", "qcow2", "-o", o, "pm.qcow2"]);
+        let required = num(&out, "required size:");
+        let full = num(&out, "fully allocated size:");
+        assert!(required < full / 2, "{o}: {out}");
+    }
+}
+
 // ---- compare ----------------------------------------------------------------------
 
 #[test]

@@ -55,8 +55,42 @@ pub fn copy_dir(from: &Path, to: &Path) {
         if e.file_type().unwrap().is_dir() {
             copy_dir(&e.path(), &t);
         } else {
-            std::fs::copy(e.path(), &t).unwrap();
+            copy_sparse(&e.path(), &t);
         }
+    }
+}
+
+/// Copies a file with its holes where they are (std::fs::copy fills them
+/// in, and holes are what QEMU's metadata-preallocation and raw-file
+/// block status look at): only the data extents SEEK_DATA finds are copied.
+fn copy_sparse(from: &Path, to: &Path) {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let src = std::fs::File::open(from).unwrap();
+    let len = src.metadata().unwrap().len();
+    let dst = std::fs::File::create(to).unwrap();
+    dst.set_len(len).unwrap();
+    dst.set_permissions(src.metadata().unwrap().permissions())
+        .unwrap();
+    let fd = src.as_raw_fd();
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while off < len {
+        // SAFETY: lseek on a descriptor this function owns.
+        let data = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // no data after `off`: the rest is a hole
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) }.max(data) as u64;
+        let mut pos = data as u64;
+        while pos < hole {
+            let n = ((hole - pos) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], pos).unwrap();
+            dst.write_all_at(&buf[..n], pos).unwrap();
+            pos += n as u64;
+        }
+        off = hole;
     }
 }
 

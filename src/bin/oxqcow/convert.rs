@@ -314,7 +314,7 @@ fn copy_bitmaps(src: &Image, dst: &Image, list: &[oxqcow::engine::BitmapInfo]) -
 /// `-l`: makes the source show one of its internal snapshots. A plain
 /// parameter is an ID or a name; `snapshot.id=` and `snapshot.name=` must
 /// both match when both are given.
-fn load_snapshot(img: &Image, param: &str) -> CliResult<()> {
+pub(crate) fn load_snapshot(img: &Image, param: &str) -> CliResult<()> {
     let (mut id, mut name) = (None, None);
     if param.starts_with("snapshot.") {
         for (k, v) in split_opts(&[param.to_string()]) {

@@ -84,7 +84,7 @@ impl Entry {
 
 /// One image of the chain, with what the map needs to know beyond block
 /// status, looked up on first use.
-struct LayerInfo {
+pub(crate) struct LayerInfo {
     /// What the map's File column calls it.
     name: String,
     /// Its host file.
@@ -251,7 +251,7 @@ fn c_hex(v: u64) -> String {
 
 /// The images of the chain, top first; the top one is called `top_name`
 /// and lives in `top_file`.
-fn chain(img: &Image, top_name: &str, top_file: Option<&str>) -> Vec<LayerInfo> {
+pub(crate) fn chain(img: &Image, top_name: &str, top_file: Option<&str>) -> Vec<LayerInfo> {
     let mut v = vec![LayerInfo {
         name: top_name.to_string(),
         path: top_file.unwrap_or(top_name).to_string(),
@@ -280,6 +280,21 @@ fn chain(img: &Image, top_name: &str, top_file: Option<&str>) -> Vec<LayerInfo> 
         l = layer.backing();
     }
     v
+}
+
+/// The parts of one block-status answer that hold data and do not read as
+/// zeros (what qemu-img measure counts), as (start, length) pairs.
+pub(crate) fn nonzero_data(
+    layers: &mut [LayerInfo],
+    st: BlockStatus,
+    pos: u64,
+    n: u64,
+) -> CliResult<Vec<(u64, u64)>> {
+    Ok(describe(layers, st, pos, n)?
+        .into_iter()
+        .filter(|e| e.data && !e.zero)
+        .map(|e| (e.start, e.length))
+        .collect())
 }
 
 /// Turns one block-status answer into map entries.

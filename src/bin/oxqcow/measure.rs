@@ -5,12 +5,12 @@
 //! target clusters the source's data touches. Owns the -o option checks
 //! in qemu-img's order and wording, and the persistent-bitmap estimate.
 
-use crate::img_util::{open_named, parse_size_param, usage_error};
+use crate::img_util::{open_named, parse_size_param, usage_error, Named};
 use crate::util::{file_extent, parse_c_number, parse_img_size, split_opts, virtual_size};
 use crate::util::{CliResult, Json, Obj};
 use oxqcow::format::header::Header;
 use oxqcow::format::AUTOCLEAR_BITMAPS;
-use oxqcow::{BlockStatus, Image, OpenOptions};
+use oxqcow::{Image, OpenOptions};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -45,6 +45,10 @@ pub struct Args {
     /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
     #[arg(long = "object", value_name = "OBJECTDEF")]
     object: Vec<String>,
+    /// Measure an internal snapshot of the source: NAME_OR_ID, or
+    /// snapshot.id=ID[,snapshot.name=NAME]
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    snapshot: Option<String>,
     /// Image to convert (instead of --size)
     filenames: Vec<String>,
 }
@@ -93,6 +97,9 @@ pub fn run(a: Args) -> CliResult<()> {
         Some(s) => Some(parse_img_size(s)?),
         None => None,
     };
+    if file.is_none() && (a.image_opts || a.fmt.is_some() || a.snapshot.is_some()) {
+        return Err("--image-opts, -f, and -l require a filename argument.".into());
+    }
     match (file, size) {
         (Some(_), Some(_)) => {
             return Err("--size N cannot be used together with a filename.".into())
@@ -104,7 +111,11 @@ pub fn run(a: Args) -> CliResult<()> {
     let opts = split_opts(&a.options);
     let src = match file {
         Some(f) => {
-            Some(open_named(f, a.image_opts, a.fmt.as_deref(), &OpenOptions::default())?.img)
+            let named = open_named(f, a.image_opts, a.fmt.as_deref(), &OpenOptions::default())?;
+            if let Some(p) = &a.snapshot {
+                crate::convert::load_snapshot(&named.img, p)?;
+            }
+            Some(named)
         }
         None => None,
     };
@@ -119,7 +130,7 @@ pub fn run(a: Args) -> CliResult<()> {
         "raw" => {
             raw_target(&opts)?;
             let required = match &src {
-                Some(img) => virtual_size(img),
+                Some(named) => virtual_size(&named.img),
                 None => size.unwrap_or(0).div_ceil(512) * 512,
             };
             Measure {
@@ -316,7 +327,7 @@ fn prealloc_size(size: u64, cs: u64, refcount_order: u32, extended_l2: bool) -> 
     meta + aligned
 }
 
-fn measure_qcow2(t: &Qcow2Target, src: Option<&Image>, file: Option<&str>) -> CliResult<Measure> {
+fn measure_qcow2(t: &Qcow2Target, src: Option<&Named>, file: Option<&str>) -> CliResult<Measure> {
     let cs = t.cluster_size;
     let l2e = if t.extended_l2 { 16 } else { 8 };
     let mut vsize = t.size.div_ceil(cs) * cs;
@@ -325,14 +336,14 @@ fn measure_qcow2(t: &Qcow2Target, src: Option<&Image>, file: Option<&str>) -> Cl
         return Err("The image size is too large (try using a larger cluster size)".into());
     }
     let mut required = 0u64;
-    if let Some(img) = src {
-        let ssize = virtual_size(img);
+    if let Some(named) = src {
+        let ssize = virtual_size(&named.img);
         vsize = ssize.div_ceil(cs) * cs;
         if t.backing {
             // Nothing is known about what the new backing file shares.
             required = vsize;
         } else {
-            required = data_clusters_bytes(img, file, ssize, cs)?;
+            required = data_clusters_bytes(named, ssize, cs)?;
         }
     }
     if t.prealloc_full {
@@ -340,10 +351,10 @@ fn measure_qcow2(t: &Qcow2Target, src: Option<&Image>, file: Option<&str>) -> Cl
     }
     let order = t.refcount_bits.trailing_zeros();
     let fully_allocated = prealloc_size(vsize, cs, order, t.extended_l2);
-    let bitmaps = match (src, file) {
-        (Some(Image::Qcow2(q)), Some(f)) if t.version >= 3 && q.version() >= 3 => Some(
-            bitmaps_size(&q.header(), f, virtual_size(src.expect("some")), cs),
-        ),
+    let bitmaps = match (src.map(|n| &n.img), file) {
+        (Some(img @ Image::Qcow2(q)), Some(f)) if t.version >= 3 && q.version() >= 3 => {
+            Some(bitmaps_size(&q.header(), f, virtual_size(img), cs))
+        }
         _ => None,
     };
     let crypto = t.crypto_header.div_ceil(cs) * cs;
@@ -356,36 +367,54 @@ fn measure_qcow2(t: &Qcow2Target, src: Option<&Image>, file: Option<&str>) -> Cl
 
 /// Bytes of whole target clusters that the source's data touches (zero
 /// and unallocated parts of the source need none).
-fn data_clusters_bytes(img: &Image, file: Option<&str>, size: u64, cs: u64) -> CliResult<u64> {
-    let raw_file = match (img, file) {
+fn data_clusters_bytes(src: &Named, size: u64, cs: u64) -> CliResult<u64> {
+    let img = &src.img;
+    let raw_file = match (img, &src.file) {
         (Image::Raw(_), Some(f)) => File::open(f).ok(),
         _ => None,
     };
-    let mut required = 0u64;
+    let mut layers = crate::map::chain(img, &src.name, src.file.as_deref());
+    // Whole target clusters touched by data: the first not yet counted.
+    let mut next = 0u64;
+    let mut count = |start: u64, len: u64| {
+        let first = (start / cs).max(next);
+        let last = (start + len - 1) / cs;
+        if last >= first {
+            next = last + 1;
+            last + 1 - first
+        } else {
+            0
+        }
+    };
+    let mut clusters = 0u64;
     let mut off = 0u64;
     while off < size {
         let want = size - off;
-        let (data, n) = match &raw_file {
+        let n = match &raw_file {
             Some(f) => {
                 let (d, n) = file_extent(f, off, want);
-                (d, n.clamp(1, want))
+                let n = n.clamp(1, want);
+                if d {
+                    clusters += count(off, n);
+                }
+                n
             }
             None => {
                 let (st, n) = img
                     .block_status(off, want.min(img.size().saturating_sub(off)).max(1))
                     .map_err(|_| "Unable to get block status".to_string())?;
-                (matches!(st, BlockStatus::Data { .. }), n.clamp(1, want))
+                let n = n.clamp(1, want);
+                // Data clusters over holes of a metadata-preallocated file
+                // read as zeros and are not counted, as in QEMU.
+                for (s, l) in crate::map::nonzero_data(&mut layers, st, off, n)? {
+                    clusters += count(s, l);
+                }
+                n
             }
         };
-        if data {
-            let end = (off + n).div_ceil(cs) * cs;
-            required += off % cs + (end - off);
-            off = end;
-        } else {
-            off += n;
-        }
+        off += n;
     }
-    Ok(required)
+    Ok(clusters * cs)
 }
 
 /// What the source's persistent bitmaps would take in the target: every
