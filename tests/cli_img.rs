@@ -237,6 +237,69 @@ fn resize_matches_qemu_img() {
     assert!(code == 0 && !out.contains("fail"), "{out}{err}");
 }
 
+#[test]
+fn resize_preallocates_like_qemu_img() {
+    let d = Scratch::new("img-resize-prealloc");
+    let c = Case::new(&d);
+    // Aligned and unaligned old ends, the old last cluster allocated or
+    // not, 4 KiB clusters (several L2 tables and new refcount blocks), a v2
+    // image, lazy refcounts.
+    c.qcow2("a.qcow2", "1M", &[]);
+    qemu_io_in(&c.setup, "a.qcow2", &["write -P 1 0 100k"]);
+    c.qcow2("u.qcow2", "1049088", &[]);
+    qemu_io_in(
+        &c.setup,
+        "u.qcow2",
+        &["write -P 7 1M 512", "write -P 1 0 64k"],
+    );
+    c.qcow2("small.qcow2", "3000k", &["-o", "cluster_size=4k"]);
+    qemu_io_in(
+        &c.setup,
+        "small.qcow2",
+        &["write -P 2 1M 1M", "write -P 3 2999k 1k"],
+    );
+    c.qcow2("v2.qcow2", "1M", &["-o", "compat=0.10"]);
+    c.qcow2("lazy.qcow2", "1M", &["-o", "lazy_refcounts=on"]);
+    c.qcow2("ext.qcow2", "1M", &["-o", "extended_l2=on"]);
+    for file in [
+        "a.qcow2",
+        "u.qcow2",
+        "small.qcow2",
+        "v2.qcow2",
+        "lazy.qcow2",
+    ] {
+        for mode in ["metadata", "falloc", "full"] {
+            for size in ["3M", "+40M"] {
+                let p = format!("--preallocation={mode}");
+                let (code, _) = c.same(&["resize", &p, file, size]);
+                assert_eq!(code, 0, "{file} {mode} {size}");
+                let (q, o) = (c.q.join(file), c.o.join(file));
+                assert!(
+                    std::fs::read(&q).unwrap() == std::fs::read(&o).unwrap(),
+                    "{file} {mode} {size}: the files differ"
+                );
+                c.same_view(file);
+            }
+        }
+    }
+    for a in [
+        &["--preallocation=falloc", "a.qcow2", "1M"][..],
+        &["--shrink", "--preallocation=full", "a.qcow2", "512k"],
+        &["--preallocation=bogus", "a.qcow2", "2M"],
+    ] {
+        let mut args = vec!["resize"];
+        args.extend_from_slice(a);
+        assert_eq!(c.same(&args).0, 1, "{a:?}");
+    }
+    // Refused rather than done differently from QEMU.
+    let (code, _, err) = run_in(
+        &c.setup,
+        BIN,
+        &["resize", "--preallocation=falloc", "ext.qcow2", "2M"],
+    );
+    assert!(code == 1 && err.contains("not supported"), "{err}");
+}
+
 // ---- snapshot ---------------------------------------------------------------------
 
 #[test]

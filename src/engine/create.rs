@@ -469,14 +469,46 @@ pub fn create_with_data(
 }
 
 impl Qcow2 {
+    /// Grows the image to `new_size` with the new area preallocated as
+    /// `qemu-img resize --preallocation=MODE` does (QEMU's truncate): the
+    /// L1 table first, then the clusters from the one holding the old end.
+    /// Not for images with an external data file, encryption or extended
+    /// L2 entries, which are refused.
+    pub fn resize_preallocated(&self, new_size: u64, mode: Preallocation) -> Result<()> {
+        let old = self.size();
+        if mode == Preallocation::Off || new_size <= old {
+            return self.resize(new_size);
+        }
+        if self.data.is_some() || self.encryption().is_some() || self.lock().ext_l2 {
+            return Err(Error::Unsupported(format!(
+                "{}: preallocating a grown area is not supported with an external data file, encryption or extended L2 entries",
+                self.name
+            )));
+        }
+        // The guest bytes of the old last cluster before the old end: a
+        // falloc or full area maps that cluster afresh and copies them.
+        let head_start = old / self.cs * self.cs;
+        let mut head = vec![0u8; (old - head_start) as usize];
+        self.read_mapped(&mut head, head_start)?;
+        self.resize(new_size)?;
+        self.preallocate_from(mode, old, &head)
+    }
+
     /// Allocates every cluster of a freshly created image (QEMU's
     /// preallocation modes: L2 tables and data clusters; falloc and full
     /// also reserve or zero the data area of the file).
     fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        self.preallocate_from(mode, 0, &[])
+    }
+
+    /// Preallocates the clusters from the one holding guest byte `old` to
+    /// the end; `head` holds the guest bytes of that cluster before `old`.
+    fn preallocate_from(&self, mode: Preallocation, old: u64, head: &[u8]) -> Result<()> {
         let mut m = self.quiesce();
         let cs = self.cs;
         let size = m.header.size;
-        let n_data = size.div_ceil(cs);
+        let first = old / cs;
+        let n_data = size.div_ceil(cs).saturating_sub(first);
         if n_data == 0 {
             return Ok(());
         }
@@ -509,11 +541,19 @@ impl Qcow2 {
         }
         match mode {
             Preallocation::Metadata => {
-                let mut gc = 0;
+                let last = first + n_data;
+                let mut gc = first;
                 let mut end = 0;
-                while gc < n_data {
+                while gc < last {
                     let l2 = m.l2_for_write(gc)?;
-                    let n = (l2_entries - (gc % l2_entries)).min(n_data - gc);
+                    // A cluster with a host cluster already (the old last
+                    // one) keeps it, as in QEMU.
+                    let raw = m.l2_entry(gc)?;
+                    if m.decode(raw).host_range().is_some() {
+                        gc += 1;
+                        continue;
+                    }
+                    let n = (l2_entries - (gc % l2_entries)).min(last - gc);
                     let host = m.alloc_clusters(n)?;
                     for i in 0..n {
                         m.set_l2_entry(l2, gc + i, (host + i * cs) | COPIED, 0);
@@ -548,9 +588,18 @@ impl Qcow2 {
                         pos += n;
                     }
                 }
-                for gc in 0..n_data {
+                if !head.is_empty() {
+                    // Rule 1: the old cluster's bytes reach the new one
+                    // before the L2 entry that points there (the flush
+                    // below syncs data before metadata).
+                    self.file.write_at(head, data_start).map_err(io)?;
+                }
+                for i in 0..n_data {
+                    let gc = first + i;
                     let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, (data_start + gc * cs) | COPIED, 0);
+                    let old_entry = m.l2_entry(gc)?;
+                    m.set_l2_entry(l2, gc, (data_start + i * cs) | COPIED, 0);
+                    m.unref_entry(old_entry, false)?;
                 }
                 m.flush()?;
             }

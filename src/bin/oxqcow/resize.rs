@@ -79,11 +79,6 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     match &img {
         Image::Qcow2(q) => {
-            if prealloc != "off" {
-                return Err(format!(
-                    "Preallocation mode '{prealloc}' is not supported by oxqcow's qcow2 resize"
-                ));
-            }
             if !new.is_multiple_of(512) {
                 return Err("The new size must be a multiple of 512".into());
             }
@@ -91,7 +86,11 @@ pub fn run(a: Args) -> CliResult<()> {
             if h.nb_snapshots > 0 && h.version < 3 {
                 return Err("Can't resize a v2 image which has snapshots".into());
             }
-            q.resize(new).map_err(|e| match e {
+            let mode = oxqcow::Preallocation::parse(prealloc).map_err(|e| errmsg(&e))?;
+            if mode != oxqcow::Preallocation::Off && new <= cur {
+                return Err("Preallocation can only be used for growing images".into());
+            }
+            q.resize_preallocated(new, mode).map_err(|e| match e {
                 Error::TooLarge(_) => "Failed to grow the L1 table: File too large".to_string(),
                 e => errmsg(&e),
             })?;
