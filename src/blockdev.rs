@@ -17,6 +17,26 @@ use std::sync::Arc;
 /// Node options by dotted key (`file.driver`, `file.image.filename`).
 pub type Options = BTreeMap<String, String>;
 
+/// Options every block node takes, whatever its driver (qemu-io and
+/// qemu-img accept them on any node; oxqcow has no use for most of them).
+/// Each driver's own list adds to these.
+pub const NODE_OPTS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+];
+
+/// Whether `key` is one of the options every node takes (`NODE_OPTS`).
+pub fn is_node_opt(key: &str) -> bool {
+    NODE_OPTS.contains(&key)
+}
+
 /// Flattens a `json:{...}` file name into dotted option keys. QEMU's
 /// parser also takes single-quoted strings. `null` becomes "" (only
 /// `backing: null` uses it).

@@ -67,16 +67,7 @@ fn side_by_side(d: &Scratch, setup: &dyn Fn(&Path), opts: &str, same_header: boo
 }
 
 fn image(path: &Path, opts: &str, io: &[&str]) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        &path.display().to_string(),
-        "32M",
-    ]);
+    create_qcow2(path, "32M", &["-o", opts]);
     qemu_io(path, io);
 }
 
@@ -102,18 +93,7 @@ fn downgrade_with_backing_file_keeps_zeros_over_backing_data() {
     side_by_side(
         &d,
         &|p| {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                &p.display().to_string(),
-                "32M",
-            ]);
+            create_qcow2(p, "32M", &["-b", "base.qcow2", "-F", "qcow2"]);
             qemu_io(p, DATA);
         },
         "compat=0.10",
@@ -162,16 +142,7 @@ fn refcount_width_changes() {
 fn lazy_off_on_a_dirty_image_repairs_it_first() {
     let d = Scratch::new("amend-dirty");
     let a = d.path("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        &a.display().to_string(),
-        "32M",
-    ]);
+    create_qcow2(&a, "32M", &["-o", "lazy_refcounts=on"]);
     let _ = run(
         "qemu-io",
         &[

@@ -582,16 +582,7 @@ fn check_counts_bitmap_clusters() {
     // the bitmap clusters.
     let lazy = dir.path("lazy.qcow2");
     let l = lazy.display().to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        &l,
-        "8M",
-    ]);
+    create_qcow2(&lazy, "8M", &["-o", "lazy_refcounts=on"]);
     qemu_img(&["bitmap", "--add", &l, "a"]);
     qemu_io(&lazy, &["write 0 64k"]);
     qemu_img(&["bitmap", "--add", &l, "z"]);

@@ -11,16 +11,7 @@ use std::path::Path;
 
 fn dirty_image_from_qemu(path: &Path) {
     let p = path.display().to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        &p,
-        "64M",
-    ]);
+    create_qcow2(path, "64M", &["-o", "lazy_refcounts=on"]);
     let _ = run(
         "qemu-io",
         &[

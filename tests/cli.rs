@@ -3,25 +3,9 @@
 //! `dump-header` text, and the error convention.
 
 mod common;
+use common::case::BIN;
 use common::*;
 use std::path::Path;
-
-const BIN: &str = env!("CARGO_BIN_EXE_oxqcow");
-
-fn ox(args: &[&str]) -> (i32, String, String) {
-    run(BIN, args)
-}
-
-/// Runs oxqcow and insists on success.
-fn ox_ok(args: &[&str]) -> String {
-    let (code, out, err) = ox(args);
-    assert_eq!(code, 0, "oxqcow {args:?} failed: {out}{err}");
-    out
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 // ---- a minimal JSON reader, enough to compare qemu-img's output ----------------
 
@@ -209,7 +193,7 @@ fn json_same(path: &str, a: &J, b: &J, skip: &[&str]) {
 fn create_same(args: &[&str], size: Option<&str>) {
     let d = Scratch::new("cli-create");
     let base = d.path("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&base), "3M"]);
+    create_qcow2(&base, "3M", &[]);
     let rawbase = d.path("base.raw");
     std::fs::write(&rawbase, vec![1u8; 5000]).unwrap();
     let mut outs = Vec::new();
@@ -344,16 +328,7 @@ fn info_same(file: &Path, extra: &[&str]) {
 fn info_matches_qemu_img() {
     let d = Scratch::new("cli-info");
     let v2 = d.path("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        &s(&v2),
-        "64M",
-    ]);
+    create_qcow2(&v2, "64M", &["-o", "compat=0.10"]);
     qemu_io(&v2, &["write -P 1 0 100k"]);
     info_same(&v2, &[]);
 
@@ -375,18 +350,8 @@ fn info_matches_qemu_img() {
     std::fs::create_dir_all(d.path("sub")).unwrap();
     let base = d.path("sub/base.qcow2");
     let top = d.path("sub/top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&base), "16M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &s(&top),
-    ]);
+    create_qcow2(&base, "16M", &[]);
+    create_qcow2(&top, "", &["-b", "base.qcow2", "-F", "qcow2"]);
     info_same(&top, &[]);
     info_same(&top, &["--backing-chain"]);
 
@@ -414,7 +379,7 @@ fn map_matches_qemu_img() {
     let d = Scratch::new("cli-map");
     let base = d.path("base.qcow2");
     let top = d.path("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&base), "4M"]);
+    create_qcow2(&base, "4M", &[]);
     qemu_io(
         &base,
         &[
@@ -423,18 +388,7 @@ fn map_matches_qemu_img() {
             "write -z 256k 128k",
         ],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &s(&base),
-        "-F",
-        "qcow2",
-        &s(&top),
-        "8M",
-    ]);
+    create_qcow2(&top, "8M", &["-b", &s(&base), "-F", "qcow2"]);
     qemu_io(
         &top,
         &[
@@ -452,19 +406,11 @@ fn map_matches_qemu_img() {
 
     // A v2 overlay: discard falls through to the backing file.
     let v2 = d.path("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        "-b",
-        &s(&top),
-        "-F",
-        "qcow2",
-        &s(&v2),
-    ]);
+    create_qcow2(
+        &v2,
+        "",
+        &["-o", "compat=0.10", "-b", &s(&top), "-F", "qcow2"],
+    );
     qemu_io(
         &v2,
         &["discard 0 64k", "write -z 3M 64k", "write -P 3 7M 1M"],
@@ -481,33 +427,13 @@ fn map_matches_qemu_img() {
     assert_eq!(c, 0, "{o}{e}");
     map_same(&raw);
     let rt = d.path("rt.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &s(&raw),
-        "-F",
-        "raw",
-        &s(&rt),
-        "2M",
-    ]);
+    create_qcow2(&rt, "2M", &["-b", &s(&raw), "-F", "raw"]);
     qemu_io(&rt, &["write -P 1 64k 64k"]);
     map_same(&rt);
 
     // Metadata preallocation: data clusters over host holes read as zero.
     let pm = d.path("pm.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        &s(&pm),
-        "1M",
-    ]);
+    create_qcow2(&pm, "1M", &["-o", "preallocation=metadata"]);
     qemu_io(&pm, &["write -P 1 0 64k"]);
     map_same(&pm);
 
@@ -521,7 +447,7 @@ fn map_matches_qemu_img() {
 fn map_of_compressed_clusters() {
     let d = Scratch::new("cli-mapc");
     let img = d.path("c.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&img), "4M"]);
+    create_qcow2(&img, "4M", &[]);
     qemu_io(
         &img,
         &[
@@ -652,17 +578,7 @@ fn convert_compressed_and_chained_images_like_qemu_img() {
     }
     // An overlay on the compressed image: the chain is flattened.
     let top = d.path("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &s(&base),
-        "-F",
-        "qcow2",
-        &s(&top),
-    ]);
+    create_qcow2(&top, "", &["-b", &s(&base), "-F", "qcow2"]);
     qemu_io(
         &top,
         &[
@@ -786,7 +702,7 @@ data                      <binary>
 fn dump_header_of_bitmaps() {
     let d = Scratch::new("cli-dumpbm");
     let img = d.path("bm.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&img), "1M"]);
+    create_qcow2(&img, "1M", &[]);
     qemu_img(&["bitmap", "--add", &s(&img), "b0"]);
     let out = ox_ok(&["dump-header", &s(&img)]);
     assert!(out.contains("magic                     0x23852875 (Bitmaps)\nlength                    24\nnb_bitmaps                1\nreserved32                0\nbitmap_directory_size     0x20\n"), "{out}");

@@ -43,17 +43,6 @@ fn bitmap_list(dir: &Path, img: &str) -> String {
     }
 }
 
-/// Runs one step in both copies (no fresh copy in between): a `bitmap`
-/// or `convert` line through each tool, or qemu-io commands in both.
-fn step(c: &Case, args: &[&str]) -> i32 {
-    let q = run_in(&c.q, "qemu-img", args);
-    let o = run_in(&c.o, BIN, args);
-    assert_eq!(normalize(&q.1), normalize(&o.1), "stdout of {args:?}");
-    assert_eq!(normalize(&q.2), normalize(&o.2), "stderr of {args:?}");
-    assert_eq!(q.0, o.0, "exit status of {args:?}");
-    q.0
-}
-
 fn io_both(c: &Case, img: &str, cmds: &[&str]) {
     qemu_io_in(&c.q, img, cmds);
     qemu_io_in(&c.o, img, cmds);
@@ -76,101 +65,76 @@ fn same_bitmaps(c: &Case, img: &str, names: &[&str]) {
     );
 }
 
-fn start(c: &Case) {
-    for dir in [&c.q, &c.o] {
-        let _ = std::fs::remove_dir_all(dir);
-        copy_dir(&c.setup, dir);
-    }
-}
-
 #[test]
 fn bitmap_actions_match_qemu_img() {
     let d = Scratch::new("bitmap-actions");
     let c = Case::new(&d);
     c.qcow2("base.qcow2", "10M", &[]);
     c.qcow2("t.qcow2", "10M", &["-b", "base.qcow2", "-F", "qcow2"]);
-    start(&c);
-    step(&c, &["bitmap", "--add", "-f", "qcow2", "base.qcow2", "b0"]);
+    c.fresh();
+    c.step(&["bitmap", "--add", "-f", "qcow2", "base.qcow2", "b0"]);
     io_both(&c, "base.qcow2", &["write 3M 1M"]);
     io_both(&c, "t.qcow2", &["write 0 1M"]);
-    step(&c, &["bitmap", "--add", "-g", "512k", "t.qcow2", "b1"]);
-    step(&c, &["bitmap", "--add", "--disable", "t.qcow2", "b2"]);
-    step(
-        &c,
-        &["bitmap", "--add", "--granularity", "4k", "t.qcow2", "small"],
-    );
+    c.step(&["bitmap", "--add", "-g", "512k", "t.qcow2", "b1"]);
+    c.step(&["bitmap", "--add", "--disable", "t.qcow2", "b2"]);
+    c.step(&["bitmap", "--add", "--granularity", "4k", "t.qcow2", "small"]);
     io_both(&c, "t.qcow2", &["write 3M 1M", "write 100k 1k"]);
-    step(&c, &["bitmap", "--clear", "t.qcow2", "b1"]);
+    c.step(&["bitmap", "--clear", "t.qcow2", "b1"]);
     io_both(&c, "t.qcow2", &["write 1M 1M"]);
-    step(&c, &["bitmap", "--disable", "t.qcow2", "b1"]);
-    step(&c, &["bitmap", "--enable", "t.qcow2", "b2"]);
+    c.step(&["bitmap", "--disable", "t.qcow2", "b1"]);
+    c.step(&["bitmap", "--enable", "t.qcow2", "b2"]);
     io_both(&c, "t.qcow2", &["write 2M 1M"]);
     same_bitmaps(&c, "t.qcow2", &["b1", "b2", "small"]);
     // Merges: within the image, from another image (-b, -F), into a new
     // bitmap (--add --merge), across granularities.
-    step(&c, &["bitmap", "--add", "--disable", "t.qcow2", "m"]);
-    step(&c, &["bitmap", "--merge", "small", "t.qcow2", "m"]);
-    step(
-        &c,
-        &[
-            "bitmap",
-            "--add",
-            "--merge",
-            "b0",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "t.qcow2",
-            "tmp",
-        ],
-    );
-    step(
-        &c,
-        &["bitmap", "--merge", "tmp", "-f", "qcow2", "t.qcow2", "b1"],
-    );
-    step(
-        &c,
-        &[
-            "bitmap",
-            "--remove",
-            "--image-opts",
-            "driver=qcow2,file.driver=file,file.filename=t.qcow2",
-            "tmp",
-        ],
-    );
-    step(
-        &c,
-        &[
-            "bitmap",
-            "--add",
-            "--merge",
-            "b2",
-            "-b",
-            "t.qcow2",
-            "base.qcow2",
-            "b3",
-        ],
-    );
+    c.step(&["bitmap", "--add", "--disable", "t.qcow2", "m"]);
+    c.step(&["bitmap", "--merge", "small", "t.qcow2", "m"]);
+    c.step(&[
+        "bitmap",
+        "--add",
+        "--merge",
+        "b0",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "t.qcow2",
+        "tmp",
+    ]);
+    c.step(&["bitmap", "--merge", "tmp", "-f", "qcow2", "t.qcow2", "b1"]);
+    c.step(&[
+        "bitmap",
+        "--remove",
+        "--image-opts",
+        "driver=qcow2,file.driver=file,file.filename=t.qcow2",
+        "tmp",
+    ]);
+    c.step(&[
+        "bitmap",
+        "--add",
+        "--merge",
+        "b2",
+        "-b",
+        "t.qcow2",
+        "base.qcow2",
+        "b3",
+    ]);
     same_bitmaps(&c, "t.qcow2", &["b1", "b2", "small", "m"]);
     same_bitmaps(&c, "base.qcow2", &["b0", "b3"]);
     // A failing action stops the rest, and what came before it is kept.
     assert_eq!(
-        step(
-            &c,
-            &["bitmap", "--add", "--merge", "nope", "t.qcow2", "kept"]
-        ),
+        c.step(&["bitmap", "--add", "--merge", "nope", "t.qcow2", "kept"]),
         1
     );
     assert_eq!(
-        step(&c, &["bitmap", "--remove", "--remove", "t.qcow2", "m"]),
+        c.step(&["bitmap", "--remove", "--remove", "t.qcow2", "m"]),
         1
     );
-    step(&c, &["bitmap", "--remove", "--add", "t.qcow2", "b2"]);
+    c.step(&["bitmap", "--remove", "--add", "t.qcow2", "b2"]);
     same_bitmaps(&c, "t.qcow2", &["b1", "small", "kept", "b2"]);
     // Removing the last bitmap drops the extension, as QEMU does.
     for b in ["b0", "b3"] {
-        step(&c, &["bitmap", "--remove", "base.qcow2", b]);
+        c.step(&["bitmap", "--remove", "base.qcow2", b]);
     }
     assert_eq!(bitmap_list(&c.o, "base.qcow2"), "");
     same_bitmaps(&c, "base.qcow2", &[]);
@@ -181,14 +145,11 @@ fn bitmap_actions_match_qemu_img() {
     let _ = run_in(&c.q, "qemu-io", &["-c", "abort", "t.qcow2"]);
     let _ = run_in(&c.o, "qemu-io", &["-c", "abort", "t.qcow2"]);
     for a in ["--clear", "--enable", "--disable"] {
-        assert_eq!(step(&c, &["bitmap", a, "t.qcow2", "b1"]), 1);
+        assert_eq!(c.step(&["bitmap", a, "t.qcow2", "b1"]), 1);
     }
-    assert_eq!(
-        step(&c, &["bitmap", "--merge", "b1", "t.qcow2", "small"]),
-        1
-    );
-    step(&c, &["bitmap", "--add", "t.qcow2", "b4"]);
-    step(&c, &["bitmap", "--remove", "t.qcow2", "b1"]);
+    assert_eq!(c.step(&["bitmap", "--merge", "b1", "t.qcow2", "small"]), 1);
+    c.step(&["bitmap", "--add", "t.qcow2", "b4"]);
+    c.step(&["bitmap", "--remove", "t.qcow2", "b1"]);
     assert_eq!(bitmap_list(&c.q, "t.qcow2"), bitmap_list(&c.o, "t.qcow2"));
     let (code, out, err) = run_in(&c.o, "qemu-img", &["check", "t.qcow2"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -263,9 +224,9 @@ fn bitmap_errors_match_qemu_img() {
     for cs in ["512", "64k", "2M"] {
         let name = format!("c{cs}.qcow2");
         c.qcow2(&name, "4M", &["-o", &format!("cluster_size={cs}")]);
-        start(&c);
-        step(&c, &["bitmap", "--add", &name, "d"]);
-        step(&c, &["bitmap", "--add", "-g", "0", &name, "z"]);
+        c.fresh();
+        c.step(&["bitmap", "--add", &name, "d"]);
+        c.step(&["bitmap", "--add", "-g", "0", &name, "z"]);
         assert_eq!(bitmap_list(&c.q, &name), bitmap_list(&c.o, &name));
     }
 }
@@ -291,7 +252,7 @@ fn convert_copies_bitmaps_like_qemu_img() {
     );
     qemu_io_in(&c.setup, "s.qcow2", &["write 5M 4k", "write 9M 100k"]);
     c.prep("qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
-    start(&c);
+    c.fresh();
     for args in [
         &[
             "convert",
@@ -331,7 +292,7 @@ fn convert_copies_bitmaps_like_qemu_img() {
             "y.qcow2",
         ],
     ] {
-        step(&c, args);
+        c.step(args);
     }
     same_bitmaps(&c, "out.qcow2", &["b1", "b2", "b3"]);
     assert_eq!(
@@ -346,25 +307,19 @@ fn convert_copies_bitmaps_like_qemu_img() {
         ok_in(dir, "qemu-img", &["bitmap", "--remove", "s.qcow2", "b1"]);
     }
     assert_eq!(
-        step(
-            &c,
-            &["convert", "--bitmaps", "-O", "qcow2", "s.qcow2", "c.qcow2"]
-        ),
+        c.step(&["convert", "--bitmaps", "-O", "qcow2", "s.qcow2", "c.qcow2"]),
         1
     );
     assert!(!c.o.join("c.qcow2").exists());
-    step(
-        &c,
-        &[
-            "convert",
-            "--bitmaps",
-            "--skip-broken-bitmaps",
-            "-O",
-            "qcow2",
-            "s.qcow2",
-            "c.qcow2",
-        ],
-    );
+    c.step(&[
+        "convert",
+        "--bitmaps",
+        "--skip-broken-bitmaps",
+        "-O",
+        "qcow2",
+        "s.qcow2",
+        "c.qcow2",
+    ]);
     same_bitmaps(&c, "c.qcow2", &["b4"]);
 }
 

@@ -24,25 +24,9 @@ fn node_names(s: &str) -> String {
     out + rest
 }
 
-/// The same command through both tools in their copies (no fresh copy).
+/// One step in both copies (no fresh copy), node names masked.
 fn step(c: &Case, prog_args: &[&str]) -> i32 {
-    let q = run_in(&c.q, "qemu-img", prog_args);
-    let o = run_in(&c.o, BIN, prog_args);
-    assert_eq!(normalize(&q.1), normalize(&o.1), "stdout of {prog_args:?}");
-    assert_eq!(
-        node_names(&normalize(&q.2)),
-        node_names(&normalize(&o.2)),
-        "stderr of {prog_args:?}"
-    );
-    assert_eq!(q.0, o.0, "exit status of {prog_args:?}");
-    q.0
-}
-
-fn start(c: &Case) {
-    for dir in [&c.q, &c.o] {
-        let _ = std::fs::remove_dir_all(dir);
-        copy_dir(&c.setup, dir);
-    }
+    c.step_masked(prog_args, node_names).0
 }
 
 /// `qemu-img check` (with `extra` options) says the same of both copies.
@@ -84,7 +68,7 @@ fn commit_empties_the_image_as_qemu_img_does() {
     // Success: the emptied image is byte for byte QEMU's (fresh layout,
     // file cut after the L1 table); the base has the same guest data
     // (QEMU's parallel job may place it otherwise) and is clean.
-    start(&c);
+    c.fresh();
     assert_eq!(step(&c, &["commit", "t.qcow2"]), 0);
     let same_file =
         |f: &str| std::fs::read(c.q.join(f)).unwrap() == std::fs::read(c.o.join(f)).unwrap();
@@ -102,7 +86,7 @@ fn commit_empties_the_image_as_qemu_img_does() {
         "refblock_alloc",
     ] {
         blkdebug_conf(&c.setup, event, "");
-        start(&c);
+        c.fresh();
         let spec = "blkdebug:blkdebug.conf:t.qcow2";
         assert_eq!(step(&c, &["commit", spec]), 1, "{event}");
         let (_, report) = same_check(&c, "t.qcow2", &[]);
@@ -127,7 +111,7 @@ fn commit_into_json_backing_nodes_like_qemu_img() {
     let json = "json:{'driver': 'qcow2', 'file': { 'driver': 'blkdebug', 'inject-error': [{ 'event': 'write_aio', 'errno': 28, 'once': true }], 'image': { 'driver': 'file', 'filename': 'b.qcow2' }}}";
     c.qcow2("t.qcow2", "1M", &["-b", json, "-F", "qcow2"]);
     qemu_io_in(&c.setup, "t.qcow2", &["write -P 7 0 64k"]);
-    start(&c);
+    c.fresh();
     assert_eq!(step(&c, &["commit", "t.qcow2"]), 1);
     same_check(&c, "b.qcow2", &[]);
     // A raw node's size: the base as a 4 MiB device (how a commit that
@@ -166,7 +150,7 @@ fn commit_into_json_backing_nodes_like_qemu_img() {
         ],
     );
     qemu_io_in(&c.setup, "top.qcow2", &["write -P 3 0 2M"]);
-    start(&c);
+    c.fresh();
     assert_eq!(step(&c, &["commit", "-d", "top.qcow2"]), 0);
     assert_eq!(
         run_in(&c.o, "qemu-img", &["compare", "top.qcow2", wjson]).0,
@@ -224,7 +208,7 @@ fn bitmaps_lost_at_close_are_reported_as_qemu_img_does() {
         );
         c.prep("qemu-img", &["bitmap", "--add", "t.qcow2", "good-bitmap"]);
         qemu_io_in(s, "t.qcow2", &["write 0 126m"]);
-        start(&c);
+        c.fresh();
         let commit = step(&c, &["commit", "-d", "t.qcow2"]);
         assert_eq!(commit, if n == 6 { 0 } else { 1 }, "{n} bitmaps");
         assert_eq!(step(&c, &["bitmap", "--add", base, "good-bitmap"]), 0);
@@ -253,7 +237,7 @@ fn snapshot_delete_with_failing_frees_like_qemu_img() {
     qemu_io_in(&c.setup, "t.qcow2", &["write 0 64k"]);
     c.prep("qemu-img", &["snapshot", "-c", "foo", "t.qcow2"]);
     blkdebug_conf(&c.setup, "cluster_free", "errno = \"5\"\n");
-    start(&c);
+    c.fresh();
     assert_eq!(
         step(
             &c,
@@ -268,7 +252,7 @@ fn snapshot_delete_with_failing_frees_like_qemu_img() {
     assert_eq!(code, 0);
     assert!(report.contains("Repairing OFLAG_COPIED"), "{report}");
     // The same through oxqcow check.
-    start(&c);
+    c.fresh();
     step(
         &c,
         &["snapshot", "-d", "foo", "blkdebug:blkdebug.conf:t.qcow2"],
@@ -304,7 +288,7 @@ fn convert_salvage_like_qemu_img() {
         "json:{{'driver': 'blkdebug', 'image': {{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': 's.qcow2'}}}}, 'inject-error': [{}]}}",
         rules.join(", ")
     );
-    start(&c);
+    c.fresh();
     assert_eq!(step(&c, &["convert", "--salvage", &src, "out.raw"]), 0);
     assert!(
         std::fs::read(c.q.join("out.raw")).unwrap() == std::fs::read(c.o.join("out.raw")).unwrap(),

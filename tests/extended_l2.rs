@@ -10,16 +10,6 @@ use common::*;
 use oxqcow::engine::{CreateOptions, OpenOptions, Qcow2};
 use std::path::Path;
 
-const BIN: &str = env!("CARGO_BIN_EXE_oxqcow");
-
-fn ox(args: &[&str]) -> (i32, String, String) {
-    run(BIN, args)
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
 /// Every (entry, bitmap) pair of the active L2 tables, with its guest
 /// cluster: the raw state to compare with what QEMU leaves.
 fn l2_dump(path: &Path) -> Vec<(u64, u64, u64)> {
@@ -56,16 +46,7 @@ fn map_json(path: &Path) -> String {
 /// 100 KiB, zero subclusters there.
 fn make_backing(dir: &Scratch) -> String {
     let b = dir.path("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        &s(&b),
-        "1M",
-    ]);
+    create_qcow2(&b, "1M", &["-o", "extended_l2=on"]);
     qemu_io(&b, &["write -P 0x11 0 1M", "write -z 924k 100k"]);
     s(&b)
 }
@@ -84,16 +65,9 @@ fn same_as_qemu_io_with(dir: &Scratch, opts: &str, cmds: &[&str], same_hosts: bo
     let o = dir.path("ours.qcow2");
     let _ = std::fs::remove_file(&q);
     let _ = std::fs::remove_file(&o);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &s(&q), "1M"]);
+    create_qcow2(&q, "1M", &["-o", opts]);
     std::fs::copy(&q, &o).unwrap();
-    let mut args: Vec<String> = vec!["io".into(), "-f".into(), "qcow2".into()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.to_string());
-    }
-    args.push(s(&o));
-    let a: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
-    let (code, out, err) = ox(&a);
+    let (code, out, err) = ox_io(&o, cmds);
     assert!(code == 0 && !out.contains("failed"), "{cmds:?}: {out}{err}");
     qemu_io(&q, cmds);
     let (mut lo, mut lq) = (l2_dump(&o), l2_dump(&q));
@@ -155,8 +129,9 @@ fn create_is_byte_identical_to_qemu_img() {
         let o = d.path("o.qcow2");
         let _ = std::fs::remove_file(&q);
         let _ = std::fs::remove_file(&o);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &s(&q), size]);
-        let (code, out, err) = ox(&["create", "-q", "-f", "qcow2", "-o", opts, &s(&o), size]);
+        create_qcow2(&q, size, &["-o", opts]);
+        let os = s(&o);
+        let (code, out, err) = ox(&case::create_args(&os, size, &["-o", opts]));
         assert_eq!(code, 0, "{opts}: {out}{err}");
         assert!(
             std::fs::read(&q).unwrap() == std::fs::read(&o).unwrap(),
@@ -175,16 +150,8 @@ fn create_is_byte_identical_to_qemu_img() {
         .unwrap()
         .extended_l2());
     let refuse = |opts: &str, size: &str, want: &str| {
-        let (code, _, err) = ox(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            &s(&d.path("x.qcow2")),
-            size,
-        ]);
+        let x = s(&d.path("x.qcow2"));
+        let (code, _, err) = ox(&case::create_args(&x, size, &["-o", opts]));
         assert_ne!(code, 0, "{opts}");
         assert!(err.contains(want), "{opts}: {err}");
     };
@@ -212,7 +179,7 @@ fn reads_what_qemu_io_writes() {
         if backing {
             opts += &format!(",backing_file={base},backing_fmt=qcow2");
         }
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &s(&t), "1M"]);
+        create_qcow2(&t, "1M", &["-o", &opts]);
         qemu_io(
             &t,
             &[
@@ -259,16 +226,7 @@ fn reads_what_qemu_io_writes() {
 fn info_says_extended_l2() {
     let d = Scratch::new("extl2-info");
     let t = d.path("t.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        &s(&t),
-        "1M",
-    ]);
+    create_qcow2(&t, "1M", &["-o", "extended_l2=on"]);
     for fmt in ["human", "json"] {
         let f = format!("--output={fmt}");
         let theirs = qemu_img(&["info", &f, &s(&t)]);
@@ -342,29 +300,17 @@ fn writes_leave_what_qemu_io_leaves() {
 fn copy_on_read_allocates_only_the_subclusters_read() {
     let d = Scratch::new("extl2-cor");
     let base = d.path("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&base), "64k"]);
+    create_qcow2(&base, "64k", &[]);
     qemu_io(&base, &["write -P 0xaa 0 64k"]);
     let top = d.path("top.qcow2");
-    let (code, _, err) = ox(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        "-F",
-        "qcow2",
-        "-b",
-        &s(&base),
-        &s(&top),
-        "64k",
-    ]);
+    let (bs, ts) = (s(&base), s(&top));
+    let opts = ["-o", "extended_l2=on", "-F", "qcow2", "-b", &bs];
+    let (code, _, err) = ox(&case::create_args(&ts, "64k", &opts));
     assert_eq!(code, 0, "{err}");
     let io = |args: &[&str]| {
         let mut a = vec!["io", "-f", "qcow2"];
         a.extend_from_slice(args);
-        let t = s(&top);
-        a.push(&t);
+        a.push(&ts);
         let (code, out, err) = ox(&a);
         assert_eq!(code, 0, "{err}");
         assert!(!out.contains("fail"), "{out}");
@@ -460,7 +406,7 @@ fn snapshots_share_and_copy_subclusters_as_qemu_does() {
     let opts = format!("extended_l2=on,backing_file={base},backing_fmt=qcow2");
     let q = d.path("qemu.qcow2");
     let o = d.path("ours.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &s(&q), "1M"]);
+    create_qcow2(&q, "1M", &["-o", &opts]);
     qemu_io(
         &q,
         &["write -P 2 3k 5k", "write -P 3 70k 2k", "write -z 72k 2k"],
@@ -472,14 +418,7 @@ fn snapshots_share_and_copy_subclusters_as_qemu_does() {
     // Writes into clusters shared with the snapshot copy them.
     let cmds = ["write -P 4 10k 1k", "write -P 5 66k 2k", "write -z 0 2k"];
     qemu_io(&q, &cmds);
-    let mut a = vec!["io", "-f", "qcow2"];
-    for c in &cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    let os = s(&o);
-    a.push(&os);
-    let (code, out, err) = ox(&a);
+    let (code, out, err) = ox_io(&o, &cmds);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(l2_dump(&o), l2_dump(&q));
     assert_eq!(map_json(&o), map_json(&q));
@@ -501,16 +440,7 @@ fn snapshots_share_and_copy_subclusters_as_qemu_does() {
 fn amend_resize_and_check() {
     let d = Scratch::new("extl2-amend");
     let t = d.path("t.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        &s(&t),
-        "1M",
-    ]);
+    create_qcow2(&t, "1M", &["-o", "extended_l2=on"]);
     qemu_io(&t, &["write -P 1 3k 5k", "write -P 2 900k 4k"]);
     let amend = |o: &str| {
         let (code, _, err) = ox(&["amend", "-o", o, &s(&t)]);
@@ -578,16 +508,7 @@ fn hostile_entries_give_errors_and_qemus_check_report() {
     for &(at, v, want) in cases {
         let t = d.path("t.qcow2");
         let _ = std::fs::remove_file(&t);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            &s(&t),
-            "1M",
-        ]);
+        create_qcow2(&t, "1M", &["-o", "extended_l2=on"]);
         qemu_io(&t, &["write 0 8k", "write 64k 4k"]);
         poke(&t, at, v);
         let c = d.path("c.qcow2");
@@ -610,16 +531,7 @@ fn hostile_entries_give_errors_and_qemus_check_report() {
     }
     // Subclusters of 256 bytes (8 KiB clusters): refused as QEMU does.
     let t = d.path("small.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=8k",
-        &s(&t),
-        "1M",
-    ]);
+    create_qcow2(&t, "1M", &["-o", "cluster_size=8k"]);
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
@@ -632,16 +544,7 @@ fn hostile_entries_give_errors_and_qemus_check_report() {
     );
     // An L2 table past the end of the file (a truncated image).
     let t = d.path("trunc.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        &s(&t),
-        "1M",
-    ]);
+    create_qcow2(&t, "1M", &["-o", "extended_l2=on"]);
     qemu_io(&t, &["write 0 8k"]);
     let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
     f.set_len(0x48000).unwrap();
@@ -690,36 +593,18 @@ fn rebase_and_data_file_match_qemu() {
     let d = Scratch::new("extl2-rebase");
     let b0 = d.path("b0.qcow2");
     let b1 = d.path("b1.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&b0), "1M"]);
+    create_qcow2(&b0, "1M", &[]);
     qemu_io(&b0, &["write -P 1 0 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &s(&b0),
-        "-F",
-        "qcow2",
-        &s(&b1),
-    ]);
+    create_qcow2(&b1, "", &["-b", &s(&b0), "-F", "qcow2"]);
     qemu_io(&b1, &["write -P 2 0 512k"]);
     let cmds = ["write -P 3 3k 5k", "write -z 600k 2k", "write -P 4 100k 3k"];
     let (q, o) = (d.path("q.qcow2"), d.path("o.qcow2"));
     for t in [&q, &o] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "-b",
-            &s(&b1),
-            "-F",
-            "qcow2",
-            &s(t),
-        ]);
+        create_qcow2(
+            t,
+            "",
+            &["-o", "extended_l2=on", "-b", &s(&b1), "-F", "qcow2"],
+        );
         qemu_io(t, &cmds);
     }
     qemu_img(&["rebase", "-b", &s(&b0), "-F", "qcow2", &s(&q)]);
@@ -741,36 +626,13 @@ fn rebase_and_data_file_match_qemu() {
     ];
     let (q, o) = (d.path("dq.qcow2"), d.path("do.qcow2"));
     let (qd, od) = (d.path("dq.raw"), d.path("do.raw"));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("extended_l2=on,data_file={}", s(&qd)),
-        &s(&q),
-        "1M",
-    ]);
-    let (code, _, err) = ox(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("extended_l2=on,data_file={}", s(&od)),
-        &s(&o),
-        "1M",
-    ]);
+    let with_data = |f: &Path| format!("extended_l2=on,data_file={}", s(f));
+    create_qcow2(&q, "1M", &["-o", &with_data(&qd)]);
+    let (os, opts) = (s(&o), with_data(&od));
+    let (code, _, err) = ox(&case::create_args(&os, "1M", &["-o", &opts]));
     assert_eq!(code, 0, "{err}");
     qemu_io(&q, &cmds);
-    let mut a = vec!["io", "-f", "qcow2"];
-    for c in &cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    let os = s(&o);
-    a.push(&os);
-    let (code, out, err) = ox(&a);
+    let (code, out, err) = ox_io(&o, &cmds);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(l2_dump(&o), l2_dump(&q));
     assert!(std::fs::read(&od).unwrap() == std::fs::read(&qd).unwrap());

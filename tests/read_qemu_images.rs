@@ -31,16 +31,7 @@ fn matrix_case(cs: u64, compat: &str, refcount_bits: u32) {
     let img = d.path("q.qcow2");
     let size = (cs * cs / 8 + 5 * cs).clamp(8 << 20, 64 << 20).max(20 * cs);
     let opts = format!("cluster_size={cs},compat={compat},refcount_bits={refcount_bits}");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &opts,
-        &img.display().to_string(),
-        &size.to_string(),
-    ]);
+    create_qcow2(&img, &size.to_string(), &["-o", &opts]);
     populate(&img, cs, size);
     assert_same_view(&img, &d);
 }
@@ -115,20 +106,8 @@ fn three_deep_chain_ending_in_raw() {
     std::fs::write(&base, &b).unwrap();
     let mid = d.path("mid.qcow2");
     let top = d.path("top.qcow2");
-    let s = |p: &std::path::Path| p.display().to_string();
     // Relative backing names, resolved against the overlay's directory.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &s(&mid),
-        "4M",
-    ]);
+    create_qcow2(&mid, "4M", &["-b", "base.raw", "-F", "raw"]);
     qemu_io(
         &mid,
         &[
@@ -137,20 +116,11 @@ fn three_deep_chain_ending_in_raw() {
             "write -P 0xab 3670016 4096",
         ],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        &s(&top),
+    create_qcow2(
+        &top,
         "6M",
-    ]);
+        &["-o", "compat=0.10", "-b", "mid.qcow2", "-F", "qcow2"],
+    );
     qemu_io(
         &top,
         &["write -P 0xcc 70000 5000", "write -P 0xcd 5242880 65536"],

@@ -309,18 +309,7 @@ fn copy_on_write_sources() {
     let mut model: Vec<u8> = (0..(4u64 << 20)).map(|i| (i % 253) as u8).collect();
     std::fs::write(&base, &model).unwrap();
     let mid = d.path("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &s(&base),
-        "-F",
-        "raw",
-        &s(&mid),
-        "4M",
-    ]);
+    create_qcow2(&mid, "4M", &["-b", &s(&base), "-F", "raw"]);
     qemu_io(&mid, &["write -P 0x77 100000 70000"]);
     model[100000..170000].fill(0x77);
     let top = d.path("top.qcow2");
@@ -372,7 +361,7 @@ fn copy_on_write_sources() {
 
     // Clusters shared with an internal snapshot.
     let sn = d.path("sn.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &s(&sn), "4M"]);
+    create_qcow2(&sn, "4M", &[]);
     qemu_io(&sn, &["write -P 0x31 0 1M"]);
     qemu_img(&["snapshot", "-c", "snap", &s(&sn)]);
     let mut sm = vec![0u8; 4 << 20];
@@ -435,16 +424,7 @@ fn discarded_clusters_are_reused_like_qemu() {
     let ours = d.path("ours.qcow2");
     let theirs = d.path("theirs.qcow2");
     for p in [&ours, &theirs] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "preallocation=metadata",
-            &p.display().to_string(),
-            "8M",
-        ]);
+        create_qcow2(p, "8M", &["-o", "preallocation=metadata"]);
     }
     let img = Image::open(&ours, None, &rw()).unwrap();
     img.discard(0, 1 << 20).unwrap();

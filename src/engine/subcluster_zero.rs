@@ -19,51 +19,41 @@ impl Qcow2 {
     pub(super) fn zero_ext(&self, a: u64, b: u64, unmap: bool) -> Result<()> {
         let (cs, scs, size) = (self.cs, self.subcluster_size(), self.size());
         let mut fallback = false;
-        let mut pos = a;
-        while pos < b && !fallback {
-            let n = self.chunk_len(pos, b - pos);
-            let first = pos >> self.cb;
-            let last = (pos + n - 1) >> self.cb;
-            let mut m = self.claim(first, last);
-            let r = (|| -> Result<()> {
-                m.mark_dirty()?;
-                for gc in first..=last {
-                    let cstart = gc << self.cb;
-                    let s = pos.max(cstart) - cstart;
-                    let e = (pos + n).min(cstart + cs) - cstart;
-                    let (raw, bitmap) = self.ext_pair(&mut m, gc)?;
-                    let compressed = raw & COMPRESSED != 0;
-                    let whole = s == 0 && (e == cs || cstart + e >= size);
-                    let (new_raw, new_bitmap, drop) = if whole {
-                        let has_host = compressed
-                            || matches!(m.decode(self.typed_raw(raw)), L2Entry::Normal { .. });
-                        if compressed || (unmap && has_host) {
-                            (0, ALL_ZERO, true)
-                        } else {
-                            (raw, ALL_ZERO, false)
-                        }
-                    } else if compressed {
-                        fallback = true;
-                        break;
+        self.for_each_claimed_chunk(a, b, |m, pos, n, clusters| {
+            m.mark_dirty()?;
+            for gc in clusters {
+                let cstart = gc << self.cb;
+                let s = pos.max(cstart) - cstart;
+                let e = (pos + n).min(cstart + cs) - cstart;
+                let (raw, bitmap) = self.ext_pair(m, gc)?;
+                let compressed = raw & COMPRESSED != 0;
+                let whole = s == 0 && (e == cs || cstart + e >= size);
+                let (new_raw, new_bitmap, drop) = if whole {
+                    let has_host = compressed
+                        || matches!(m.decode(self.typed_raw(raw)), L2Entry::Normal { .. });
+                    if compressed || (unmap && has_host) {
+                        (0, ALL_ZERO, true)
                     } else {
-                        let mask = alloc_mask((s / scs) as u32, e.div_ceil(scs) as u32);
-                        (raw, (bitmap | mask << 32) & !mask, false)
-                    };
-                    if (new_raw, new_bitmap) == (raw, bitmap) {
-                        continue;
+                        (raw, ALL_ZERO, false)
                     }
-                    let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, new_raw, new_bitmap);
-                    if drop {
-                        m.unref_entry(raw, unmap)?;
-                    }
+                } else if compressed {
+                    fallback = true;
+                    return Ok(false);
+                } else {
+                    let mask = alloc_mask((s / scs) as u32, e.div_ceil(scs) as u32);
+                    (raw, (bitmap | mask << 32) & !mask, false)
+                };
+                if (new_raw, new_bitmap) == (raw, bitmap) {
+                    continue;
                 }
-                Ok(())
-            })();
-            self.release(&mut m, first, last);
-            r?;
-            pos += n;
-        }
+                let l2 = m.l2_for_write(gc)?;
+                m.set_l2_entry(l2, gc, new_raw, new_bitmap);
+                if drop {
+                    m.unref_entry(raw, unmap)?;
+                }
+            }
+            Ok(true)
+        })?;
         if fallback {
             self.zero_partial_forced(a, b - a)?;
         }
@@ -74,39 +64,28 @@ impl Qcow2 {
     /// unallocated, otherwise they read as zeros afterwards when they had
     /// a host cluster or the image has a backing file (QEMU's discard).
     pub(super) fn unmap_ext(&self, a: u64, b: u64, full: bool, punch: bool) -> Result<()> {
-        let mut pos = a;
-        while pos < b {
-            let n = self.chunk_len(pos, b - pos);
-            let first = pos >> self.cb;
-            let last = (pos + n - 1) >> self.cb;
-            let mut m = self.claim(first, last);
-            let r = (|| -> Result<()> {
-                for gc in first..=last {
-                    let (raw, bitmap) = self.ext_pair(&mut m, gc)?;
-                    let allocated = !matches!(
-                        m.decode(self.typed_raw(raw)),
-                        L2Entry::Unallocated | L2Entry::Zero { .. }
-                    );
-                    let new = if full {
-                        (0, 0)
-                    } else if self.backing.is_some() || allocated {
-                        (0, ALL_ZERO)
-                    } else {
-                        (raw, bitmap)
-                    };
-                    if new == (raw, bitmap) {
-                        continue;
-                    }
-                    let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, new.0, new.1);
-                    m.unref_entry(raw, punch)?;
+        self.for_each_claimed_chunk(a, b, |m, _, _, clusters| {
+            for gc in clusters {
+                let (raw, bitmap) = self.ext_pair(m, gc)?;
+                let allocated = !matches!(
+                    m.decode(self.typed_raw(raw)),
+                    L2Entry::Unallocated | L2Entry::Zero { .. }
+                );
+                let new = if full {
+                    (0, 0)
+                } else if self.backing.is_some() || allocated {
+                    (0, ALL_ZERO)
+                } else {
+                    (raw, bitmap)
+                };
+                if new == (raw, bitmap) {
+                    continue;
                 }
-                Ok(())
-            })();
-            self.release(&mut m, first, last);
-            r?;
-            pos += n;
-        }
-        Ok(())
+                let l2 = m.l2_for_write(gc)?;
+                m.set_l2_entry(l2, gc, new.0, new.1);
+                m.unref_entry(raw, punch)?;
+            }
+            Ok(true)
+        })
     }
 }

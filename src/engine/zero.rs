@@ -2,9 +2,11 @@
 //! flag, or unmapped), partial clusters are written with zeros, and freed
 //! host clusters go through the deferred-unreference queue.
 
+use super::meta::Meta;
 use super::{BlockStatus, Qcow2};
 use crate::error::Result;
 use crate::format::entries::{L2Entry, COPIED, ZERO};
+use std::ops::RangeInclusive;
 
 impl Qcow2 {
     // ---- zeroes and discard -----------------------------------------------------------
@@ -97,40 +99,30 @@ impl Qcow2 {
             }
             return self.zero_partial_forced(a, b - a);
         }
-        let mut pos = a;
-        while pos < b {
-            let n = self.chunk_len(pos, b - pos);
-            let first = pos >> self.cb;
-            let last = (pos + n - 1) >> self.cb;
-            let mut m = self.claim(first, last);
-            let r = (|| -> Result<()> {
-                m.mark_dirty()?;
-                for gc in first..=last {
-                    let raw = m.l2_entry(gc)?;
-                    let new = match m.decode(raw) {
-                        L2Entry::Normal { host, copied: true } if !unmap => host | COPIED | ZERO,
-                        L2Entry::Zero { host, copied: true } if !unmap => host | COPIED | ZERO,
-                        L2Entry::Zero { host: 0, .. } => continue,
-                        _ => ZERO,
-                    };
-                    // As QEMU: an entry that already says so is not rewritten
-                    // (no L2 update for zeros over zeros).
-                    if new == raw {
-                        continue;
-                    }
-                    let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, new, 0);
-                    if new == ZERO {
-                        m.unref_entry(raw, unmap)?;
-                    }
+        self.for_each_claimed_chunk(a, b, |m, pos, n, clusters| {
+            m.mark_dirty()?;
+            for gc in clusters {
+                let raw = m.l2_entry(gc)?;
+                let new = match m.decode(raw) {
+                    L2Entry::Normal { host, copied: true } if !unmap => host | COPIED | ZERO,
+                    L2Entry::Zero { host, copied: true } if !unmap => host | COPIED | ZERO,
+                    L2Entry::Zero { host: 0, .. } => continue,
+                    _ => ZERO,
+                };
+                // As QEMU: an entry that already says so is not rewritten
+                // (no L2 update for zeros over zeros).
+                if new == raw {
+                    continue;
                 }
-                self.zero_raw_data(pos, n, unmap)
-            })();
-            self.release(&mut m, first, last);
-            r?;
-            pos += n;
-        }
-        Ok(())
+                let l2 = m.l2_for_write(gc)?;
+                m.set_l2_entry(l2, gc, new, 0);
+                if new == ZERO {
+                    m.unref_entry(raw, unmap)?;
+                }
+            }
+            self.zero_raw_data(pos, n, unmap)?;
+            Ok(true)
+        })
     }
 
     pub(super) fn zero_partial_forced(&self, off: u64, len: u64) -> Result<()> {
@@ -174,40 +166,54 @@ impl Qcow2 {
         if self.ext_l2 {
             return self.unmap_ext(a, b, full, punch);
         }
+        self.for_each_claimed_chunk(a, b, |m, _, _, clusters| {
+            for gc in clusters {
+                let raw = m.l2_entry(gc)?;
+                let e = m.decode(raw);
+                let allocated = !matches!(e, L2Entry::Unallocated | L2Entry::Zero { host: 0, .. });
+                let new = if full {
+                    0
+                } else if self.backing.is_some() || allocated {
+                    if self.version >= 3 {
+                        ZERO
+                    } else {
+                        0
+                    }
+                } else {
+                    raw
+                };
+                if new == raw {
+                    continue;
+                }
+                let l2 = m.l2_for_write(gc)?;
+                m.set_l2_entry(l2, gc, new, 0);
+                m.unref_entry(raw, punch)?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Runs `f(meta, pos, n, clusters)` over [a, b) one chunk at a time
+    /// (see `chunk_len`), with the chunk's guest clusters claimed so that
+    /// no other request works on them meanwhile; they are released even
+    /// when `f` fails. Stops at the first error, or when `f` says Ok(false).
+    pub(super) fn for_each_claimed_chunk(
+        &self,
+        a: u64,
+        b: u64,
+        mut f: impl FnMut(&mut Meta, u64, u64, RangeInclusive<u64>) -> Result<bool>,
+    ) -> Result<()> {
         let mut pos = a;
         while pos < b {
             let n = self.chunk_len(pos, b - pos);
             let first = pos >> self.cb;
             let last = (pos + n - 1) >> self.cb;
             let mut m = self.claim(first, last);
-            let r = (|| -> Result<()> {
-                for gc in first..=last {
-                    let raw = m.l2_entry(gc)?;
-                    let e = m.decode(raw);
-                    let allocated =
-                        !matches!(e, L2Entry::Unallocated | L2Entry::Zero { host: 0, .. });
-                    let new = if full {
-                        0
-                    } else if self.backing.is_some() || allocated {
-                        if self.version >= 3 {
-                            ZERO
-                        } else {
-                            0
-                        }
-                    } else {
-                        raw
-                    };
-                    if new == raw {
-                        continue;
-                    }
-                    let l2 = m.l2_for_write(gc)?;
-                    m.set_l2_entry(l2, gc, new, 0);
-                    m.unref_entry(raw, punch)?;
-                }
-                Ok(())
-            })();
+            let r = f(&mut m, pos, n, first..=last);
             self.release(&mut m, first, last);
-            r?;
+            if !r? {
+                break;
+            }
             pos += n;
         }
         Ok(())

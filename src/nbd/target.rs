@@ -7,6 +7,7 @@
 //! `export=`). Errors use QEMU's wording, since qemu-io prints them after
 //! "can't open device NAME: ".
 
+use crate::blockdev::is_node_opt;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -91,16 +92,8 @@ impl NbdTarget {
     /// the node: `server.type`, `server.path`, `export`, …). `filename`
     /// is refused as QEMU refuses it next to a server address.
     pub fn from_options(opts: &BTreeMap<String, String>) -> Result<NbdTarget> {
+        // The nbd driver's own options; every node's are taken too.
         const KNOWN: &[&str] = &[
-            "driver",
-            "node-name",
-            "read-only",
-            "auto-read-only",
-            "cache.direct",
-            "cache.no-flush",
-            "discard",
-            "detect-zeroes",
-            "force-share",
             "server.type",
             "server.path",
             "server.host",
@@ -130,7 +123,7 @@ impl NbdTarget {
             return Err(bad("NBD server address missing"));
         }
         for k in opts.keys() {
-            if !KNOWN.contains(&k.as_str()) {
+            if !(is_node_opt(k) || KNOWN.contains(&k.as_str())) {
                 return Err(bad(format!(
                     "Block protocol 'nbd' doesn't support the option '{k}'"
                 )));

@@ -45,13 +45,51 @@ pub fn qemu_img(args: &[&str]) -> String {
     out
 }
 
-pub fn qemu_io(file: &Path, cmds: &[&str]) {
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Runs the oxqcow tool: (status, stdout, stderr).
+pub fn ox(args: &[&str]) -> (i32, String, String) {
+    run(case::BIN, args)
+}
+
+/// Runs oxqcow and insists on success.
+pub fn ox_ok(args: &[&str]) -> String {
+    let (code, out, err) = ox(args);
+    assert_eq!(code, 0, "oxqcow {args:?} failed: {out}{err}");
+    out
+}
+
+/// `qemu-img create -q -f qcow2 EXTRA… PATH [SIZE]` (`size` may be
+/// empty, with a backing file), insisting on success.
+pub fn create_qcow2(path: &Path, size: &str, extra: &[&str]) {
+    let p = s(path);
+    qemu_img(&case::create_args(&p, size, extra));
+}
+
+/// `-f qcow2 -c CMD… FILE`: the arguments of qemu-io and `oxqcow io`.
+fn io_args(file: &Path, cmds: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
     for c in cmds {
         args.push("-c".into());
         args.push(c.to_string());
     }
-    args.push(file.display().to_string());
+    args.push(s(file));
+    args
+}
+
+/// Runs `oxqcow io -f qcow2 -c CMD… FILE`: (status, stdout, stderr).
+pub fn ox_io(file: &Path, cmds: &[&str]) -> (i32, String, String) {
+    let args = io_args(file, cmds);
+    let mut a = vec!["io"];
+    a.extend(args.iter().map(String::as_str));
+    ox(&a)
+}
+
+pub fn qemu_io(file: &Path, cmds: &[&str]) {
+    let args = io_args(file, cmds);
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let (code, out, err) = run("qemu-io", &a);
     assert!(

@@ -8,6 +8,7 @@
 //! node becomes the device's copy-on-read flag, as qemu-io's `-C`.
 
 use crate::io_open::{parse_size_opt, ZeroLimits};
+use oxqcow::blockdev::is_node_opt;
 use oxqcow::storage::{Blkdebug, BlkdebugStorage, Storage};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,41 +19,19 @@ pub type DebugNodes = Vec<(String, Arc<Blkdebug>)>;
 
 /// Options of a blkdebug node that do not change what it reads and
 /// writes: request limits (not enforced: oxqcow's storage needs no
-/// alignment), permissions, node options.
+/// alignment), permissions, and every node's options (`is_node_opt`).
 const BLKDEBUG_PASSTHROUGH: &[&str] = &[
-    "driver",
     "align",
     "max-transfer",
     "opt-write-zero",
     "max-write-zero",
     "opt-discard",
     "max-discard",
-    "node-name",
-    "read-only",
-    "auto-read-only",
-    "cache.direct",
-    "cache.no-flush",
-    "discard",
-    "detect-zeroes",
-    "force-share",
-];
-
-/// Options every node takes, which a copy-on-read node has no use for.
-const COR_OPTS: &[&str] = &[
-    "driver",
-    "node-name",
-    "read-only",
-    "auto-read-only",
-    "cache.direct",
-    "cache.no-flush",
-    "discard",
-    "detect-zeroes",
-    "force-share",
-    "bottom",
 ];
 
 /// Takes a top `driver=copy-on-read` node out: its `file.*` options
-/// become the device's. True when there was one.
+/// become the device's; every node's options and `bottom` it takes, but
+/// has no use for. True when there was one.
 pub fn strip_cor(
     map: BTreeMap<String, String>,
 ) -> Result<(BTreeMap<String, String>, bool), String> {
@@ -63,7 +42,7 @@ pub fn strip_cor(
     for (k, v) in map {
         if let Some(r) = k.strip_prefix("file.") {
             out.insert(r.to_string(), v);
-        } else if !COR_OPTS.contains(&k.as_str()) {
+        } else if !(is_node_opt(&k) || k == "bottom") {
             return Err(format!(
                 "Block format 'copy-on-read' does not support the option '{k}'"
             ));
@@ -157,7 +136,8 @@ pub fn strip_blkdebug(
                 || rel.starts_with("set-state.")
             {
                 rules.insert(rel.to_string(), v);
-            } else if BLKDEBUG_PASSTHROUGH.contains(&rel)
+            } else if is_node_opt(rel)
+                || BLKDEBUG_PASSTHROUGH.contains(&rel)
                 || rel.starts_with("take-child-perms")
                 || rel.starts_with("unshare-child-perms")
             {

@@ -8,22 +8,10 @@
 //! names two drivers, `nbd` and `nbd+unix`, as qemu-io prints them).
 
 use crate::io_open::Flags;
+use oxqcow::blockdev::is_node_opt;
 use oxqcow::nbd::{is_nbd_name, NbdTarget};
 use oxqcow::{Error, Image, OpenOptions};
 use std::collections::BTreeMap;
-
-/// Options every node takes, allowed next to an NBD file name.
-const NODE_OPTS: &[&str] = &[
-    "driver",
-    "node-name",
-    "read-only",
-    "auto-read-only",
-    "cache.direct",
-    "cache.no-flush",
-    "discard",
-    "detect-zeroes",
-    "force-share",
-];
 
 /// Opens the NBD export the request names: None when it names none.
 /// The result is the image and the driver name qemu-io reports.
@@ -41,7 +29,7 @@ pub fn open(
             Some(d @ ("raw" | "qcow2")) => (Some(d), Some(d)),
             Some(_) => return None,
         };
-        if let Some(k) = map.keys().find(|k| !NODE_OPTS.contains(&k.as_str())) {
+        if let Some(k) = map.keys().find(|k| !is_node_opt(k)) {
             let d = driver.unwrap_or("nbd");
             return Some(Err(format!(
                 "Block format '{d}' does not support the option '{k}'"

@@ -15,6 +15,7 @@ use io_quorum::open_on_quorum;
 pub use io_quorum::quorum_children;
 
 use crate::io::io_filters::{self, filtered, is_protocol, wrap, DebugNodes};
+use oxqcow::blockdev::is_node_opt;
 use oxqcow::storage::blkdebug::IoType;
 use oxqcow::storage::{Blkdebug, FileStorage};
 use oxqcow::{BlockStatus, Image, OpenOptions};
@@ -176,19 +177,6 @@ const FILE_OPTS: &[&str] = &[
     "cache.no-flush",
     "read-only",
     "auto-read-only",
-    "discard",
-    "detect-zeroes",
-    "force-share",
-];
-
-/// Options every format driver node takes.
-const NODE_OPTS: &[&str] = &[
-    "driver",
-    "node-name",
-    "read-only",
-    "auto-read-only",
-    "cache.direct",
-    "cache.no-flush",
     "discard",
     "detect-zeroes",
     "force-share",
@@ -583,7 +571,7 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
         }
         let window = fmt == "raw" && (k == "offset" || k == "size");
         let ok = window
-            || NODE_OPTS.contains(&k.as_str())
+            || is_node_opt(k)
             || (fmt == "qcow2" && QCOW2_OPTS.contains(&k.as_str()))
             || k == "file";
         if !ok {
@@ -975,7 +963,7 @@ fn qcow2_options(
 fn open_null(map: &BTreeMap<String, String>, req: OpenReq, flags: Flags) -> Result<Dev, String> {
     let driver = map.get("driver").cloned().unwrap_or_default();
     for k in map.keys() {
-        if !(NODE_OPTS.contains(&k.as_str())
+        if !(is_node_opt(k)
             || matches!(
                 k.as_str(),
                 "size" | "read-zeroes" | "latency-ns" | "filename"

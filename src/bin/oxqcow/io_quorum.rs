@@ -6,27 +6,19 @@
 
 use super::{check_format_opts, child_opts, open_errmsg, unsupported_driver, Flags};
 use super::{FILE_OPTS, KNOWN_DRIVERS};
+use oxqcow::blockdev::is_node_opt;
 use oxqcow::storage::FileStorage;
 use oxqcow::{Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Options a quorum node takes (its children apart).
+/// Options a quorum node takes besides every node's (its children apart).
 const QUORUM_OPTS: &[&str] = &[
-    "driver",
     "vote-threshold",
     "read-pattern",
     "rewrite-corrupted",
     "blkverify",
-    "node-name",
-    "read-only",
-    "auto-read-only",
-    "cache.direct",
-    "cache.no-flush",
-    "discard",
-    "detect-zeroes",
-    "force-share",
 ];
 
 /// The host files of a quorum node's children (`children.N.filename`,
@@ -67,7 +59,7 @@ pub(super) fn open_on_quorum(
     check_format_opts(map, &fmt)?;
     let q = child_opts(map, "file.");
     for k in q.keys().filter(|k| !k.starts_with("children.")) {
-        if !QUORUM_OPTS.contains(&k.as_str()) {
+        if !(is_node_opt(k) || QUORUM_OPTS.contains(&k.as_str())) {
             return Err(format!(
                 "Block format 'quorum' does not support the option '{k}'"
             ));
