@@ -180,11 +180,12 @@ clean:
 # The tests come from Debian's qemu source package (apt-get source), cached
 # under build/iotests/src. `make iotests`: baseline with QEMU's qemu-io, then
 # ours; the last line is "N passed, N failed, N not run". The all-oxqcow mode
-# runs oxqcow as qemu-img too. `make test` runs both modes over the whole list
-# (`make iotests-ci`, about 4 minutes on 2 cores); each fails on a failure its
-# known-failures list does not explain. `make iotests-quick`: the fixed fast
+# runs oxqcow as qemu-img too. `make test` runs `make iotests-ci`: both modes
+# over the whole list and the NBD run (all of `make iotests` and more, about 5
+# minutes on 2 cores); each fails on a failure its known-failures list does not
+# explain. `make iotests-quick`: the fixed fast
 # subset, ours only.
-# `make iotests-nbd` (also run by `make iotests`, not by `make test`):
+# `make iotests-nbd` (also run by `make iotests` and `make test`):
 # `check -raw -nbd -g quick` with nbdkit/qemu-nbd-wrapper as QEMU_NBD_PROG,
 # qemu-nbd baseline then nbdkit + our plugin (README "qemu-iotests over NBD").
 .PHONY: iotests iotests-nbd iotests-full-oxqcow iotests-quick iotests-ci
@@ -197,7 +198,8 @@ iotests-full-oxqcow: tool
 	IOTESTS_IMG=oxqcow scripts/iotests.sh
 iotests-quick: tool
 	IOTESTS_SUBSET=1 scripts/iotests.sh
-iotests-ci: tool
+iotests-ci: tool nbdkit-plugin
 	scripts/iotests.sh
 	IOTESTS_IMG=oxqcow IOTESTS_REUSE_BASELINE=1 scripts/iotests.sh
+	IOTESTS_NBD=1 scripts/iotests.sh
 test: iotests-ci
