@@ -104,6 +104,58 @@ fn check_matches_qemu_img() {
     c.same(&["check", "-U", "-r", "all", "clean.qcow2"]);
 }
 
+/// An L2 entry whose host offset is not cluster aligned: a data cluster
+/// (an error `-r all` cannot mend: QEMU still counts its references, which
+/// reach into a second cluster and make it rebuild the refcounts) and a
+/// cluster holding no data (a zero cluster, or no subcluster allocated),
+/// which `-r all` repairs by dropping the offset. The same report and exit
+/// status as qemu-img's for each, standard and extended L2 entries.
+#[test]
+fn misaligned_clusters_are_checked_and_repaired_like_qemu_img() {
+    use std::os::unix::fs::FileExt;
+    let d = Scratch::new("img-check-misaligned");
+    let c = Case::new(&d);
+    std::fs::write(c.setup.join("b.raw"), vec![0xffu8; 128 << 10]).unwrap();
+    let ext = ["-o", "extended_l2=on", "-F", "raw", "-b", "b.raw"];
+    let cases: [(&str, &[&str], &[&str]); 4] = [
+        ("data.qcow2", &[], &["write -q -P 1 0 64k"]),
+        (
+            "zero.qcow2",
+            &[],
+            &["write -q -P 1 0 64k", "write -q -z 0 64k"],
+        ),
+        ("ext-data.qcow2", &ext, &["write -q -P 1 4k 2k"]),
+        (
+            "ext-zero.qcow2",
+            &ext,
+            &["write -q -P 1 4k 2k", "write -q -z 4k 2k"],
+        ),
+    ];
+    for (name, opts, cmds) in cases {
+        c.qcow2(name, "128k", opts);
+        qemu_io_in(&c.setup, name, cmds);
+        // The one L2 table is at 0x40000; its first entry's host offset
+        // 0x50000 becomes 0x50200.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.setup.join(name))
+            .unwrap();
+        f.write_all_at(&[0x02], 0x40000 + 6).unwrap();
+    }
+    for (name, _, _) in cases {
+        let (code, _) = c.same(&["check", name]);
+        assert_eq!(code, 2, "{name}");
+        c.same(&["check", "-r", "leaks", name]);
+        let (code, out) = c.same(&["check", "-r", "all", name]);
+        if name.contains("zero") {
+            assert_eq!(code, 0, "{name}: {out}");
+            c.same_view(name);
+        } else {
+            assert_eq!(code, 2, "{name}: {out}");
+        }
+    }
+}
+
 // ---- amend ------------------------------------------------------------------------
 
 #[test]

@@ -36,12 +36,17 @@ pub struct CheckResult {
 /// Reference counts computed from the metadata, indexed by host cluster.
 struct Refs {
     counts: Vec<u64>,
-    /// Clusters in the file (references beyond are errors).
+    /// Clusters counted: the file's, and one more when a reference
+    /// reaches less than a cluster past its end.
     nb_clusters: u64,
 }
 
 struct Walk<'a, 'r> {
     res: CheckResult,
+    /// The repair mask of this walk (0 while only looking).
+    fix: u32,
+    /// An L2 entry of the table being walked was repaired.
+    l2_repaired: bool,
     rebuild: bool,
     next_contiguous: u64,
     /// The file length when the walk started (one fstat, not one per entry).
@@ -53,6 +58,8 @@ impl<'a, 'r> Walk<'a, 'r> {
     fn new(file_len: u64, report: &'a mut (dyn FnMut(&str) + 'r)) -> Self {
         Walk {
             res: CheckResult::default(),
+            fix: 0,
+            l2_repaired: false,
             rebuild: false,
             next_contiguous: 0,
             file_len,
@@ -68,12 +75,20 @@ impl Refs {
         }
         let first = off / cs;
         let last = (off + len - 1) / cs;
-        if last >= self.nb_clusters {
+        // As QEMU: the last cluster may be partly past the end of the file
+        // (a reference reaching less than a cluster beyond it is counted,
+        // the table growing to hold it); one reaching further is an error.
+        let end = off.saturating_add(len);
+        if end > w.file_len && end - w.file_len >= cs {
             (w.report)(&format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             ));
             w.res.corruptions += 1;
             return;
+        }
+        if last >= self.nb_clusters {
+            self.nb_clusters = last + 1;
+            self.counts.resize(self.nb_clusters as usize, 0);
         }
         for c in first..=last {
             self.counts[c as usize] += 1;
@@ -107,14 +122,15 @@ impl Meta {
                 continue;
             }
             refs.inc(w, cs, l2_off, cs);
-            if l2_off / cs >= refs.nb_clusters {
+            if l2_off / cs >= w.file_len.div_ceil(cs) {
                 continue;
             }
-            let l2 = self.read_table(l2_off, cs, "read L2 table")?;
+            let mut l2 = self.read_table(l2_off, cs, "read L2 table")?;
             // Contiguity is judged within one L2 table, as QEMU does.
             w.next_contiguous = 0;
             if self.has_data_file() {
-                self.count_data_l2(w, &l2, active);
+                self.count_data_l2(w, &mut l2, active);
+                self.write_repaired_l2(w, &l2, l2_off)?;
                 continue;
             }
             let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
@@ -140,11 +156,7 @@ impl Meta {
                         }
                     }
                     L2Entry::Normal { host, .. } | L2Entry::Zero { host, .. } if host != 0 => {
-                        if host % cs != 0 {
-                            (w.report)(&format!(
-                                "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
-                            ));
-                            w.res.corruptions += 1;
+                        if host % cs != 0 && self.misaligned(w, &mut l2, k) {
                             continue;
                         }
                         if active {
@@ -159,8 +171,58 @@ impl Meta {
                     _ => {}
                 }
             }
+            self.write_repaired_l2(w, &l2, l2_off)?;
         }
         Ok(())
+    }
+
+    /// QEMU's rule for a data or preallocated cluster whose host offset is
+    /// not cluster aligned: a corruption; one holding no data (a zero
+    /// cluster, or no subcluster allocated) is repaired with `-r all` by
+    /// dropping its host offset. Returns true when the entry was repaired
+    /// (its cluster is then not counted); otherwise the cluster still
+    /// counts as used, as in QEMU (its references span two clusters).
+    fn misaligned(&self, w: &mut Walk<'_, '_>, l2: &mut [u64], k: usize) -> bool {
+        let raw = l2[k];
+        let host = raw & OFFSET_MASK;
+        let data = if self.ext_l2 {
+            l2[k + 1] & crate::format::subcluster::ALL_ALLOC != 0
+        } else {
+            raw & entries::ZERO == 0
+        };
+        if data {
+            (w.report)(&format!(
+                "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
+            ));
+            w.res.corruptions += 1;
+            return false;
+        }
+        let fixing = w.fix & FIX_ERRORS != 0;
+        (w.report)(&format!(
+            "{} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+            if fixing { "Repairing" } else { "ERROR" }
+        ));
+        if !fixing {
+            w.res.corruptions += 1;
+            return false;
+        }
+        // Extended entries keep their bitmap (the zero bits still apply,
+        // the rest reads from the backing file); standard ones become
+        // plain zero clusters.
+        l2[k] = if self.ext_l2 { 0 } else { entries::ZERO };
+        w.res.corruptions_fixed += 1;
+        w.l2_repaired = true;
+        true
+    }
+
+    /// Writes back an L2 table `misaligned` repaired during the walk.
+    fn write_repaired_l2(&mut self, w: &mut Walk<'_, '_>, l2: &[u64], l2_off: u64) -> Result<()> {
+        if !std::mem::take(&mut w.l2_repaired) {
+            return Ok(());
+        }
+        let b = encode_table(l2, self.cs as usize);
+        self.l2_cache.remove(l2_off);
+        self.write_file(&b, l2_off, "write L2 table")
     }
 
     /// QEMU's checks of a subcluster bitmap: false when the entry must
@@ -193,10 +255,11 @@ impl Meta {
     /// An L2 table of an image with an external data file: its data
     /// clusters are counted as allocated (and fragmented) but hold no
     /// references; compressed entries are corruptions (QEMU's line).
-    fn count_data_l2(&self, w: &mut Walk<'_, '_>, l2: &[u64], active: bool) {
+    fn count_data_l2(&self, w: &mut Walk<'_, '_>, l2: &mut [u64], active: bool) {
         let cs = self.cs;
         let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
-        for (i, &raw) in l2.iter().step_by(stride).enumerate() {
+        for (i, k) in (0..l2.len()).step_by(stride).enumerate() {
+            let raw = l2[k];
             let host = match self.decode(raw) {
                 L2Entry::Compressed { .. } => {
                     (w.report)(&format!(
@@ -209,11 +272,7 @@ impl Meta {
                 L2Entry::Zero { host, .. } if host != 0 => host,
                 _ => continue,
             };
-            if host % cs != 0 {
-                (w.report)(&format!(
-                    "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
-                ));
-                w.res.corruptions += 1;
+            if host % cs != 0 && self.misaligned(w, l2, k) {
                 continue;
             }
             if active {
@@ -598,6 +657,7 @@ impl Qcow2 {
         }
         let file_len = m.file_len()?;
         let mut w = Walk::new(file_len, report);
+        w.fix = fix;
         w.res.total_clusters = m.header.size.div_ceil(self.cs);
         let mut refs = m.calculate_refcounts(&mut w)?;
         let pre = w.res.clone();
@@ -613,7 +673,11 @@ impl Qcow2 {
             // Recount with the new structure in place; the old structure is
             // now leaked, and those leaks are repaired at once.
             let new_len = m.file_len()?;
-            let refs2 = m.calculate_refcounts(&mut Walk::new(new_len, &mut *w.report))?;
+            let mut w2 = Walk::new(new_len, &mut *w.report);
+            let refs2 = m.calculate_refcounts(&mut w2)?;
+            // What the rebuild could not mend (a misaligned data cluster)
+            // is still a corruption, as QEMU counts it.
+            w.res.corruptions = w2.res.corruptions;
             let mut fresh_leaks = 0;
             if fix & FIX_LEAKS != 0 {
                 let mut w3 = Walk::new(new_len, &mut *w.report);
