@@ -472,16 +472,16 @@ impl Qcow2 {
     /// Grows the image to `new_size` with the new area preallocated as
     /// `qemu-img resize --preallocation=MODE` does (QEMU's truncate): the
     /// L1 table first, then the clusters from the one holding the old end.
-    /// Not for images with an external data file, encryption or extended
-    /// L2 entries, which are refused.
+    /// Not for images with an external data file or encryption, which are
+    /// refused.
     pub fn resize_preallocated(&self, new_size: u64, mode: Preallocation) -> Result<()> {
         let old = self.size();
         if mode == Preallocation::Off || new_size <= old {
             return self.resize(new_size);
         }
-        if self.data.is_some() || self.encryption().is_some() || self.lock().ext_l2 {
+        if self.data.is_some() || self.encryption().is_some() {
             return Err(Error::Unsupported(format!(
-                "{}: preallocating a grown area is not supported with an external data file, encryption or extended L2 entries",
+                "{}: preallocating a grown area is not supported with an external data file or encryption",
                 self.name
             )));
         }
@@ -490,7 +490,14 @@ impl Qcow2 {
         let head_start = old / self.cs * self.cs;
         let mut head = vec![0u8; (old - head_start) as usize];
         self.read_mapped(&mut head, head_start)?;
-        self.resize(new_size)?;
+        // Falloc and full map the new area to clusters that read as zeros.
+        // Metadata preallocation over a backing file zeroes all of it first,
+        // as QEMU does (the zero flags or subcluster bits stay when the
+        // mapping below gives the clusters their host clusters).
+        self.resize_zeroing(new_size, false)?;
+        if mode == Preallocation::Metadata && self.backing.is_some() {
+            self.write_zeroes(old, new_size - old, false)?;
+        }
         self.preallocate_from(mode, old, &head)
     }
 
@@ -508,6 +515,7 @@ impl Qcow2 {
         let cs = self.cs;
         let size = m.header.size;
         let first = old / cs;
+        let ext = m.ext_l2;
         let n_data = size.div_ceil(cs).saturating_sub(first);
         if n_data == 0 {
             return Ok(());
@@ -556,14 +564,43 @@ impl Qcow2 {
                     let n = (l2_entries - (gc % l2_entries)).min(last - gc);
                     let host = m.alloc_clusters(n)?;
                     for i in 0..n {
-                        m.set_l2_entry(l2, gc + i, (host + i * cs) | COPIED, 0);
+                        // A zero flag or subcluster bits a grown area got
+                        // over a backing file stay: the cluster keeps
+                        // reading as zeros, now preallocated.
+                        let (raw, bitmap) = m.l2_pair(gc + i)?;
+                        let keep = if ext { 0 } else { raw & entries::ZERO };
+                        m.set_l2_entry(l2, gc + i, (host + i * cs) | COPIED | keep, bitmap);
                     }
                     end = host + n * cs;
+                    if gc + n == last {
+                        // With extended entries the file ends with the
+                        // subcluster holding the guest's last byte, as
+                        // QEMU's preallocation leaves it (a whole cluster
+                        // otherwise).
+                        let unit = if ext {
+                            cs / subcluster::SUBCLUSTERS as u64
+                        } else {
+                            cs
+                        };
+                        let tail = (size - (last - 1) * cs).div_ceil(unit) * unit;
+                        end = host + (n - 1) * cs + tail.min(cs);
+                    }
                     gc += n;
                 }
                 m.flush()?;
                 if end > m.file_len()? {
                     self.file.set_len(end).map_err(io)?;
+                }
+                // As QEMU clears the part of the last cluster past a new end
+                // that is not cluster aligned: zeros written there (the host
+                // file then holds data, not a hole, where `map` looks).
+                let tail = size % cs;
+                if !ext && tail != 0 {
+                    let raw = m.l2_entry(size / cs)?;
+                    if let Some((host, _)) = m.decode(raw).host_range() {
+                        let zeros = vec![0u8; (cs - tail) as usize];
+                        self.file.write_at(&zeros, host + tail).map_err(io)?;
+                    }
                 }
             }
             Preallocation::Falloc | Preallocation::Full => {
@@ -588,6 +625,11 @@ impl Qcow2 {
                         pos += n;
                     }
                 }
+                // Extended entries: over a backing file every subcluster
+                // reads its new cluster (zeros, or the head copied there);
+                // without one the head cluster keeps its bitmap and the new
+                // ones have none, as QEMU leaves them.
+                let backed = self.backing.is_some();
                 if !head.is_empty() {
                     // Rule 1: the old cluster's bytes reach the new one
                     // before the L2 entry that points there (the flush
@@ -597,8 +639,14 @@ impl Qcow2 {
                 for i in 0..n_data {
                     let gc = first + i;
                     let l2 = m.l2_for_write(gc)?;
-                    let old_entry = m.l2_entry(gc)?;
-                    m.set_l2_entry(l2, gc, (data_start + i * cs) | COPIED, 0);
+                    let (old_entry, old_bitmap) = m.l2_pair(gc)?;
+                    let bitmap = match (ext, backed, i) {
+                        (false, ..) => 0,
+                        (true, true, _) => subcluster::ALL_ALLOC,
+                        (true, false, 0) => old_bitmap,
+                        (true, false, _) => 0,
+                    };
+                    m.set_l2_entry(l2, gc, (data_start + i * cs) | COPIED, bitmap);
                     m.unref_entry(old_entry, false)?;
                 }
                 m.flush()?;

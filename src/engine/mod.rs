@@ -350,6 +350,13 @@ impl Qcow2 {
     /// Changes the virtual size. Growing extends the L1 table when needed;
     /// shrinking drops every cluster past the new end.
     pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_zeroing(new_size, true)
+    }
+
+    /// [`Qcow2::resize`]; `zero_shown` false leaves a grown area that a
+    /// longer backing file would show through as it is, for a caller that
+    /// maps it to zeroed clusters at once (falloc and full preallocation).
+    pub(super) fn resize_zeroing(&self, new_size: u64, zero_shown: bool) -> Result<()> {
         {
             let m = self.lock();
             // QEMU 10: v3 snapshots keep their own size; v2 ones cannot.
@@ -359,11 +366,11 @@ impl Qcow2 {
                 ));
             }
         }
-        self.resize_unchecked(new_size)
+        self.resize_unchecked(new_size, zero_shown)
     }
 
     /// Resize without the snapshot rule (reverting to a snapshot of another size).
-    fn resize_unchecked(&self, new_size: u64) -> Result<()> {
+    fn resize_unchecked(&self, new_size: u64, zero_shown: bool) -> Result<()> {
         let mut m = self.quiesce();
         m.ensure_writable()?;
         self.bitmaps_lock().check_resizable()?;
@@ -437,7 +444,7 @@ impl Qcow2 {
         // As QEMU's block layer: where a longer backing file would show
         // through the new area, it reads zeros instead.
         let shown = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
-        if shown > old && self.data.as_ref().is_none_or(|d| !d.raw) {
+        if zero_shown && shown > old && self.data.as_ref().is_none_or(|d| !d.raw) {
             self.write_zeroes(old, shown - old, false)?;
         }
         Ok(())

@@ -253,7 +253,7 @@ impl Qcow2 {
         };
         if let Some(size) = sn.disk_size {
             if size != cur_size {
-                self.resize_unchecked(size)?;
+                self.resize_unchecked(size, true)?;
             }
         }
         let mut m = self.quiesce();

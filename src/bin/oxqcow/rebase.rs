@@ -274,7 +274,14 @@ fn copy_differences(
     off: u64,
     old_zero: bool,
 ) -> CliResult<()> {
-    let (cs, size) = (q.cluster_size(), q.size());
+    // What differs is copied per allocation unit (a subcluster with
+    // extended L2 entries), compressed writes per whole cluster.
+    let cs = if a.compress {
+        q.cluster_size()
+    } else {
+        q.allocation_granularity()
+    };
+    let size = q.size();
     let end = off + old.len() as u64;
     let mut c = off / cs * cs;
     let mut run: Option<u64> = None;
