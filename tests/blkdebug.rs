@@ -9,16 +9,9 @@ mod common;
 use common::*;
 use oxqcow::storage::blkdebug::{Action, IoType, Rule};
 use oxqcow::storage::{Blkdebug, BlkdebugStorage, DebugEvent, FileStorage, Storage};
-use oxqcow::{CreateOptions, OpenOptions, Qcow2};
+use oxqcow::{OpenOptions, Qcow2};
 use std::path::Path;
 use std::sync::Arc;
-
-fn create(path: &Path, size: u64, opts: &str) {
-    let mut o = CreateOptions::default();
-    o.parse_into(opts).unwrap();
-    o.size = size;
-    oxqcow::engine::create(path, &o).unwrap();
-}
 
 fn inject(event: DebugEvent, state: i64, once: bool) -> Rule {
     Rule {
@@ -82,7 +75,7 @@ fn a_failed_l2_write_back_leaks_like_qemu_and_corrupts_nothing() {
     let d = Scratch::new("bd-l2");
     let img = d.path("t.qcow2");
     for lazy in ["off", "on"] {
-        create(&img, 64 << 20, &format!("lazy_refcounts={lazy}"));
+        create(&img, &format!("lazy_refcounts={lazy}"), 64 << 20);
         // The first L1 update (the new L2 table's) moves to state 2, where
         // every L2 write-back arms an error that stays armed: the flush of
         // the two writes fails, as QEMU's does in the same setting.
@@ -130,7 +123,7 @@ fn a_failed_write_back_is_retried_and_nothing_acknowledged_is_lost() {
         (DebugEvent::RefblockUpdatePart, "refcount block"),
         (DebugEvent::FlushToDisk, "flush"),
     ] {
-        create(&img, 64 << 20, "lazy_refcounts=off");
+        create(&img, "lazy_refcounts=off", 64 << 20);
         // Armed once, by the flush's own events (state 2 from the first
         // flush_to_os on): one write-back fails, the next flush redoes it.
         let rules = vec![inject(event, 2, true), set_state(DebugEvent::FlushToOs, 2)];
@@ -162,7 +155,7 @@ fn failed_metadata_writes_during_allocation_fail_the_write_only() {
         DebugEvent::RefblockUpdatePart,
     ] {
         for writethrough in [true, false] {
-            create(&img, 64 << 20, "");
+            create(&img, "", 64 << 20);
             let (q, _) = open(&img, vec![inject(event, 0, true)], writethrough);
             let first = q.write_at(&pattern(1, 65536), 0).and_then(|_| q.flush());
             assert!(first.is_err(), "{event:?} should fail the first write");
@@ -181,7 +174,7 @@ fn failed_metadata_writes_during_allocation_fail_the_write_only() {
 fn injected_read_errors_reach_the_reader() {
     let d = Scratch::new("bd-read");
     let img = d.path("t.qcow2");
-    create(&img, 1 << 20, "");
+    create(&img, "", 1 << 20);
     qemu_io(&img, &["write -P 7 0 64k"]);
     // As iotest 089: an error on the first L2 table load.
     let (q, _) = open(&img, vec![inject(DebugEvent::L2Load, 0, false)], true);
@@ -199,7 +192,7 @@ fn json_backing_file_behind_blkdebug() {
     let d = Scratch::new("bd-json");
     let base = d.path("base.qcow2");
     let top = d.path("top.qcow2");
-    create(&base, 1 << 20, "");
+    create(&base, "", 1 << 20);
     qemu_io(&base, &["write -P 5 0 64k", "write -P 6 128k 64k"]);
     let b = base.display().to_string();
     for (rules, want_err) in [

@@ -14,20 +14,6 @@ use oxqcow::{CreateOptions, Image, OpenOptions, Qcow2};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-fn rw() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..Default::default()
-    }
-}
-
-fn create(path: &Path, opts: &str, size: u64) {
-    let mut o = CreateOptions::default();
-    o.parse_into(opts).unwrap();
-    o.size = size;
-    oxqcow::engine::create(path, &o).unwrap();
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
 }

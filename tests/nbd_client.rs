@@ -125,13 +125,6 @@ impl Drop for Server {
     }
 }
 
-fn rw() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..Default::default()
-    }
-}
-
 fn open_raw(name: &str) -> Image {
     Image::open(Path::new(name), Some("raw"), &rw()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }

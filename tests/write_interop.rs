@@ -7,20 +7,6 @@ use common::*;
 use oxqcow::{CreateOptions, Image, OpenOptions};
 use std::path::Path;
 
-fn rw() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..Default::default()
-    }
-}
-
-fn create(path: &Path, opts: &str, size: u64) {
-    let mut o = CreateOptions::default();
-    o.parse_into(opts).unwrap();
-    o.size = size;
-    oxqcow::engine::create(path, &o).unwrap();
-}
-
 fn write_model(raw: &Path, model: &[u8]) {
     std::fs::write(raw, model).unwrap();
 }

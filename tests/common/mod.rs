@@ -34,6 +34,22 @@ impl Drop for Scratch {
     }
 }
 
+/// Open options for a read-write image through the Rust API.
+pub fn rw() -> oxqcow::OpenOptions {
+    oxqcow::OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+/// Creates a qcow2 image through the Rust API from a qemu-img `-o` string.
+pub fn create(path: &Path, opts: &str, size: u64) {
+    let mut o = oxqcow::CreateOptions::default();
+    o.parse_into(opts).unwrap();
+    o.size = size;
+    oxqcow::engine::create(path, &o).unwrap();
+}
+
 /// Runs a command and returns (status code, stdout, stderr).
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
     case::run_in(Path::new("."), cmd, args)
