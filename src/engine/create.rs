@@ -486,10 +486,14 @@ impl Qcow2 {
             )));
         }
         // The guest bytes of the old last cluster before the old end: a
-        // falloc or full area maps that cluster afresh and copies them.
+        // falloc or full area maps that cluster afresh and copies them
+        // (metadata preallocation keeps the cluster and needs none).
         let head_start = old / self.cs * self.cs;
-        let mut head = vec![0u8; (old - head_start) as usize];
-        self.read_mapped(&mut head, head_start)?;
+        let mut head = Vec::new();
+        if mode != Preallocation::Metadata {
+            head.resize((old - head_start) as usize, 0);
+            self.read_mapped(&mut head, head_start)?;
+        }
         // Falloc and full map the new area to clusters that read as zeros.
         // Metadata preallocation over a backing file zeroes all of it first,
         // as QEMU does (the zero flags or subcluster bits stay when the
