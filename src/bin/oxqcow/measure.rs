@@ -317,7 +317,7 @@ fn refcount_metadata_size(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
 /// Bytes of a fully allocated image of `size` bytes: metadata and data.
 fn prealloc_size(size: u64, cs: u64, refcount_order: u32, extended_l2: bool) -> u64 {
     let aligned = size.div_ceil(cs) * cs;
-    let l2e = if extended_l2 { 16 } else { 8 };
+    let l2e = oxqcow::format::l2_entry_bytes(extended_l2);
     let mut meta = cs;
     let nl2e = (aligned / cs).div_ceil(cs / l2e) * (cs / l2e);
     meta += nl2e * l2e;
@@ -329,7 +329,7 @@ fn prealloc_size(size: u64, cs: u64, refcount_order: u32, extended_l2: bool) -> 
 
 fn measure_qcow2(t: &Qcow2Target, src: Option<&Named>, file: Option<&str>) -> CliResult<Measure> {
     let cs = t.cluster_size;
-    let l2e = if t.extended_l2 { 16 } else { 8 };
+    let l2e = oxqcow::format::l2_entry_bytes(t.extended_l2);
     let mut vsize = t.size.div_ceil(cs) * cs;
     let l2_tables = (vsize / cs).div_ceil(cs / l2e);
     if l2_tables * 8 > 32 << 20 {

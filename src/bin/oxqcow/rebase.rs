@@ -198,8 +198,8 @@ pub fn run(a: Args) -> CliResult<()> {
 /// reports them.
 fn top_run(q: &oxqcow::Qcow2, off: u64, len: u64) -> oxqcow::Result<(bool, u64)> {
     use oxqcow::format::entries::L2Entry;
-    let cs = q.cluster_size();
-    let l2_span = cs * (cs / if q.extended_l2() { 16 } else { 8 });
+    let cb = q.cluster_size().trailing_zeros();
+    let l2_span = oxqcow::format::l2_span_ext(cb, q.extended_l2());
     let limit = (off + len).min((off / l2_span + 1) * l2_span);
     // Extended L2 entries: allocation is per subcluster.
     let cs = q.allocation_granularity();
