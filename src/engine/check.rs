@@ -220,6 +220,12 @@ impl Meta {
         if !std::mem::take(&mut w.l2_repaired) {
             return Ok(());
         }
+        self.write_checked_l2(l2, l2_off)
+    }
+
+    /// Writes an L2 table check changed straight to the file, dropping any
+    /// cached copy of it.
+    fn write_checked_l2(&mut self, l2: &[u64], l2_off: u64) -> Result<()> {
         let b = encode_table(l2, self.cs as usize);
         self.l2_cache.remove(l2_off);
         self.write_file(&b, l2_off, "write L2 table")
@@ -494,9 +500,7 @@ impl Meta {
                 }
             }
             if changed {
-                let b = encode_table(&l2, cs as usize);
-                self.l2_cache.remove(l2_off);
-                self.write_file(&b, l2_off, "write L2 table")?;
+                self.write_checked_l2(&l2, l2_off)?;
             }
         }
         if fixing {
