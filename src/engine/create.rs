@@ -531,15 +531,7 @@ impl Qcow2 {
             // zero the data file.
             match mode {
                 Preallocation::Falloc => d.storage.allocate(0, size).map_err(io)?,
-                Preallocation::Full => {
-                    let zeros = vec![0u8; (1 << 20).min(size) as usize];
-                    let mut pos = 0;
-                    while pos < size {
-                        let n = (size - pos).min(zeros.len() as u64);
-                        d.storage.write_at(&zeros[..n as usize], pos).map_err(io)?;
-                        pos += n;
-                    }
-                }
+                Preallocation::Full => write_zeros(d.storage.as_ref(), 0, size).map_err(io)?,
                 _ => {}
             }
             // As QEMU: the data file then ends at a whole cluster.
@@ -602,8 +594,7 @@ impl Qcow2 {
                 if !ext && tail != 0 {
                     let raw = m.l2_entry(size / cs)?;
                     if let Some((host, _)) = m.decode(raw).host_range() {
-                        let zeros = vec![0u8; (cs - tail) as usize];
-                        self.file.write_at(&zeros, host + tail).map_err(io)?;
+                        write_zeros(self.file.as_ref(), host + tail, host + cs).map_err(io)?;
                     }
                 }
             }
@@ -621,13 +612,7 @@ impl Qcow2 {
                         .allocate(old_len.min(new_len), new_len - old_len.min(new_len))
                         .map_err(io)?;
                 } else {
-                    let zeros = vec![0u8; (1 << 20).min(new_len - old_len) as usize];
-                    let mut pos = old_len;
-                    while pos < new_len {
-                        let n = (new_len - pos).min(zeros.len() as u64);
-                        self.file.write_at(&zeros[..n as usize], pos).map_err(io)?;
-                        pos += n;
-                    }
+                    write_zeros(self.file.as_ref(), old_len, new_len).map_err(io)?;
                 }
                 // Extended entries: over a backing file every subcluster
                 // reads its new cluster (zeros, or the head copied there);
@@ -661,6 +646,18 @@ impl Qcow2 {
             .fetch_max(m.file_len()?, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
+}
+
+/// Writes zeros over `from..to` of `file`, 1 MiB at a time.
+fn write_zeros(file: &dyn Storage, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; (1 << 20).min(to.saturating_sub(from)) as usize];
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(zeros.len() as u64);
+        file.write_at(&zeros[..n as usize], pos)?;
+        pos += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
