@@ -45,8 +45,6 @@ struct Walk<'a, 'r> {
     res: CheckResult,
     /// The repair mask of this walk (0 while only looking).
     fix: u32,
-    /// An L2 entry of the table being walked was repaired.
-    l2_repaired: bool,
     rebuild: bool,
     next_contiguous: u64,
     /// The file length when the walk started (one fstat, not one per entry).
@@ -55,11 +53,22 @@ struct Walk<'a, 'r> {
 }
 
 impl<'a, 'r> Walk<'a, 'r> {
+    /// Counts a data cluster of the active table as allocated, and as
+    /// fragmented when it does not follow the previous one on the host.
+    fn note_allocated(&mut self, host: u64, cs: u64, active: bool) {
+        if active {
+            self.res.allocated_clusters += 1;
+            if self.next_contiguous != 0 && host != self.next_contiguous {
+                self.res.fragmented_clusters += 1;
+            }
+            self.next_contiguous = host + cs;
+        }
+    }
+
     fn new(file_len: u64, report: &'a mut (dyn FnMut(&str) + 'r)) -> Self {
         Walk {
             res: CheckResult::default(),
             fix: 0,
-            l2_repaired: false,
             rebuild: false,
             next_contiguous: 0,
             file_len,
@@ -129,10 +138,12 @@ impl Meta {
             // Contiguity is judged within one L2 table, as QEMU does.
             w.next_contiguous = 0;
             if self.has_data_file() {
-                self.count_data_l2(w, &mut l2, active);
-                self.write_repaired_l2(w, &l2, l2_off)?;
+                if self.count_data_l2(w, &mut l2, active) {
+                    self.write_checked_l2(&l2, l2_off)?;
+                }
                 continue;
             }
+            let mut repaired = false;
             let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
             for (i, k) in (0..l2.len()).step_by(stride).enumerate() {
                 let raw = l2[k];
@@ -157,21 +168,18 @@ impl Meta {
                     }
                     L2Entry::Normal { host, .. } | L2Entry::Zero { host, .. } if host != 0 => {
                         if host % cs != 0 && self.misaligned(w, &mut l2, k) {
+                            repaired = true;
                             continue;
                         }
-                        if active {
-                            w.res.allocated_clusters += 1;
-                            if w.next_contiguous != 0 && host != w.next_contiguous {
-                                w.res.fragmented_clusters += 1;
-                            }
-                            w.next_contiguous = host + cs;
-                        }
+                        w.note_allocated(host, cs, active);
                         refs.inc(w, cs, host, cs);
                     }
                     _ => {}
                 }
             }
-            self.write_repaired_l2(w, &l2, l2_off)?;
+            if repaired {
+                self.write_checked_l2(&l2, l2_off)?;
+            }
         }
         Ok(())
     }
@@ -211,16 +219,7 @@ impl Meta {
         // plain zero clusters.
         l2[k] = if self.ext_l2 { 0 } else { entries::ZERO };
         w.res.corruptions_fixed += 1;
-        w.l2_repaired = true;
         true
-    }
-
-    /// Writes back an L2 table `misaligned` repaired during the walk.
-    fn write_repaired_l2(&mut self, w: &mut Walk<'_, '_>, l2: &[u64], l2_off: u64) -> Result<()> {
-        if !std::mem::take(&mut w.l2_repaired) {
-            return Ok(());
-        }
-        self.write_checked_l2(l2, l2_off)
     }
 
     /// Writes an L2 table check changed straight to the file, dropping any
@@ -261,8 +260,10 @@ impl Meta {
     /// An L2 table of an image with an external data file: its data
     /// clusters are counted as allocated (and fragmented) but hold no
     /// references; compressed entries are corruptions (QEMU's line).
-    fn count_data_l2(&self, w: &mut Walk<'_, '_>, l2: &mut [u64], active: bool) {
+    /// Returns whether an entry was repaired (the table must be written).
+    fn count_data_l2(&self, w: &mut Walk<'_, '_>, l2: &mut [u64], active: bool) -> bool {
         let cs = self.cs;
+        let mut repaired = false;
         let stride = l2_entry_bytes(self.ext_l2) as usize / 8;
         for (i, k) in (0..l2.len()).step_by(stride).enumerate() {
             let raw = l2[k];
@@ -279,16 +280,12 @@ impl Meta {
                 _ => continue,
             };
             if host % cs != 0 && self.misaligned(w, l2, k) {
+                repaired = true;
                 continue;
             }
-            if active {
-                w.res.allocated_clusters += 1;
-                if w.next_contiguous != 0 && host != w.next_contiguous {
-                    w.res.fragmented_clusters += 1;
-                }
-                w.next_contiguous = host + cs;
-            }
+            w.note_allocated(host, cs, active);
         }
+        repaired
     }
 
     /// Counts every reference the image's metadata makes.
