@@ -4,8 +4,10 @@
 //! the previous one, wrapping modulo the image size as QEMU 10.0 does), queue depth as
 //! that many threads sharing one image, the flush interval with and
 //! without draining, and the cache modes mapped to open options
-//! (writethrough, O_DIRECT, unsafe = flushes skipped).
+//! (writethrough, O_DIRECT, unsafe = flushes skipped). Every request is
+//! sent from the same pages, as qemu-img bench sends them (bench_buf).
 
+use crate::bench_buf::{BenchBuffers, View};
 use crate::img_util::{int_opt, open_named, parse_cache_mode, size_opt, strerror, CacheMode};
 use crate::util::CliResult;
 use oxqcow::{Error, Image, OpenOptions};
@@ -195,7 +197,7 @@ pub fn run(a: Args) -> CliResult<()> {
             img.flush()
         }
     };
-    let worker = |buf: &mut [u8]| {
+    let worker = |mut buf: View<'_>| {
         let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let off = {
@@ -227,10 +229,11 @@ pub fn run(a: Args) -> CliResult<()> {
                     context: String::new(),
                     source: std::io::Error::from_raw_os_error(libc::EIO),
                 })
-            } else if a.write {
-                img.write_at(buf, off)
             } else {
-                img.read_at(buf, off)
+                match &mut buf {
+                    View::Write(b) => img.write_at(b, off),
+                    View::Read(b) => img.read_at(b, off),
+                }
             };
             let mut st = lock();
             st.in_flight -= 1;
@@ -269,18 +272,16 @@ pub fn run(a: Args) -> CliResult<()> {
             cond.notify_all();
         }
     };
-    // One aligned allocation cut into a buffer per request slot, as qemu-img
-    // bench lays its buffers out, so both drivers read into the same kind of
-    // memory.
+    // The same pages for every request, as qemu-img bench sends them
+    // (bench_buf says why that matters).
     let threads = depth.min(count) as usize;
-    let len = bufsize as usize;
-    let mut pool = vec![pattern; threads * len + 4096];
-    let skew = pool.as_ptr().align_offset(4096);
+    let mut bufs = BenchBuffers::new(a.write, threads, bufsize as usize, pattern);
+    let views = bufs.views();
     let t0 = Instant::now();
     std::thread::scope(|s| {
         let worker = &worker;
-        for buf in pool[skew..skew + threads * len].chunks_mut(len.max(1)) {
-            s.spawn(move || worker(buf));
+        for view in views {
+            s.spawn(move || worker(view));
         }
     });
     let elapsed = t0.elapsed();

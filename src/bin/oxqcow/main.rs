@@ -7,6 +7,7 @@
 
 mod amend;
 mod bench;
+mod bench_buf;
 mod bitmap;
 mod blockopts;
 mod check;
