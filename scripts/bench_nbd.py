@@ -168,6 +168,7 @@ def filled_images(size):
     for img, fmt in ((q, "qcow2"), (r, "raw")):
         run(["qemu-img", "bench", "-q", "-w", "-t", "unsafe", "-c", str(size >> 20),
              "-s", "1M", "-S", "1M", "--pattern=0x5a", "-f", fmt, img])
+    os.sync()  # no writeback of the fill inside a timed run
     return {"qemu": q, "oxqcow": q, "raw": r, "file": r}
 
 
