@@ -30,6 +30,9 @@ pub struct RawImage {
     file: Arc<dyn Storage>,
     name: String,
     writable: bool,
+    /// cache=writethrough/directsync: every write is synced before it
+    /// completes.
+    writethrough: bool,
 }
 
 impl Image {
@@ -48,11 +51,13 @@ impl Image {
             "raw" => {
                 let name = path.display().to_string();
                 let f = FileStorage::open(path, opts.writable, opts.direct)
+                    .map(|f| f.without_flush(opts.no_flush))
                     .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
                 Ok(Image::Raw(RawImage {
                     file: Arc::new(f),
                     name,
                     writable: opts.writable,
+                    writethrough: opts.writethrough,
                 }))
             }
             other => Err(Error::InvalidArgument(format!(
@@ -78,6 +83,7 @@ impl Image {
                 file,
                 name: name.to_string(),
                 writable: opts.writable,
+                writethrough: opts.writethrough,
             })),
             other => Err(Error::InvalidArgument(format!(
                 "Unknown file format '{other}'"
@@ -166,7 +172,8 @@ impl Image {
             Image::Qcow2(q) => q.write_at(buf, off),
             Image::Raw(r) => {
                 r.check_writable()?;
-                r.file.write_at(buf, off).map_err(|e| r.io("write", e))
+                r.file.write_at(buf, off).map_err(|e| r.io("write", e))?;
+                r.written_through()
             }
             Image::Nbd(n) => {
                 n.check_writable()?;
@@ -184,7 +191,8 @@ impl Image {
                 r.check_writable()?;
                 r.file
                     .punch_hole(off, len)
-                    .map_err(|e| r.io("write zeroes", e))
+                    .map_err(|e| r.io("write zeroes", e))?;
+                r.written_through()
             }
             Image::Nbd(n) => {
                 n.check_writable()?;
@@ -200,7 +208,10 @@ impl Image {
             Image::Qcow2(q) => q.discard(off, len),
             Image::Raw(r) => {
                 r.check_writable()?;
-                r.file.punch_hole(off, len).map_err(|e| r.io("discard", e))
+                r.file
+                    .punch_hole(off, len)
+                    .map_err(|e| r.io("discard", e))?;
+                r.written_through()
             }
             Image::Nbd(n) => {
                 n.check_writable()?;
@@ -311,6 +322,13 @@ impl RawImage {
     fn io(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{}: {what}", self.name), e)
     }
+    /// The sync a writethrough open owes after each change.
+    fn written_through(&self) -> Result<()> {
+        if self.writethrough {
+            self.file.sync().map_err(|e| self.io("flush", e))?;
+        }
+        Ok(())
+    }
     fn check_writable(&self) -> Result<()> {
         if self.writable {
             Ok(())
@@ -332,6 +350,7 @@ impl Image {
             file,
             name: name.to_string(),
             writable,
+            writethrough: false,
         })
     }
 }

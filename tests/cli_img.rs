@@ -1300,6 +1300,77 @@ fn convert_setup(c: &Case) {
     q(&["convert", "-O", "raw", "n.qcow2", "n.raw"]);
 }
 
+/// How many fsync/fdatasync calls `cmd args` makes in `dir` (strace).
+fn syncs_of(dir: &Path, cmd: &str, args: &[&str]) -> usize {
+    let log = dir.join("strace.log");
+    let mut a = vec![
+        "-f",
+        "-e",
+        "trace=fsync,fdatasync",
+        "-o",
+        log.to_str().unwrap(),
+        cmd,
+    ];
+    a.extend_from_slice(args);
+    ok_in(dir, "strace", &a);
+    let text = std::fs::read_to_string(&log).unwrap();
+    text.lines()
+        .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+        .count()
+}
+
+/// -t (target cache, qemu-img's default unsafe) and -T (source cache):
+/// the same data, and the same syncs as qemu-img (none for a throw-away
+/// copy, one at the end with writeback or none, one per write with
+/// writethrough), and qemu-img's errors for modes it does not know.
+#[test]
+fn convert_cache_modes_sync_as_qemu_img() {
+    let d = Scratch::new("img-convert-cache");
+    let c = Case::new(&d);
+    convert_setup(&c);
+    c.fresh();
+    for a in [
+        &[][..],
+        &["-t", "unsafe"],
+        &["-t", "writeback"],
+        &["-t", "none"],
+        &["-T", "none"],
+        &["-t", "directsync", "-T", "none"],
+    ] {
+        let mut counts = Vec::new();
+        for (tool, dir) in [("qemu-img", &c.q), (BIN, &c.o)] {
+            let _ = std::fs::remove_file(dir.join("out.raw"));
+            let mut args = vec!["convert"];
+            args.extend_from_slice(a);
+            args.extend_from_slice(&["-O", "raw", "z.qcow2", "out.raw"]);
+            counts.push(syncs_of(dir, tool, &args));
+        }
+        let (q, o) = (counts[0], counts[1]);
+        if a.contains(&"directsync") {
+            // One per write at least (z.qcow2 holds three data extents);
+            // how the copy is cut into writes differs.
+            assert!(q >= 3 && o >= 3, "{a:?}: qemu-img {q} syncs, oxqcow {o}");
+        } else {
+            assert_eq!(o, q, "{a:?}: syncs");
+        }
+        ok_in(
+            &c.o,
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "raw", "z.qcow2", "out.raw"],
+        );
+    }
+    for a in [
+        &["-t", "bogus"][..],
+        &["-T", "bogus"],
+        &["-t", "none", "-T", "bogus"],
+    ] {
+        let mut args = vec!["convert"];
+        args.extend_from_slice(a);
+        args.extend_from_slice(&["-O", "raw", "z.qcow2", "out.raw"]);
+        assert_eq!(c.same(&args).0, 1);
+    }
+}
+
 #[test]
 fn convert_additions_match_qemu_img() {
     let d = Scratch::new("img-convert");

@@ -65,6 +65,12 @@ pub struct OpenOptions {
     pub writethrough: bool,
     /// Bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// Never sync the image or data file (cache=unsafe, QEMU's
+    /// `cache.no-flush` / BDRV_O_NO_FLUSH): flushes, the syncs at close and
+    /// the syncs that order metadata writes all return at once. For copies
+    /// that are thrown away if the host crashes (qemu-img convert's default
+    /// target): a crash can then lose or corrupt what was written.
+    pub no_flush: bool,
     /// Open for check/repair: a corrupt or dirty image is opened as it is.
     pub check_mode: bool,
     /// Position in a backing chain (0 for the top image).

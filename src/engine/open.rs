@@ -47,6 +47,7 @@ impl Qcow2 {
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
         let name = path.display().to_string();
         let f = FileStorage::open(path, opts.writable, opts.direct)
+            .map(|f| f.without_flush(opts.no_flush))
             .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
         Qcow2::open_storage(Arc::new(f), path, opts)
             .map_err(|e| e.context(&format!("Could not open '{name}'")))

@@ -185,6 +185,7 @@ pub(crate) fn open_options(flags: c_int, func: &str) -> CResult<OpenOptions> {
     Ok(OpenOptions {
         writable: flags & BDRV_O_RDWR != 0,
         direct: flags & BDRV_O_NOCACHE != 0,
+        no_flush: flags & BDRV_O_NO_FLUSH != 0,
         writethrough: flags & BDRV_O_CACHE_WB == 0,
         no_backing: flags & BDRV_O_NO_BACKING != 0,
         check_mode: flags & BDRV_O_CHECK != 0,

@@ -21,6 +21,8 @@ pub struct FileStorage {
     file: File,
     /// Present when the file was opened with O_DIRECT.
     direct: Option<Mutex<()>>,
+    /// cache=unsafe: `sync` does nothing.
+    no_flush: bool,
 }
 
 /// A zeroed heap buffer aligned for O_DIRECT.
@@ -123,7 +125,15 @@ impl FileStorage {
         Ok(FileStorage {
             file: o.open(path)?,
             direct: direct.then(|| Mutex::new(())),
+            no_flush: false,
         })
+    }
+
+    /// With `no_flush` (cache=unsafe), `sync` returns at once: nothing
+    /// written through this storage is ever made durable on purpose.
+    pub fn without_flush(mut self, no_flush: bool) -> FileStorage {
+        self.no_flush = no_flush;
+        self
     }
 
     /// Creates (or truncates) a file.
@@ -134,7 +144,11 @@ impl FileStorage {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(FileStorage { file, direct: None })
+        Ok(FileStorage {
+            file,
+            direct: None,
+            no_flush: false,
+        })
     }
 
     /// The aligned span covering [offset, offset+len).
@@ -193,6 +207,9 @@ impl Storage for FileStorage {
         self.file.write_all_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
         self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {

@@ -10,7 +10,7 @@
 use crate::bench_buf::{BenchBuffers, View};
 use crate::img_util::{int_opt, open_named, parse_cache_mode, size_opt, strerror, CacheMode};
 use crate::util::CliResult;
-use oxqcow::{Error, Image, OpenOptions};
+use oxqcow::{Error, OpenOptions};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -169,6 +169,7 @@ pub fn run(a: Args) -> CliResult<()> {
         writable: a.write,
         writethrough: cache.writethrough,
         direct: cache.direct,
+        no_flush: cache.no_flush,
         ..Default::default()
     };
     let img = open_named(file, a.image_opts, a.fmt.as_deref(), &opts)?.img;
@@ -190,13 +191,6 @@ pub fn run(a: Args) -> CliResult<()> {
         error: None,
     });
     let cond = Condvar::new();
-    let flush = |img: &Image| -> oxqcow::Result<()> {
-        if cache.no_flush {
-            Ok(())
-        } else {
-            img.flush()
-        }
-    };
     let worker = |mut buf: View<'_>| {
         let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -250,7 +244,7 @@ pub fn run(a: Args) -> CliResult<()> {
                 st.flushed_at = Some(remaining);
                 if a.no_drain {
                     drop(st);
-                    if let Err(e) = flush(&img) {
+                    if let Err(e) = img.flush() {
                         lock().error.get_or_insert(e);
                     }
                 } else {
@@ -259,7 +253,7 @@ pub fn run(a: Args) -> CliResult<()> {
                         st = cond.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                     drop(st);
-                    let r = flush(&img);
+                    let r = img.flush();
                     let mut st = lock();
                     if let Err(e) = r {
                         st.error.get_or_insert(e);
@@ -292,7 +286,7 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     // Metadata is written back at close (outside the timed run), as QEMU's
-    // close does; with cache=unsafe QEMU skips the final sync, oxqcow not.
+    // close does; with cache=unsafe neither syncs.
     img.close().map_err(|e| crate::util::errmsg(&e))?;
     Ok(())
 }

@@ -10,7 +10,7 @@
 mod job;
 
 use crate::create::create_raw;
-use crate::img_util::{open_image, open_named, QProgress};
+use crate::img_util::{open_image, open_named, parse_cache_mode, CacheMode, QProgress};
 use crate::util::{errmsg, parse_img_size, split_opts, virtual_size, CliResult};
 use oxqcow::crypto::{
     check_encrypt_option_syntax, encrypt_create_from_options, is_encrypt_option, EncryptCreate,
@@ -66,10 +66,10 @@ pub struct Args {
     /// Allow writes out of order
     #[arg(short = 'W', long = "oob-writes")]
     oob_writes: bool,
-    /// Target cache mode (accepted, ignored)
+    /// Target cache mode (default unsafe: no syncs, as qemu-img)
     #[arg(short = 't', long = "target-cache", value_name = "TGT_CACHE")]
     target_cache: Option<String>,
-    /// Source cache mode (accepted, ignored)
+    /// Source cache mode (default writeback; none reads with O_DIRECT)
     #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     source_cache: Option<String>,
     /// Copy the persistent bitmaps of the source's top image too
@@ -95,7 +95,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<()> {
-    let _ = (a.force_share, &a.target_cache, &a.source_cache);
+    let _ = a.force_share;
     let workers = match &a.parallel {
         None => 8,
         Some(m) => {
@@ -125,6 +125,14 @@ pub fn run(a: Args) -> CliResult<()> {
             v
         }
     };
+    let src_cache = a.source_cache.as_deref().unwrap_or("writeback");
+    let src_cache = parse_cache_mode(src_cache)
+        .ok_or_else(|| format!("Invalid source cache option: {src_cache}"))?;
+    // A copy is made durable by whoever keeps it: qemu-img convert writes
+    // its target with cache=unsafe unless told otherwise.
+    let dst_cache = a.target_cache.as_deref().unwrap_or("unsafe");
+    let dst_cache =
+        parse_cache_mode(dst_cache).ok_or_else(|| format!("Invalid cache option: {dst_cache}"))?;
     if a.skip_broken_bitmaps && !a.bitmaps {
         return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
     }
@@ -146,7 +154,8 @@ pub fn run(a: Args) -> CliResult<()> {
     // and ends the line whatever happens.
     let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
     progress.add(0.0, 0);
-    let r = convert(&a, &target, workers, sparse, &mut progress);
+    let caches = (src_cache, dst_cache);
+    let r = convert(&a, &target, caches, workers, sparse, &mut progress);
     let r = match r {
         Ok(()) => {
             progress.add(100.0, 0);
@@ -192,6 +201,7 @@ impl Target {
 fn convert(
     a: &Args,
     target: &Target,
+    (src_cache, dst_cache): (CacheMode, CacheMode),
     workers: usize,
     sparse: u64,
     progress: &mut QProgress,
@@ -199,7 +209,10 @@ fn convert(
     if a.compress && target.options.iter().any(|(k, _)| is_encrypt_option(k)) {
         return Err("Compression and encryption not supported at the same time".into());
     }
-    let ro = OpenOptions::default();
+    let ro = OpenOptions {
+        direct: src_cache.direct,
+        ..Default::default()
+    };
     let src = open_named(&a.source, a.image_opts, a.fmt.as_deref(), &ro)?;
     if let Some(p) = &a.snapshot {
         load_snapshot(&src.img, p)?;
@@ -214,6 +227,9 @@ fn convert(
     let mut encrypted_prealloc = false;
     let mut opts = OpenOptions {
         writable: true,
+        writethrough: dst_cache.writethrough,
+        direct: dst_cache.direct,
+        no_flush: dst_cache.no_flush,
         ..Default::default()
     };
     if !a.no_create {
