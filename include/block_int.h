@@ -548,7 +548,9 @@ void bdrv_delete(BlockDriverState *bs);
  * anything else raw). Returns 0, -EBUSY if an image is already open in
  * `bs`, or the open error (e.g. -ENOTSUP with QEMU's "Unsupported qcow2
  * feature(s): ..." message). A handle closed with bdrv_close() may be
- * opened again.
+ * opened again. BDRV_O_NO_FLUSH is cache=unsafe: the library never syncs
+ * the file, not even to order its own metadata writes, so a host crash
+ * can corrupt the image (for scratch copies only).
  *
  * # Safety
  * `bs` is a handle from bdrv_new() (or NULL); `filename` NULL or a
