@@ -405,6 +405,7 @@ fn open_node(
     let mut oo = OpenOptions {
         writable: !flags.read_only,
         writethrough: flags.writethrough,
+        no_flush: flags.no_flush,
         ..flags.engine.clone()
     };
     let window = fmt == "raw" && (map.contains_key("offset") || map.contains_key("size"));
@@ -638,6 +639,7 @@ fn open_protocol(
     let oo = OpenOptions {
         writable: !flags.read_only,
         writethrough: flags.writethrough,
+        no_flush: flags.no_flush,
         ..Default::default()
     };
     Image::open(Path::new(&path), Some("raw"), &oo).map_err(|e| open_errmsg(&e, &path))
@@ -681,6 +683,7 @@ fn open_snapshot_overlay(
     let oo = OpenOptions {
         writable: true,
         writethrough: flags.writethrough,
+        no_flush: flags.no_flush,
         ..Default::default()
     };
     match Image::open(&tmp, Some("qcow2"), &oo) {
