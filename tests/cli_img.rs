@@ -1359,6 +1359,18 @@ fn convert_cache_modes_sync_as_qemu_img() {
             &["compare", "-f", "qcow2", "-F", "raw", "z.qcow2", "out.raw"],
         );
     }
+    // A qcow2 target written without a sync still gets all its metadata
+    // at close.
+    for t in ["unsafe", "writeback", "none"] {
+        let _ = std::fs::remove_file(c.o.join("out.qcow2"));
+        ok_in(
+            &c.o,
+            BIN,
+            &["convert", "-t", t, "-O", "qcow2", "z.qcow2", "out.qcow2"],
+        );
+        assert_clean(&c.o.join("out.qcow2"));
+        ok_in(&c.o, "qemu-img", &["compare", "z.qcow2", "out.qcow2"]);
+    }
     for a in [
         &["-t", "bogus"][..],
         &["-T", "bogus"],
