@@ -1359,6 +1359,25 @@ fn convert_cache_modes_sync_as_qemu_img() {
             &["compare", "-f", "qcow2", "-F", "raw", "z.qcow2", "out.raw"],
         );
     }
+    // An O_DIRECT target whose end is not block aligned ends where
+    // qemu-img's does (a padded last write would lengthen the file).
+    let odd: Vec<u8> = (0..1_000_001u32)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    for t in ["none", "directsync"] {
+        let mut outs = Vec::new();
+        for (tool, dir) in [("qemu-img", &c.q), (BIN, &c.o)] {
+            std::fs::write(dir.join("odd.raw"), &odd).unwrap();
+            let _ = std::fs::remove_file(dir.join("odd.out"));
+            let args = [
+                "convert", "-t", t, "-T", t, "-O", "raw", "odd.raw", "odd.out",
+            ];
+            ok_in(dir, tool, &args);
+            outs.push(std::fs::read(dir.join("odd.out")).unwrap());
+        }
+        assert_eq!(outs[0].len(), outs[1].len(), "-t {t}: target length");
+        assert!(outs[0] == outs[1], "-t {t}: target bytes");
+    }
     // A qcow2 target written without a sync still gets all its metadata
     // at close.
     for t in ["unsafe", "writeback", "none"] {

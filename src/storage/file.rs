@@ -23,6 +23,10 @@ pub struct FileStorage {
     direct: Option<Mutex<()>>,
     /// cache=unsafe: `sync` does nothing.
     no_flush: bool,
+    /// With O_DIRECT and write access: the same file without O_DIRECT, for
+    /// an unaligned write at the end of the file, which padded to whole
+    /// blocks would leave the file longer than what was written.
+    buffered: Option<File>,
 }
 
 /// A zeroed heap buffer aligned for O_DIRECT.
@@ -122,10 +126,15 @@ impl FileStorage {
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }
+        let buffered = match direct && writable {
+            true => Some(OpenOptions::new().read(true).write(true).open(path)?),
+            false => None,
+        };
         Ok(FileStorage {
             file: o.open(path)?,
             direct: direct.then(|| Mutex::new(())),
             no_flush: false,
+            buffered,
         })
     }
 
@@ -148,6 +157,7 @@ impl FileStorage {
             file,
             direct: None,
             no_flush: false,
+            buffered: None,
         })
     }
 
@@ -185,6 +195,14 @@ impl FileStorage {
             Some(lock.lock().unwrap_or_else(|e| e.into_inner()))
         };
         if !aligned {
+            if let Some(f) = &self.buffered {
+                if lo + n as u64 > self.file.metadata()?.len() {
+                    // Through the page cache, exactly as long as asked; a
+                    // later O_DIRECT access of the range writes it back
+                    // first, and sync covers it (one inode).
+                    return f.write_all_at(buf, offset);
+                }
+            }
             read_full(&self.file, b.as_mut(), lo)?;
         }
         let s = (offset - lo) as usize;
@@ -290,6 +308,19 @@ mod tests {
         f.read_at(&mut tail, 16384 - 50).unwrap();
         assert_eq!(&tail[..50], &[1u8; 50][..]);
         assert_eq!(&tail[50..], &[0u8; 50][..]);
+        // An unaligned write past the end: the file ends where it ends,
+        // not at the next block boundary.
+        f.write_at(b"end", 16384 + 100).unwrap();
+        assert_eq!(f.len().unwrap(), 16384 + 103);
+        let mut e = [9u8; 6];
+        f.read_at(&mut e, 16384 + 98).unwrap();
+        assert_eq!(&e, b"\0\0end\0");
+        f.write_at(&[5u8; 4096], 16384).unwrap();
+        f.sync().unwrap();
+        assert_eq!(f.len().unwrap(), 20480);
+        let mut back = vec![0u8; 103];
+        f.read_at(&mut back, 16384).unwrap();
+        assert_eq!(back, vec![5u8; 103]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
