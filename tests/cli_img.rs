@@ -1300,25 +1300,6 @@ fn convert_setup(c: &Case) {
     q(&["convert", "-O", "raw", "n.qcow2", "n.raw"]);
 }
 
-/// How many fsync/fdatasync calls `cmd args` makes in `dir` (strace).
-fn syncs_of(dir: &Path, cmd: &str, args: &[&str]) -> usize {
-    let log = dir.join("strace.log");
-    let mut a = vec![
-        "-f",
-        "-e",
-        "trace=fsync,fdatasync",
-        "-o",
-        log.to_str().unwrap(),
-        cmd,
-    ];
-    a.extend_from_slice(args);
-    ok_in(dir, "strace", &a);
-    let text = std::fs::read_to_string(&log).unwrap();
-    text.lines()
-        .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
-        .count()
-}
-
 /// -t (target cache, qemu-img's default unsafe) and -T (source cache):
 /// the same data, and the same syncs as qemu-img (none for a throw-away
 /// copy, one at the end with writeback or none, one per write with

@@ -1357,3 +1357,41 @@ fn blkdebug_over_the_external_data_file() {
     }
     assert_eq!(outs[0], outs[1]);
 }
+
+/// A raw image syncs as qemu-io makes it sync: once per write in
+/// writethrough (the default) and directsync, only at the close in
+/// writeback, never with unsafe.
+#[test]
+fn raw_writes_sync_as_qemu_io() {
+    let d = Scratch::new("io-raw-syncs");
+    for cache in ["writethrough", "writeback", "unsafe", "directsync"] {
+        let mut counts = Vec::new();
+        for ours in [false, true] {
+            let img = d.path(if ours { "o.raw" } else { "q.raw" });
+            std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+            let f = img.to_str().unwrap();
+            let cmds = [
+                "-c",
+                "write 0 64k",
+                "-c",
+                "write 64k 64k",
+                "-c",
+                "write 4k 512",
+            ];
+            let mut args = vec!["-t", cache, "-f", "raw"];
+            args.extend_from_slice(&cmds);
+            args.push(f);
+            counts.push(if ours {
+                let mut a = vec!["io"];
+                a.extend_from_slice(&args);
+                syncs_of(&d.0, BIN, &a)
+            } else {
+                syncs_of(&d.0, "qemu-io", &args)
+            });
+        }
+        assert_eq!(
+            counts[1], counts[0],
+            "-t {cache}: syncs (qemu-io, oxqcow io)"
+        );
+    }
+}

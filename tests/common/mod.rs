@@ -229,3 +229,31 @@ pub fn with_qemu_nbd<T>(dir: &Path, img: &Path, bitmaps: &[&str], f: impl FnOnce
     let _ = child.wait();
     r
 }
+
+/// How many fsync/fdatasync calls `cmd args` makes in `dir` (strace).
+pub fn syncs_of(dir: &Path, cmd: &str, args: &[&str]) -> usize {
+    let log = dir.join("strace.log");
+    let mut a = vec![
+        "-f",
+        "-e",
+        "trace=fsync,fdatasync",
+        "-o",
+        log.to_str().unwrap(),
+        cmd,
+    ];
+    a.extend_from_slice(args);
+    let out = Command::new("strace")
+        .args(&a)
+        .current_dir(dir)
+        .output()
+        .expect("strace (installed by .ci/run)");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    text.lines()
+        .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+        .count()
+}

@@ -402,9 +402,12 @@ fn open_node(
             check_protocol_opts(&child_opts(map, "file."), "file")?;
         }
     }
+    // A writethrough node gets a flush after each write from this layer
+    // (QEMU's FUA emulation), which is all a raw image's writethrough is:
+    // the engine's own per-write sync would be a second one.
     let mut oo = OpenOptions {
         writable: !flags.read_only,
-        writethrough: flags.writethrough,
+        writethrough: flags.writethrough && fmt != "raw",
         no_flush: flags.no_flush,
         ..flags.engine.clone()
     };
@@ -636,9 +639,9 @@ fn open_protocol(
             .ok_or_else(|| format!("The '{driver}' block driver requires a file name"))?,
     };
     check_special_file(driver, &path, flags)?;
+    // Writethrough comes from this layer's flush after each write (above).
     let oo = OpenOptions {
         writable: !flags.read_only,
-        writethrough: flags.writethrough,
         no_flush: flags.no_flush,
         ..Default::default()
     };
