@@ -3,7 +3,9 @@
 //! With O_DIRECT (cache=none, BDRV_O_NOCACHE) every transfer must be
 //! aligned in offset, length and memory: unaligned requests go through an
 //! aligned bounce buffer, and unaligned writes are read-modify-write under a
-//! lock so that two of them never race on the same block.
+//! lock so that two of them never race on the same block — except one
+//! that reaches past the end of the file, which goes through a second
+//! descriptor without O_DIRECT so that the file ends where it does.
 
 use super::Storage;
 use std::alloc::{self, Layout};
