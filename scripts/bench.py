@@ -173,6 +173,8 @@ def main():
     rows += chain_and_convert()
     rows += open_and_check()
     report([r for r in rows if r is not None and r.runs()])
+    if wanted("peak memory"):
+        peak_memory()
     if nbd != "0":
         bench_nbd.main()
 
@@ -246,6 +248,38 @@ def open_and_check():
         row.t["oxqcow"].append(timed([OXQCOW, "check", img]))
     rows.append(row)
     return rows
+
+
+def peak_rss_mb(cmd):
+    """Runs cmd and returns its peak resident set size in MB (wait4)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{cmd} failed: {p.stderr.read().decode()}")
+    return ru.ru_maxrss / 1024
+
+
+def peak_memory():
+    """Peak memory against the caches: allocating writes 1 GiB apart over a
+    16 TiB image, so that every write needs another L2 table and the
+    cache's bound is what holds memory down."""
+    size = 16 << 40
+    n = 1024 if SMALL else 16384
+    step = size // 16384  # 1 GiB: qemu-img bench takes steps below 2 GiB
+    args = ["-w", "-t", "unsafe", "-c", str(n), "-s", "4k", "-S", str(step)]
+    print(f"\npeak RSS, {n} allocating 4 KiB writes {step >> 30} GiB apart in a 16 TiB image (MB)")
+    print(f"{'L2 cache':24} {'QEMU':>8} {'oxqcow':>8}  (depth 64, then depth 1)")
+    for label, cache in (("default", None), ("l2-cache-size=1M", 1 << 20)):
+        for depth in ("64", "1"):
+            got = {}
+            for tool in ("qemu", "oxqcow"):
+                img = fresh_qcow2(f"mem-{tool}.qcow2", size)
+                exe = "qemu-img" if tool == "qemu" else OXQCOW
+                target = ["-f", "qcow2", img] if cache is None else [
+                    "--image-opts", f"driver=qcow2,file.filename={img},l2-cache-size={cache}"]
+                got[tool] = peak_rss_mb([exe, "bench", "-d", depth] + args + target)
+                os.remove(img)
+            print(f"{label + ', depth ' + depth:24} {got['qemu']:8.1f} {got['oxqcow']:8.1f}")
 
 
 def report(rows):

@@ -303,7 +303,7 @@ impl Meta {
                 "L2 table offset {off:#x} points past the end of the file"
             )));
         }
-        let mut data = vec![0u8; self.cs as usize];
+        let mut data = self.l2_cache.buffer(self.cs as usize);
         self.event(DebugEvent::L2Load);
         self.read_file(&mut data, off, "read L2 table")?;
         self.evict_l2_if_full()?;
@@ -321,7 +321,7 @@ impl Meta {
                 self.sync_before_l2()?;
                 self.write_dirty_l2()?;
             }
-            self.l2_cache.remove(victim);
+            self.l2_cache.evict(victim);
         }
         Ok(())
     }
@@ -344,7 +344,7 @@ impl Meta {
                 "Refblock offset {off:#x} points past the end of the file"
             )));
         }
-        let mut data = vec![0u8; self.cs as usize];
+        let mut data = self.rb_cache.buffer(self.cs as usize);
         self.read_file(&mut data, off, "read refcount block")?;
         self.evict_refblock_if_full()?;
         self.rb_cache.insert(off, data, false);
@@ -359,7 +359,7 @@ impl Meta {
                 // the cache once the dropped references are durable.
                 self.write_slot(Which::Refblock, victim)?;
             }
-            self.rb_cache.remove(victim);
+            self.rb_cache.evict(victim);
         }
         Ok(())
     }
@@ -500,9 +500,11 @@ impl Meta {
         let data = if off != 0 {
             self.event(DebugEvent::L2AllocCowRead);
             self.load_l2(off)?;
-            self.l2_cache.get(off).unwrap().data.clone()
+            let mut copy = self.l2_cache.buffer(self.cs as usize);
+            copy.copy_from_slice(&self.l2_cache.get(off).unwrap().data);
+            copy
         } else {
-            vec![0u8; self.cs as usize]
+            self.l2_cache.buffer(self.cs as usize)
         };
         let new = self.alloc_clusters(1)?;
         if let Err(e) = self.write_new_l2(new, &data) {
