@@ -268,7 +268,7 @@ def peak_memory():
     step = size // 16384  # 1 GiB: qemu-img bench takes steps below 2 GiB
     args = ["-w", "-t", "unsafe", "-c", str(n), "-s", "4k", "-S", str(step)]
     print(f"\npeak RSS, {n} allocating 4 KiB writes {step >> 30} GiB apart in a 16 TiB image (MB)")
-    print(f"{'L2 cache':24} {'QEMU':>8} {'oxqcow':>8}  (depth 64, then depth 1)")
+    print(f"{'L2 cache, queue depth':28} {'QEMU':>8} {'oxqcow':>8}")
     for label, cache in (("default", None), ("l2-cache-size=1M", 1 << 20)):
         for depth in ("64", "1"):
             got = {}
@@ -279,7 +279,7 @@ def peak_memory():
                     "--image-opts", f"driver=qcow2,file.filename={img},l2-cache-size={cache}"]
                 got[tool] = peak_rss_mb([exe, "bench", "-d", depth] + args + target)
                 os.remove(img)
-            print(f"{label + ', depth ' + depth:24} {got['qemu']:8.1f} {got['oxqcow']:8.1f}")
+            print(f"{label + ', depth ' + depth:28} {got['qemu']:8.1f} {got['oxqcow']:8.1f}")
 
 
 def report(rows):
