@@ -7,7 +7,7 @@
 use crate::engine::{probe, BlockStatus, Layer, OpenOptions, Qcow2};
 use crate::error::{Error, Result};
 use crate::nbd::{is_nbd_name, NbdClient, NbdStorage, NbdTarget};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -50,8 +50,8 @@ impl Image {
             "qcow2" => Ok(Image::Qcow2(Box::new(Qcow2::open(path, opts)?))),
             "raw" => {
                 let name = path.display().to_string();
-                let f = FileStorage::open(path, opts.writable, opts.direct)
-                    .map(|f| f.without_flush(opts.no_flush))
+                let f = opts
+                    .open_file(path)
                     .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
                 Ok(Image::Raw(RawImage {
                     file: Arc::new(f),

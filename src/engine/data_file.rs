@@ -106,8 +106,8 @@ pub(super) fn open_data_file(header: &Header, opts: &OpenOptions) -> Result<Opti
         },
     };
     let name = path.display().to_string();
-    let f = FileStorage::open(&path, opts.writable, opts.direct)
-        .map(|f| f.without_flush(opts.no_flush))
+    let f = opts
+        .open_file(&path)
         .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
     Ok(Some(DataFile {
         storage: Arc::new(f),

@@ -42,7 +42,7 @@ pub use data_file::DataFileSource;
 
 use crate::error::{Error, Result};
 use crate::format::entries::L2Entry;
-use crate::storage::{DebugEvent, Storage};
+use crate::storage::{DebugEvent, FileStorage, Storage};
 use io::Run;
 use meta::Meta;
 use std::path::{Path, PathBuf};
@@ -96,6 +96,15 @@ pub struct OpenOptions {
     /// Options for the backing file (QEMU's `backing.*`); None: these
     /// options, read-only, without the password.
     pub backing: Option<Box<OpenOptions>>,
+}
+
+impl OpenOptions {
+    /// A host file (the image, its data file) opened with these options'
+    /// access and cache mode: read-write if `writable`, O_DIRECT if
+    /// `direct`, never synced if `no_flush`.
+    pub fn open_file(&self, path: &Path) -> std::io::Result<FileStorage> {
+        Ok(FileStorage::open(path, self.writable, self.direct)?.without_flush(self.no_flush))
+    }
 }
 
 /// The allocation state of a guest range, as block status reports it.

@@ -19,7 +19,7 @@ use crate::format::entries::RefcountWidth;
 use crate::format::header::Header;
 use crate::format::snapshot::{self, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::format::*;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -46,8 +46,8 @@ impl Qcow2 {
     /// Opens an image file.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
         let name = path.display().to_string();
-        let f = FileStorage::open(path, opts.writable, opts.direct)
-            .map(|f| f.without_flush(opts.no_flush))
+        let f = opts
+            .open_file(path)
             .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
         Qcow2::open_storage(Arc::new(f), path, opts)
             .map_err(|e| e.context(&format!("Could not open '{name}'")))

@@ -17,7 +17,7 @@ pub use io_quorum::quorum_children;
 use crate::io::io_filters::{self, filtered, is_protocol, wrap, DebugNodes};
 use oxqcow::blockdev::is_node_opt;
 use oxqcow::storage::blkdebug::IoType;
-use oxqcow::storage::{Blkdebug, FileStorage};
+use oxqcow::storage::Blkdebug;
 use oxqcow::{BlockStatus, Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -452,7 +452,8 @@ fn open_node(
         // block device).
         let num = |k: &str| map.get(k).map(|v| parse_size_opt(k, v)).transpose();
         let (offset, size) = (num("offset")?.unwrap_or(0), num("size")?);
-        let f = FileStorage::open(Path::new(&path), oo.writable, oo.direct)
+        let f = oo
+            .open_file(Path::new(&path))
             .map_err(|e| format!("Could not open '{path}': {}", crate::util::ioerr(&e)))?;
         let storage = wrap(Arc::new(f), nodes, &file_prefix);
         let window = Arc::new(oxqcow::storage::WindowStorage::new(storage, offset, size));
@@ -460,7 +461,8 @@ fn open_node(
         return Ok((img, fmt));
     }
     if filtered(nodes, &file_prefix) {
-        let f = FileStorage::open(Path::new(&path), oo.writable, oo.direct)
+        let f = oo
+            .open_file(Path::new(&path))
             .map_err(|e| format!("Could not open '{path}': {}", crate::util::ioerr(&e)))?;
         let storage = wrap(Arc::new(f), nodes, &file_prefix);
         let img = Image::open_on(storage, &path, &fmt, &oo).map_err(|e| open_errmsg(&e, &path))?;
@@ -836,7 +838,7 @@ fn filter_data_file(oo: &mut OpenOptions, nodes: &DebugNodes, prefix: &str) -> R
         let (storage, name): (Arc<dyn oxqcow::storage::Storage>, String) = match oo.data_file.take()
         {
             Some(oxqcow::DataFileSource::Path(path)) => {
-                let f = FileStorage::open(&path, oo.writable, oo.direct).map_err(|e| {
+                let f = oo.open_file(&path).map_err(|e| {
                     format!(
                         "Could not open '{}': {}",
                         path.display(),
