@@ -96,11 +96,10 @@ def wanted(name):
 
 
 def workload_bench(name, bench_args, opts="", size=4 * GiB, setup=None, raw=True, fmt_args=None, reps=REPS):
-    """A qemu-img bench workload on a fresh image per run (setup may fill it)."""
-    if not wanted(name):
-        return None
+    """A qemu-img bench workload on a fresh image per run (setup may fill
+    it); a row not wanted is returned without runs."""
     row = Row(name)
-    for _ in range(reps):
+    for _ in range(reps if wanted(name) else 0):
         for tool in ("qemu", "oxqcow"):
             img = fresh_qcow2(f"w-{tool}.qcow2", size, opts)
             if setup:
@@ -172,7 +171,7 @@ def main():
     )
     rows += chain_and_convert()
     rows += open_and_check()
-    report([r for r in rows if r is not None and r.runs()])
+    report([r for r in rows if r.runs()])
     if wanted("peak memory"):
         peak_memory()
     if nbd != "0":
@@ -197,14 +196,13 @@ def chain_and_convert():
         # The floor: the same reads from one raw file of the same size.
         floor = fresh_raw("chain-floor.raw", size)
         fill(floor, "raw", size >> 16)
-    args = ["-t", "none", "-c", str(size >> 16), "-s", "64k", "-S", "64k"]
-    for _ in range(IO_REPS if wanted(row.name) else 0):
-        for tool in ("qemu", "oxqcow"):
-            row.t[tool].append(bench_seconds(tool, args + ["-f", "qcow2", top]))
-        row.t["raw"].append(bench_seconds("qemu", args + ["-f", "raw", floor]))
-    if row.runs():
+        args = ["-t", "none", "-c", str(size >> 16), "-s", "64k", "-S", "64k"]
+        for _ in range(IO_REPS):
+            for tool in ("qemu", "oxqcow"):
+                row.t[tool].append(bench_seconds(tool, args + ["-f", "qcow2", top]))
+            row.t["raw"].append(bench_seconds("qemu", args + ["-f", "raw", floor]))
         os.remove(floor)
-    rows.append(row if row.runs() else None)
+    rows.append(row)
     # Compressible but real data: text-like runs mixed with random blocks.
     src = path("src.raw")
     csize = (32 << 20) if SMALL else (256 << 20)
