@@ -1395,3 +1395,85 @@ fn raw_writes_sync_as_qemu_io() {
         );
     }
 }
+
+/// Whether the image file is opened for writing with O_DIRECT follows the
+/// cache mode as in qemu-io (`-t`, `-n`, `cache.direct`), for qcow2 and raw;
+/// unaligned writes through O_DIRECT land where qemu-io reads them back.
+#[test]
+fn direct_opens_as_qemu_io() {
+    let d = Scratch::new("io-direct-opens");
+    let cases: &[&[&str]] = &[
+        &["-t", "none"],
+        &["-t", "directsync"],
+        &["-n"],
+        &["-t", "writeback"],
+        &["-t", "writethrough"],
+        &["-t", "unsafe"],
+        &["--image-opts"],
+    ];
+    for fmt in ["qcow2", "raw"] {
+        for (i, case) in cases.iter().enumerate() {
+            let mut direct = Vec::new();
+            for ours in [false, true] {
+                let img = d.path(&format!("{}-{i}.{fmt}", if ours { "o" } else { "q" }));
+                let f = img.to_str().unwrap();
+                qemu_img(&["create", "-q", "-f", fmt, f, "1M"]);
+                let spec = format!("driver={fmt},file.filename={f},cache.direct=on");
+                let mut args: Vec<&str> = case.to_vec();
+                if case[0] != "--image-opts" {
+                    args.extend(["-f", fmt]);
+                }
+                args.extend(["-c", "write -P 0x5a 1k 3k", "-c", "write -P 0xa5 64k 64k"]);
+                args.push(if case[0] == "--image-opts" { &spec } else { f });
+                let calls = if ours {
+                    let mut a = vec!["io"];
+                    a.extend_from_slice(&args);
+                    strace_calls(&d.0, "openat", BIN, &a)
+                } else {
+                    strace_calls(&d.0, "openat", "qemu-io", &args)
+                };
+                let name = img.file_name().unwrap().to_str().unwrap();
+                direct.push(
+                    calls.iter().any(|l| {
+                        l.contains(name) && l.contains("O_RDWR") && l.contains("O_DIRECT")
+                    }),
+                );
+                for (pattern, off, len) in [
+                    ("0x5a", "1k", "3k"),
+                    ("0xa5", "64k", "64k"),
+                    ("0", "4k", "60k"),
+                ] {
+                    let read = format!("read -P {pattern} {off} {len}");
+                    let (code, out, err) = run("qemu-io", &["-f", fmt, "-c", &read, f]);
+                    assert!(
+                        code == 0 && !out.contains("failed"),
+                        "{case:?} {fmt} {read}: {out}{err}"
+                    );
+                }
+                if fmt == "qcow2" {
+                    assert_clean(&img);
+                }
+            }
+            assert_eq!(
+                direct[1], direct[0],
+                "{fmt} {case:?}: O_DIRECT writable open (qemu-io, oxqcow io)"
+            );
+        }
+    }
+    // The test would pass if nothing ever opened with O_DIRECT.
+    let img = d.path("n.qcow2");
+    let f = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", f, "1M"]);
+    let calls = strace_calls(
+        &d.0,
+        "openat",
+        BIN,
+        &["io", "-t", "none", "-c", "read 0 4k", f],
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|l| l.contains("n.qcow2") && l.contains("O_DIRECT")),
+        "{calls:?}"
+    );
+}

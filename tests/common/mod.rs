@@ -230,17 +230,12 @@ pub fn with_qemu_nbd<T>(dir: &Path, img: &Path, bitmaps: &[&str], f: impl FnOnce
     r
 }
 
-/// How many fsync/fdatasync calls `cmd args` makes in `dir` (strace).
-pub fn syncs_of(dir: &Path, cmd: &str, args: &[&str]) -> usize {
+/// The lines strace writes for the `trace` system calls of `cmd args`,
+/// run in `dir`; the command must succeed.
+pub fn strace_calls(dir: &Path, trace: &str, cmd: &str, args: &[&str]) -> Vec<String> {
     let log = dir.join("strace.log");
-    let mut a = vec![
-        "-f",
-        "-e",
-        "trace=fsync,fdatasync",
-        "-o",
-        log.to_str().unwrap(),
-        cmd,
-    ];
+    let trace = format!("trace={trace}");
+    let mut a = vec!["-f", "-e", &trace, "-o", log.to_str().unwrap(), cmd];
     a.extend_from_slice(args);
     let out = Command::new("strace")
         .args(&a)
@@ -253,7 +248,13 @@ pub fn syncs_of(dir: &Path, cmd: &str, args: &[&str]) -> usize {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&log).unwrap();
-    text.lines()
+    text.lines().map(str::to_string).collect()
+}
+
+/// How many fsync/fdatasync calls `cmd args` makes in `dir` (strace).
+pub fn syncs_of(dir: &Path, cmd: &str, args: &[&str]) -> usize {
+    strace_calls(dir, "fsync,fdatasync", cmd, args)
+        .iter()
         .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
         .count()
 }

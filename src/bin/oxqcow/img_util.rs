@@ -200,6 +200,8 @@ pub fn open_named(
         flags: Flags {
             read_only: !opts.writable,
             writethrough: opts.writethrough,
+            nocache: opts.direct,
+            no_flush: opts.no_flush,
             engine: opts.clone(),
             ..Flags::default()
         },

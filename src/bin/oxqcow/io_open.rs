@@ -70,6 +70,19 @@ impl Flags {
         true
     }
 
+    /// `base` with these flags' access and cache mode: the one mapping of
+    /// read-only, writethrough, nocache (O_DIRECT) and no-flush onto the
+    /// engine's options, so no opener sets some of them and forgets others.
+    pub fn apply(&self, base: OpenOptions) -> OpenOptions {
+        OpenOptions {
+            writable: !self.read_only,
+            writethrough: self.writethrough,
+            direct: self.nocache,
+            no_flush: self.no_flush,
+            ..base
+        }
+    }
+
     /// bdrv_parse_discard_flags().
     pub fn set_discard(&mut self, mode: &str) -> bool {
         match mode {
@@ -405,12 +418,8 @@ fn open_node(
     // A writethrough node gets a flush after each write from this layer
     // (QEMU's FUA emulation), which is all a raw image's writethrough is:
     // the engine's own per-write sync would be a second one.
-    let mut oo = OpenOptions {
-        writable: !flags.read_only,
-        writethrough: flags.writethrough && fmt != "raw",
-        no_flush: flags.no_flush,
-        ..flags.engine.clone()
-    };
+    let mut oo = flags.apply(flags.engine.clone());
+    oo.writethrough &= fmt != "raw";
     let window = fmt == "raw" && (map.contains_key("offset") || map.contains_key("size"));
     if window && nested {
         return Err(
@@ -643,9 +652,8 @@ fn open_protocol(
     check_special_file(driver, &path, flags)?;
     // Writethrough comes from this layer's flush after each write (above).
     let oo = OpenOptions {
-        writable: !flags.read_only,
-        no_flush: flags.no_flush,
-        ..Default::default()
+        writethrough: false,
+        ..flags.apply(OpenOptions::default())
     };
     Image::open(Path::new(&path), Some("raw"), &oo).map_err(|e| open_errmsg(&e, &path))
 }
@@ -687,9 +695,7 @@ fn open_snapshot_overlay(
     oxqcow::engine::create(&tmp, &co).map_err(|e| crate::util::errmsg(&e))?;
     let oo = OpenOptions {
         writable: true,
-        writethrough: flags.writethrough,
-        no_flush: flags.no_flush,
-        ..Default::default()
+        ..flags.apply(OpenOptions::default())
     };
     match Image::open(&tmp, Some("qcow2"), &oo) {
         Ok(i) => Ok((i, tmp)),

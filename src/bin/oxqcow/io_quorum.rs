@@ -7,7 +7,6 @@
 use super::{check_format_opts, child_opts, open_errmsg, unsupported_driver, Flags};
 use super::{FILE_OPTS, KNOWN_DRIVERS};
 use oxqcow::blockdev::is_node_opt;
-use oxqcow::storage::FileStorage;
 use oxqcow::{Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,7 +105,9 @@ pub(super) fn open_on_quorum(
                 "oxqcow's quorum node takes file children (or raw over a file) only: children.{n}"
             ));
         }
-        let st = FileStorage::open(Path::new(f), !flags.read_only, flags.engine.direct)
+        let st = flags
+            .apply(OpenOptions::default())
+            .open_file(Path::new(f))
             .map_err(|e| format!("Could not open '{f}': {}", crate::util::ioerr(&e)))?;
         children.push(Arc::new(st));
     }
@@ -115,11 +116,7 @@ pub(super) fn open_on_quorum(
         threshold as usize,
         fifo,
     ));
-    let mut oo = OpenOptions {
-        writable: !flags.read_only,
-        writethrough: flags.writethrough,
-        ..flags.engine.clone()
-    };
+    let mut oo = flags.apply(flags.engine.clone());
     let wants_backing = !oo.no_backing;
     oo.no_backing = true;
     let name = "quorum".to_string();
