@@ -1358,41 +1358,53 @@ fn blkdebug_over_the_external_data_file() {
     assert_eq!(outs[0], outs[1]);
 }
 
-/// A raw image syncs as qemu-io makes it sync: once per write in
-/// writethrough (the default) and directsync, only at the close in
-/// writeback, never with unsafe.
+/// An image syncs at most as often as qemu-io makes it sync, and enough:
+/// at least once per write in writethrough (the default) and directsync,
+/// at least once (the close) in writeback and none, never with unsafe. A
+/// qcow2 image may sync once more, at open (engine/open.rs: what an earlier
+/// process left in the page cache becomes durable before the allocator
+/// trusts the file's length); there is no second sync per write although
+/// both the engine and the io layer's FUA emulation ask for one, and none
+/// at close after a writethrough write (storage/file.rs skips a sync that
+/// covers nothing). The writes allocate, rewrite and fill part of a cluster.
 #[test]
-fn raw_writes_sync_as_qemu_io() {
-    let d = Scratch::new("io-raw-syncs");
-    for cache in ["writethrough", "writeback", "unsafe", "directsync"] {
-        let mut counts = Vec::new();
-        for ours in [false, true] {
-            let img = d.path(if ours { "o.raw" } else { "q.raw" });
-            std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-            let f = img.to_str().unwrap();
-            let cmds = [
-                "-c",
-                "write 0 64k",
-                "-c",
-                "write 64k 64k",
-                "-c",
-                "write 4k 512",
-            ];
-            let mut args = vec!["-t", cache, "-f", "raw"];
-            args.extend_from_slice(&cmds);
-            args.push(f);
-            counts.push(if ours {
-                let mut a = vec!["io"];
-                a.extend_from_slice(&args);
-                syncs_of(&d.0, BIN, &a)
-            } else {
-                syncs_of(&d.0, "qemu-io", &args)
-            });
+fn writes_sync_as_qemu_io() {
+    let d = Scratch::new("io-syncs");
+    for fmt in ["raw", "qcow2"] {
+        for cache in ["writethrough", "writeback", "none", "unsafe", "directsync"] {
+            let mut counts = Vec::new();
+            for ours in [false, true] {
+                let img = d.path(&format!("{}.{fmt}", if ours { "o" } else { "q" }));
+                let f = img.to_str().unwrap();
+                qemu_img(&["create", "-q", "-f", fmt, f, "1M"]);
+                let mut args = vec!["-t", cache, "-f", fmt];
+                for c in ["write 0 64k", "write 64k 64k", "write 0 4k", "write 4k 512"] {
+                    args.extend(["-c", c]);
+                }
+                args.push(f);
+                counts.push(if ours {
+                    let mut a = vec!["io"];
+                    a.extend_from_slice(&args);
+                    syncs_of(&d.0, BIN, &a)
+                } else {
+                    syncs_of(&d.0, "qemu-io", &args)
+                });
+                if fmt == "qcow2" {
+                    assert_clean(&img);
+                }
+            }
+            let open = usize::from(fmt == "qcow2" && cache != "unsafe");
+            let least = match cache {
+                "writethrough" | "directsync" => 4,
+                "unsafe" => 0,
+                _ => 1,
+            };
+            let (qemu, ours) = (counts[0], counts[1]);
+            assert!(
+                ours <= qemu + open && ours >= least + open && qemu >= least,
+                "{fmt} -t {cache}: syncs qemu-io {qemu}, oxqcow io {ours}"
+            );
         }
-        assert_eq!(
-            counts[1], counts[0],
-            "-t {cache}: syncs (qemu-io, oxqcow io)"
-        );
     }
 }
 
