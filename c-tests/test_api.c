@@ -358,6 +358,26 @@ static void test_driver_table(void)
         free_option_parameters(o3);
         struct stat st;
         CHECK(stat(img3, &st) == 0 && st.st_size == 128 * 1024);
+        /* Raw preallocation and extent size hint, through both entry points
+         * (QEMU's file driver options): the file is allocated as asked. */
+        QEMUOptionParameter *o4 =
+            parse_option_parameters("size=1M,preallocation=full", bdrv_raw.create_options, NULL);
+        CHECK(o4 != NULL);
+        const char *img4 = h_path("api-created4.raw");
+        CHECK_INT(bdrv_raw.bdrv_create(img4, o4), 0);
+        free_option_parameters(o4);
+        CHECK(stat(img4, &st) == 0 && st.st_size == MiB && st.st_blocks * 512 >= MiB);
+        const char *img5 = h_path("api-created5.raw");
+        CHECK_INT(bdrv_img_create(img5, "raw", NULL, NULL, "preallocation=falloc,extent_size_hint=2M", MiB, 0), 0);
+        CHECK(stat(img5, &st) == 0 && st.st_size == MiB && st.st_blocks * 512 >= MiB);
+        CHECK_INT(bdrv_img_create(img5, "raw", NULL, NULL, "preallocation=metadata", MiB, 0), -EINVAL);
+        CHECK_INT(bdrv_img_create(img5, "raw", NULL, NULL, "cluster_size=4k", MiB, 0), -EINVAL);
+        unsigned char *zero1m = calloc(1, MiB);
+        size_t got_n = 0;
+        unsigned char *got4 = h_qemu_contents(img4, &got_n);
+        CHECK(got4 != NULL && got_n == MiB && memcmp(got4, zero1m, MiB) == 0);
+        free(got4);
+        free(zero1m);
 
         BlockDriverState *bs = bdrv_new("tbl");
         CHECK_INT(bdrv_qcow2.bdrv_open(bs, img2, BDRV_O_RDWR | BDRV_O_CACHE_WB), 0);

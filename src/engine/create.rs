@@ -340,15 +340,50 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     create_with_data(file, data, path, o)
 }
 
+/// Creates (or truncates) a raw image of `size` bytes, rounded up to whole
+/// sectors, with an extent size hint (`hint`, or 1 MiB where the file
+/// system takes one). Like QEMU, the first block is written so that the
+/// file has one allocated block to probe alignment with; the rest stays
+/// sparse unless `prealloc` is falloc or full (metadata is no raw mode).
+/// Not synced, as qemu-img does not: whoever needs the new file durable
+/// flushes it (and a convert target is written with cache=unsafe).
+pub fn create_raw(
+    path: &Path,
+    size: u64,
+    prealloc: Preallocation,
+    hint: Option<u64>,
+) -> Result<()> {
+    let name = path.display();
+    if prealloc == Preallocation::Metadata {
+        return Err(Error::InvalidArgument(
+            "Parameter 'preallocation' does not accept value 'metadata'".into(),
+        ));
+    }
+    let size = size.div_ceil(512) * 512;
+    let hint_bytes = extent_size_hint(hint)?;
+    let f = FileStorage::create(path)
+        .map_err(|e| Error::io(format!("Could not create '{name}'"), e))?;
+    apply_extent_size_hint(f.file(), hint_bytes, hint.is_some())?;
+    let werr = |e| Error::io(format!("Could not write to '{name}'"), e);
+    f.set_len(size).map_err(werr)?;
+    match prealloc {
+        Preallocation::Falloc if size > 0 => f.allocate(0, size),
+        Preallocation::Full => write_zeros(&f, 0, size),
+        _ if size > 0 => f.write_at(&[0u8; 4096][..size.min(4096) as usize], 0),
+        _ => Ok(()),
+    }
+    .map_err(werr)
+}
+
 /// The extent size hint to give a new file (QEMU's default: 1 MiB).
-pub fn extent_size_hint(given: Option<u64>) -> Result<u32> {
+fn extent_size_hint(given: Option<u64>) -> Result<u32> {
     u32::try_from(given.unwrap_or(1 << 20))
         .map_err(|_| Error::InvalidArgument("Extent size hint is too large".into()))
 }
 
 /// Sets a new file's extent size hint. Only a hint that was asked for
 /// explicitly must succeed; the default one is best effort, as in QEMU.
-pub fn apply_extent_size_hint(file: &std::fs::File, hint: u32, explicit: bool) -> Result<()> {
+fn apply_extent_size_hint(file: &std::fs::File, hint: u32, explicit: bool) -> Result<()> {
     match crate::storage::set_extent_size_hint(file, hint) {
         Err(e) if explicit => Err(Error::io("Failed to set extent size hint".to_string(), e)),
         _ => Ok(()),

@@ -35,8 +35,8 @@ pub use bitmap_ops::{BitmapInfo, DirtyRanges};
 pub use check::{CheckResult, FIX_ERRORS, FIX_LEAKS};
 pub use compress::{compress, decompress};
 pub use create::{
-    apply_extent_size_hint, create, create_on, create_with_data, extent_size_hint, max_size,
-    max_size_ext, parse_size, CreateOptions, Preallocation,
+    create, create_on, create_raw, create_with_data, max_size, max_size_ext, parse_size,
+    CreateOptions, Preallocation,
 };
 pub use data_file::DataFileSource;
 

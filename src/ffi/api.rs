@@ -357,18 +357,21 @@ unsafe fn img_create(
                     format!("{name}: Backing file not supported for file format 'raw'"),
                 ));
             }
-            let mut size = if img_size == u64::MAX {
+            if img_size == u64::MAX {
                 return Err(fail(
                     libc::EINVAL,
                     format!("{name}: Image creation needs a size parameter"),
                 ));
-            } else {
-                img_size
+            }
+            let mut o = CreateOptions {
+                size: img_size,
+                ..CreateOptions::default()
             };
             for item in options.split(',').filter(|s| !s.is_empty()) {
                 match item.split_once('=') {
-                    Some(("size", v)) => size = engine(engine::parse_size(v))?,
-                    Some(("preallocation", "off")) => {}
+                    Some((k, v)) if super::driver::RAW_KEYS.contains(&k) => {
+                        engine(o.set(k, v).map_err(err_ctx))?
+                    }
                     _ => {
                         return Err(fail(
                             libc::EINVAL,
@@ -377,7 +380,8 @@ unsafe fn img_create(
                     }
                 }
             }
-            create_raw(&path, size)?;
+            let r = engine::create_raw(&path, o.size, o.preallocation, o.extent_size_hint);
+            engine(r.map_err(err_ctx))?;
         }
         other => {
             return Err(fail(
@@ -387,23 +391,6 @@ unsafe fn img_create(
         }
     }
     Ok(0)
-}
-
-/// Creates (or truncates) a raw image of `size` bytes.
-pub(crate) fn create_raw(path: &Path, size: u64) -> CResult<()> {
-    let name = path.display().to_string();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .and_then(|f| f.set_len(size))
-        .map_err(|e| {
-            fail(
-                e.raw_os_error().unwrap_or(libc::EIO),
-                format!("Could not create '{name}': {e}"),
-            )
-        })
 }
 
 /// The virtual size of the backing file named for a new image.

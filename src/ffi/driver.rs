@@ -285,8 +285,22 @@ static mut QCOW2_CREATE_OPTIONS: [QEMUOptionParameter; 14] = [
     opt_end(),
 ];
 
-static mut RAW_CREATE_OPTIONS: [QEMUOptionParameter; 2] =
-    [opt(c"size", OPT_SIZE, 0, c"Virtual disk size"), opt_end()];
+static mut RAW_CREATE_OPTIONS: [QEMUOptionParameter; 4] = [
+    opt(c"size", OPT_SIZE, 0, c"Virtual disk size"),
+    opt(
+        c"preallocation",
+        OPT_STRING,
+        0,
+        c"Preallocation mode (off, falloc, full; default off)",
+    ),
+    opt(
+        c"extent_size_hint",
+        OPT_SIZE,
+        0,
+        c"Extent size hint for the image file (default 1M where the file system takes one)",
+    ),
+    opt_end(),
+];
 
 /// The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2.
 /// Every member is set except bdrv_snapshot_load_tmp (NULL).
@@ -449,6 +463,9 @@ macro_rules! format_callbacks {
 format_callbacks!(qcow2_open, qcow2_create, "qcow2");
 format_callbacks!(raw_open, raw_create, "raw");
 
+/// The options a raw image takes (QEMU's file driver's, without nocow).
+pub(crate) const RAW_KEYS: [&str; 3] = ["size", "preallocation", "extent_size_hint"];
+
 /// Creates an image from an option list: string options that are set
 /// (non-NULL), numbers and sizes that are non-zero and flags that are on
 /// are applied over the defaults.
@@ -473,7 +490,7 @@ pub(crate) unsafe fn create_with_list(
             _ => value.filter(|v| v != "0"),
         };
         let Some(text) = text else { continue };
-        if fmt == "raw" && key != "size" {
+        if fmt == "raw" && !RAW_KEYS.contains(&key.as_str()) {
             return Err(fail(
                 libc::EINVAL,
                 format!("{name}: Invalid parameter '{key}' for format 'raw'"),
@@ -482,7 +499,8 @@ pub(crate) unsafe fn create_with_list(
         engine(o.set(&key, &text).map_err(|e| e.context(&name)))?;
     }
     if fmt == "raw" {
-        create_raw(&path, o.size)?;
+        let r = engine::create_raw(&path, o.size, o.preallocation, o.extent_size_hint);
+        engine(r.map_err(|e| e.context(&name)))?;
     } else {
         engine(engine::create(&path, &o).map_err(|e| e.context(&name)))?;
     }

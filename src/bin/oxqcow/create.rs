@@ -9,11 +9,10 @@ use crate::util::virtual_size;
 use crate::util::{errmsg, ioerr, open_ro, parse_c_number, parse_img_size, resolve_backing};
 use crate::util::{split_opts, CliResult};
 use oxqcow::crypto::{check_encrypt_option_syntax, encrypt_create_from_options, is_encrypt_option};
-use oxqcow::engine::{apply_extent_size_hint, create, extent_size_hint, CreateOptions};
+use oxqcow::engine::{create, CreateOptions};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -358,49 +357,9 @@ fn create_raw_cmd(a: &Args, size: Option<u64>) -> CliResult<()> {
     )
 }
 
-/// Creates (or truncates) a raw image of `size` bytes, rounded up to whole
-/// sectors, with an extent size hint (`hint`, or 1 MiB where the file
-/// system takes one). Like QEMU, the first block is written so that the
-/// file has one allocated block to probe alignment with; the rest stays
-/// sparse unless `prealloc` is falloc or full.
+/// Creates (or truncates) a raw image (engine::create_raw) with a
+/// preallocation mode already checked to be off, falloc or full.
 pub fn create_raw(path: &Path, size: u64, prealloc: &str, hint: Option<u64>) -> CliResult<()> {
-    let name = path.display();
-    let size = size.div_ceil(512) * 512;
-    let hint_bytes = extent_size_hint(hint).map_err(|e| errmsg(&e))?;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{name}': {}", ioerr(&e)))?;
-    apply_extent_size_hint(&f, hint_bytes, hint.is_some()).map_err(|e| errmsg(&e))?;
-    let werr = |e: std::io::Error| format!("Could not write to '{name}': {}", ioerr(&e));
-    f.set_len(size).map_err(werr)?;
-    match prealloc {
-        "falloc" if size > 0 => {
-            // SAFETY: posix_fallocate on a descriptor we own.
-            let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
-            if r != 0 {
-                return Err(werr(std::io::Error::from_raw_os_error(r)));
-            }
-        }
-        "full" => {
-            let zeros = vec![0u8; (1u64 << 20).min(size) as usize];
-            let mut pos = 0;
-            while pos < size {
-                let n = (size - pos).min(zeros.len() as u64) as usize;
-                f.write_all_at(&zeros[..n], pos).map_err(werr)?;
-                pos += n as u64;
-            }
-        }
-        _ if size > 0 => {
-            let n = size.min(4096) as usize;
-            f.write_all_at(&vec![0u8; n], 0).map_err(werr)?;
-        }
-        _ => {}
-    }
-    // Not synced, as qemu-img does not: whoever needs the new file durable
-    // flushes it (and a convert target is written with cache=unsafe).
-    Ok(())
+    let mode = oxqcow::engine::Preallocation::parse(prealloc).map_err(|e| errmsg(&e))?;
+    oxqcow::engine::create_raw(path, size, mode, hint).map_err(|e| errmsg(&e))
 }
