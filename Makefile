@@ -181,9 +181,9 @@ clean:
 # under build/iotests/src. `make iotests`: baseline with QEMU's qemu-io, then
 # ours; the last line is "N passed, N failed, N not run". The all-oxqcow mode
 # runs oxqcow as qemu-img too. `make test` runs `make iotests-ci`: both modes
-# over the whole list and the NBD run (all of `make iotests` and more, about 5
-# minutes on 2 cores); each fails on a failure its known-failures list does not
-# explain. `make iotests-quick`: the fixed fast
+# over the whole list, `oxqcow io` again with cache=none (O_DIRECT; baseline
+# and ours) and the NBD run (all of `make iotests` and more, about 7 minutes on
+# 2 cores); each fails on a failure its known-failures list does not explain. `make iotests-quick`: the fixed fast
 # subset, ours only.
 # `make iotests-nbd` (also run by `make iotests` and `make test`):
 # `check -raw -nbd -g quick` with nbdkit/qemu-nbd-wrapper as QEMU_NBD_PROG,
@@ -201,5 +201,6 @@ iotests-quick: tool
 iotests-ci: tool nbdkit-plugin
 	scripts/iotests.sh
 	IOTESTS_IMG=oxqcow IOTESTS_REUSE_BASELINE=1 scripts/iotests.sh
+	IOTESTS_CACHE=none scripts/iotests.sh
 	IOTESTS_NBD=1 scripts/iotests.sh
 test: iotests-ci

@@ -30,7 +30,9 @@
 # The last line is "N passed, N failed, N not run" for the oxqcow run.
 #
 # Environment: IOTESTS_JOBS (parallel tests, default: CPUs), IOTESTS_REUSE_BASELINE=1
-# (reuse a baseline of the same QEMU version from an earlier run).
+# (reuse a baseline of the same QEMU version from an earlier run), IOTESTS_CACHE=MODE
+# (check -c MODE: qemu-io's cache mode, e.g. none for O_DIRECT; the runs go to
+# baseline-cache-MODE/ and oxqcow-io-cache-MODE/ or all-oxqcow-cache-MODE/).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,6 +42,8 @@ JOBS=${IOTESTS_JOBS:-$(nproc 2>/dev/null || echo 2)}
 MODE=${IOTESTS_IMG:-qemu}
 SUBSET=${IOTESTS_SUBSET:-0}
 NBD=${IOTESTS_NBD:-0}
+CACHE=${IOTESTS_CACHE:-}
+SUF=${CACHE:+-cache-$CACHE}
 WRAPPER=$ROOT/nbdkit/qemu-nbd-wrapper
 PLUGIN=${OXQCOW_NBDKIT_PLUGIN:-$ROOT/build/lib/nbdkit/plugins/nbdkit-oxqcow-plugin.so}
 FMT=qcow2 PROTO=file
@@ -210,7 +214,7 @@ run() {
         OXQCOW_NBD_SERVER="${server:-qemu-nbd}" OXQCOW_NBD_CHECK_LOG="$d/check.log" \
         OXQCOW_NBDKIT_PLUGIN="$PLUGIN" REAL_QEMU_NBD="$(command -v qemu-nbd)" \
         TEST_DIR="$d/scratch" SOCK_DIR="$sock" \
-        python3 ./check -tap -$FMT -$PROTO -j "$JOBS" "${TESTS[@]}" > "$d/check.tap" 2>&1) || true
+        python3 ./check -tap -$FMT -$PROTO ${CACHE:+-c "$CACHE"} -j "$JOBS" "${TESTS[@]}" > "$d/check.tap" 2>&1) || true
     rm -rf "$sock"
     : > "$d/results.txt"
     local t st line
@@ -284,21 +288,21 @@ if [ "$NBD" = 1 ]; then
 fi
 
 if [ "$SUBSET" != 1 ]; then
-    stamp="$B/baseline/version"
+    stamp="$B/baseline$SUF/version"
     if [ "${IOTESTS_REUSE_BASELINE:-0}" = 1 ] && [ -f "$stamp" ] &&
         [ "$(cat "$stamp")" = "$DEB_VERSION ${TESTS[*]}" ]; then
-        echo "iotests: baseline: reusing $B/baseline/results.txt"
+        echo "iotests: baseline: reusing $B/baseline$SUF/results.txt"
     else
-        run baseline "$QIMG" "$QIO"
+        run "baseline$SUF" "$QIMG" "$QIO"
         echo "$DEB_VERSION ${TESTS[*]}" > "$stamp"
     fi
 fi
 
 if [ "$MODE" = oxqcow ]; then
-    OURS=all-oxqcow
+    OURS=all-oxqcow$SUF
     run "$OURS" "$B/bin/qemu-img" "$B/bin/qemu-io"
 else
-    OURS=oxqcow-io
+    OURS=oxqcow-io$SUF
     run "$OURS" "$QIMG" "$B/bin/qemu-io"
 fi
 
@@ -306,13 +310,13 @@ fi
 
 # One list of expected failures per mode, each line test<TAB>reason.
 KNOWN=$ROOT/scripts/iotests-known-failures.txt
-[ "$OURS" = all-oxqcow ] && KNOWN=$ROOT/scripts/iotests-known-failures-all-oxqcow.txt
+[ "$OURS" = "all-oxqcow$SUF" ] && KNOWN=$ROOT/scripts/iotests-known-failures-all-oxqcow.txt
 reason_of() {
     awk -F'\t' -v t="$1" '$1 == t { print $2 }' "$KNOWN"
 }
 base_of() {
-    [ -f "$B/baseline/results.txt" ] || { echo "-"; return; }
-    awk -v t="$1" '$1 == t { print $2; found = 1 } END { if (!found) print "-" }' "$B/baseline/results.txt"
+    [ -f "$B/baseline$SUF/results.txt" ] || { echo "-"; return; }
+    awk -v t="$1" '$1 == t { print $2; found = 1 } END { if (!found) print "-" }' "$B/baseline$SUF/results.txt"
 }
 echo
 printf '%-30s %-9s %-9s %s\n' test baseline ours reason
