@@ -353,14 +353,58 @@ fn resize_preallocates_like_qemu_img() {
         args.extend_from_slice(a);
         assert_eq!(c.same(&args).0, 1, "{a:?}");
     }
-    // Refused rather than done differently from QEMU.
-    c.qcow2("df.qcow2", "1M", &["-o", "data_file=df.raw"]);
-    let (code, _, err) = run_in(
-        &c.setup,
-        BIN,
-        &["resize", "--preallocation=falloc", "df.qcow2", "2M"],
-    );
-    assert!(code == 1 && err.contains("not supported"), "{err}");
+}
+
+/// With an external data file the grown clusters map to themselves in it,
+/// as qemu-img maps them: aligned and unaligned old ends, the cluster
+/// holding the old end written or not, a backing file that must not show
+/// through it; the same map, guest view and data file bytes.
+#[test]
+fn resize_preallocates_data_files_like_qemu_img() {
+    let d = Scratch::new("img-resize-prealloc-df");
+    let c = Case::new(&d);
+    std::fs::write(c.setup.join("b.raw"), vec![0xffu8; 8 << 20]).unwrap();
+    c.qcow2("a.qcow2", "1M", &["-o", "data_file=a.dat"]);
+    qemu_io_in(&c.setup, "a.qcow2", &["write -P 1 0 100k"]);
+    c.qcow2("u.qcow2", "1000448", &["-o", "data_file=u.dat"]);
+    qemu_io_in(&c.setup, "u.qcow2", &["write -P 7 0 1000448"]);
+    c.qcow2("h.qcow2", "1000448", &["-o", "data_file=h.dat"]);
+    qemu_io_in(&c.setup, "h.qcow2", &["write -P 3 64k 4k"]);
+    let backed = ["-o", "data_file=bk.dat", "-F", "raw", "-b", "b.raw"];
+    c.qcow2("bk.qcow2", "1000448", &backed);
+    qemu_io_in(&c.setup, "bk.qcow2", &["write -P 4 0 64k"]);
+    for f in ["a", "u", "h", "bk"] {
+        let file = format!("{f}.qcow2");
+        for mode in ["metadata", "falloc", "full"] {
+            for size in ["3001344", "+40M"] {
+                let p = format!("--preallocation={mode}");
+                let (code, _) = c.same(&["resize", &p, &file, size]);
+                assert_eq!(code, 0, "{file} {mode} {size}");
+                same_view_here(&c, &file);
+                c.same_map(&file);
+                // Byte for byte up to the guest's end and as long: past
+                // it, over a backing file, QEMU's metadata preallocation
+                // leaves the backing file's bytes in the last cluster (a
+                // copy-on-write it then zero-flags), ours zeros.
+                let dat = format!("{f}.dat");
+                let (q, o) = (
+                    std::fs::read(c.q.join(&dat)).unwrap(),
+                    std::fs::read(c.o.join(&dat)).unwrap(),
+                );
+                let old_end = if f == "a" { 1 << 20 } else { 1000448 };
+                let end = if size == "+40M" {
+                    old_end + (40 << 20)
+                } else {
+                    3001344
+                };
+                assert_eq!(q.len(), o.len(), "{file} {mode} {size}: data file lengths");
+                assert!(
+                    q[..end] == o[..end],
+                    "{file} {mode} {size}: the data files differ"
+                );
+            }
+        }
+    }
 }
 
 /// Rebasing an image with extended L2 entries copies what differs per

@@ -785,3 +785,39 @@ fn io_info_command_shows_encryption() {
         assert!(qo.contains("    encrypt:\n"), "{qo}");
     }
 }
+
+/// Growing an encrypted image with preallocation is refused and leaves it
+/// as it was: preallocated clusters would not read as zeros (qemu-img
+/// resize --preallocation maps them, and the grown area reads as garbage).
+/// Growing it without preallocation works.
+#[test]
+fn preallocated_resize_of_an_encrypted_image_is_refused() {
+    let d = Scratch::new("enc-resize-prealloc");
+    let img = d.path("r.qcow2");
+    qemu_create(&img, "luks", "", "1M");
+    qemu_io_ok(&img, &["write -P 9 0 64k"]);
+    let before = std::fs::read(&img).unwrap();
+    let i = open_ours(&img, PW, true).unwrap();
+    let q = i.qcow2().unwrap();
+    for mode in ["metadata", "falloc", "full"] {
+        let m = oxqcow::engine::Preallocation::parse(mode).unwrap();
+        let e = q.resize_preallocated(2 << 20, m).unwrap_err();
+        assert!(
+            e.to_string().contains("not supported with encryption"),
+            "{e}"
+        );
+        assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
+    }
+    i.close().unwrap();
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused resize changed the file"
+    );
+    let i = open_ours(&img, PW, true).unwrap();
+    i.qcow2().unwrap().resize(2 << 20).unwrap();
+    i.close().unwrap();
+    let mut model = vec![0u8; 2 << 20];
+    model[..64 << 10].fill(9);
+    assert_same_as_model(&img, &model, &d);
+    assert_clean_enc(&img);
+}

@@ -507,34 +507,38 @@ impl Qcow2 {
     /// Grows the image to `new_size` with the new area preallocated as
     /// `qemu-img resize --preallocation=MODE` does (QEMU's truncate): the
     /// L1 table first, then the clusters from the one holding the old end.
-    /// Not for images with an external data file or encryption, which are
-    /// refused.
+    /// With an external data file the new clusters map to themselves there.
+    /// Refused on encrypted images: preallocated clusters would have to be
+    /// written all over with encrypted zeros to read as zeros (QEMU maps
+    /// them and the grown area reads as garbage).
     pub fn resize_preallocated(&self, new_size: u64, mode: Preallocation) -> Result<()> {
         let old = self.size();
         if mode == Preallocation::Off || new_size <= old {
             return self.resize(new_size);
         }
-        if self.data.is_some() || self.encryption().is_some() {
+        if self.encryption().is_some() {
             return Err(Error::Unsupported(format!(
-                "{}: preallocating a grown area is not supported with an external data file or encryption",
+                "{}: preallocating a grown area is not supported with encryption",
                 self.name
             )));
         }
         // The guest bytes of the old last cluster before the old end: a
         // falloc or full area maps that cluster afresh and copies them
-        // (metadata preallocation keeps the cluster and needs none).
+        // (metadata preallocation keeps the cluster and needs none), and a
+        // data file gets them where the cluster, if unmapped, now maps.
         let head_start = old / self.cs * self.cs;
         let mut head = Vec::new();
-        if mode != Preallocation::Metadata {
+        if mode != Preallocation::Metadata || self.data.is_some() {
             head.resize((old - head_start) as usize, 0);
             self.read_mapped(&mut head, head_start)?;
         }
         // Falloc and full map the new area to clusters that read as zeros.
         // Metadata preallocation over a backing file zeroes all of it first,
         // as QEMU does (the zero flags or subcluster bits stay when the
-        // mapping below gives the clusters their host clusters).
+        // mapping below gives the clusters their host clusters), and so
+        // does every mode with a data file.
         self.resize_zeroing(new_size, false)?;
-        if mode == Preallocation::Metadata && self.backing.is_some() {
+        if (mode == Preallocation::Metadata || self.data.is_some()) && self.backing.is_some() {
             self.write_zeroes(old, new_size - old, false)?;
         }
         self.preallocate_from(mode, old, &head)
@@ -563,19 +567,28 @@ impl Qcow2 {
         let io = |e| Error::io(format!("{}: preallocate", self.name), e);
         if let Some(d) = &self.data {
             // Data clusters map to themselves; falloc and full reserve or
-            // zero the data file.
+            // zero the data file past the old end.
             match mode {
-                Preallocation::Falloc => d.storage.allocate(0, size).map_err(io)?,
-                Preallocation::Full => write_zeros(d.storage.as_ref(), 0, size).map_err(io)?,
+                Preallocation::Falloc => d.storage.allocate(old, size - old).map_err(io)?,
+                Preallocation::Full => write_zeros(d.storage.as_ref(), old, size).map_err(io)?,
                 _ => {}
             }
             // As QEMU: the data file then ends at a whole cluster.
-            let end = n_data * cs;
+            let end = (first + n_data) * cs;
             if end > size {
                 let zeros = vec![0u8; (end - size) as usize];
                 d.storage.write_at(&zeros, size).map_err(io)?;
             }
-            self.map_data_clusters(&mut m, 0, n_data)?;
+            // An unmapped cluster holding the old end is about to read the
+            // data file: it gets the guest bytes first (rule 1: data
+            // before the L2 entry; the flush below syncs the data file
+            // before it writes the table).
+            let raw = m.l2_entry(first)?;
+            if !head.is_empty() && m.decode(raw) == L2Entry::Unallocated {
+                d.storage.write_at(head, first * cs).map_err(io)?;
+            }
+            m.data_sync_needed = true;
+            self.map_data_clusters(&mut m, first, first + n_data)?;
             return m.flush();
         }
         match mode {

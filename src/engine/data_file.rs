@@ -25,7 +25,7 @@
 use super::meta::Meta;
 use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
-use crate::format::entries::{L2Entry, COPIED};
+use crate::format::entries::{L2Entry, COPIED, ZERO};
 use crate::format::header::Header;
 use crate::format::*;
 use crate::storage::{AbsentStorage, FileStorage, Storage};
@@ -206,14 +206,19 @@ impl Qcow2 {
 
     /// Maps guest clusters [first, end) to themselves in the data file
     /// (preallocation, and the raw data file's invariant after growing).
+    /// A zero cluster without a host cluster (a grown area over a backing
+    /// file) keeps its zero flag or bits and gets its host cluster, as
+    /// QEMU's preallocation leaves it.
     pub(super) fn map_data_clusters(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
         for gc in first..end {
-            let raw = m.l2_entry(gc)?;
-            if m.decode(raw) != L2Entry::Unallocated {
-                continue;
-            }
+            let (raw, bitmap) = m.l2_pair(gc)?;
+            let keep = match m.decode(raw) {
+                L2Entry::Unallocated => 0,
+                L2Entry::Zero { host: 0, .. } => raw & ZERO,
+                _ => continue,
+            };
             let l2 = m.l2_for_write(gc)?;
-            m.set_l2_entry(l2, gc, (gc << self.cb) | COPIED, 0);
+            m.set_l2_entry(l2, gc, (gc << self.cb) | COPIED | keep, bitmap);
         }
         Ok(())
     }
