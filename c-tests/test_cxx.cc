@@ -32,7 +32,7 @@ int main()
     CHECK(BDRV_SECTOR_SIZE == 512);
     CHECK(std::string(bdrv_qcow2.format_name) == "qcow2");
     CHECK(bdrv_qcow2.bdrv_amend_options == bdrv_amend_options);
-    CHECK(bdrv_qcow2.bdrv_snapshot_load_tmp == nullptr);
+    CHECK(bdrv_qcow2.bdrv_snapshot_load_tmp == bdrv_snapshot_load_tmp);
 
     CHECK(bdrv_img_create(img.c_str(), "qcow2", nullptr, nullptr, "compat=1.1", 1 << 20,
                           BLOCK_FLAG_LAZY_REFCOUNTS) == 0);

@@ -11,9 +11,13 @@
  *     and by ID) and deleted by bdrv_snapshot_delete, with the same
  *     contents as qemu-img's -a / -d on a copy and no leak in
  *     `qemu-img check`;
+ *   - bdrv_snapshot_load_tmp shows a snapshot through a read-only handle:
+ *     what `qemu-img convert -l` reads from the same snapshot, the file
+ *     unchanged, the length the current disk's;
  * plus QEMU 1.x's rules: an empty id_str picks the next free number and is
  * written back, a used ID gives -EEXIST, names may repeat, a missing
- * snapshot gives -ENOENT, no snapshots lists 0 and NULL.
+ * snapshot gives -ENOENT, no snapshots lists 0 and NULL, load_tmp wants a
+ * read-only handle (-EINVAL).
  */
 #include "harness.h"
 
@@ -273,10 +277,100 @@ static void test_qemu_applied_by_us(void)
     free(m3);
 }
 
+/* Reads the whole file at `path` (NULL if it cannot). */
+static unsigned char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc(len > 0 ? (size_t)len : 1);
+    *n = fread(buf, 1, (size_t)len, f);
+    fclose(f);
+    return buf;
+}
+
+static void test_load_tmp(void)
+{
+    printf("=== bdrv_snapshot_load_tmp: a snapshot through a read-only handle ===\n");
+    char img[4096], view[4096];
+    snprintf(img, sizeof(img), "%s", h_path("snap-tmp.qcow2"));
+    snprintf(view, sizeof(view), "%s", h_path("snap-tmp-view.raw"));
+    unsigned char *m1 = calloc(1, SIZE), *m2 = calloc(1, SIZE), *m3 = calloc(1, SIZE);
+    CHECK_INT(bdrv_img_create(img, "qcow2", NULL, NULL, "compat=1.1", SIZE, 0), 0);
+    BlockDriverState *bs = bdrv_new("tmp");
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    model_write(bs, m1, 0, MiB, 41);
+    model_write(bs, m1, 3 * MiB, 100 * KiB, 42);
+    QEMUSnapshotInfo sn;
+    memset(&sn, 0, sizeof(sn));
+    strcpy(sn.name, "first");
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), 0);
+    memcpy(m2, m1, SIZE);
+    model_write(bs, m2, 512 * KiB, MiB, 43);
+    CHECK_INT(bdrv_pwrite_zeroes(bs, 3 * MiB, 64 * KiB, 0), 0);
+    memset(m2 + 3 * MiB, 0, 64 * KiB);
+    strcpy(sn.name, "second");
+    memset(sn.id_str, 0, sizeof(sn.id_str));
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), 0);
+    memcpy(m3, m2, SIZE);
+    model_write(bs, m3, 0, 64 * KiB, 44);
+    CHECK_INT(bdrv_snapshot_load_tmp(bs, "first"), -EINVAL); /* read-write */
+    CHECK_STR(bdrv_last_error(),
+              "bdrv_snapshot_load_tmp: the image is open read-write (a snapshot loads on a read-only handle)");
+    read_compare(bs, m3);
+    bdrv_close(bs);
+    size_t before_n = 0, after_n = 0;
+    unsigned char *before = slurp(img, &before_n);
+
+    CHECK_INT(bdrv_open(bs, img, 0, NULL), 0);
+    read_compare(bs, m3);
+    CHECK_INT(bdrv_snapshot_load_tmp(bs, "first"), 0); /* by name */
+    read_compare(bs, m1);
+    CHECK_INT(bdrv_getlength(bs), SIZE);
+    CHECK_INT(bdrv_snapshot_load_tmp(bs, "2"), 0); /* by ID, replacing it */
+    read_compare(bs, m2);
+    CHECK_INT(bdrv_snapshot_load_tmp(bs, "third"), -ENOENT);
+    read_compare(bs, m2); /* a failed load changes nothing */
+    CHECK_INT(bdrv_pwrite(bs, 0, m1, 512), -EACCES);
+    CHECK_INT(bdrv_snapshot_load_tmp(bs, NULL), -EINVAL);
+    bdrv_close(bs);
+    unsigned char *after = slurp(img, &after_n);
+    CHECK(before && after && before_n == after_n && memcmp(before, after, before_n) == 0);
+    free(before);
+    free(after);
+
+    /* The same bytes qemu-img reads from each snapshot. */
+    const char *names[] = {"first", "second"};
+    const unsigned char *models[] = {m1, m2};
+    for (int i = 0; i < 2; i++) {
+        CHECK_INT(h_sh("qemu-img convert -l snapshot.name=%s -O raw '%s' '%s'", names[i], img, view), 0);
+        size_t vn = 0;
+        unsigned char *v = slurp(view, &vn);
+        CHECK(v && vn == SIZE && memcmp(v, models[i], SIZE) == 0);
+        free(v);
+    }
+    CHECK_INT(h_qemu_check(img), 0);
+
+    /* Raw images have no snapshots; the driver member is the entry point. */
+    CHECK_INT(bdrv_open(bs, view, 0, &bdrv_raw), 0);
+    CHECK_INT(bdrv_snapshot_load_tmp(bs, "first"), -ENOTSUP);
+    bdrv_delete(bs);
+    CHECK(bdrv_qcow2.bdrv_snapshot_load_tmp == bdrv_snapshot_load_tmp);
+    CHECK(bdrv_raw.bdrv_snapshot_load_tmp == NULL);
+    free(m1);
+    free(m2);
+    free(m3);
+}
+
 int main(void)
 {
     h_start("test_snapshot");
     test_ours_read_by_qemu();
     test_qemu_applied_by_us();
+    test_load_tmp();
     return h_finish();
 }

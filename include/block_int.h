@@ -454,8 +454,8 @@ typedef struct {
    */
   int (*bdrv_snapshot_list)(BlockDriverState *bs, QEMUSnapshotInfo **psn_info);
   /**
-   * Opens an internal snapshot read-only. NULL: not implemented (read a
-   * snapshot by applying it to a copy of the image).
+   * Shows an internal snapshot through a read-only handle
+   * (bdrv_snapshot_load_tmp()).
    */
   int (*bdrv_snapshot_load_tmp)(BlockDriverState *bs, const char *snapshot_name);
   /**
@@ -510,7 +510,7 @@ extern "C" {
 
 /**
  * The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2.
- * Every member is set except bdrv_snapshot_load_tmp (NULL).
+ * Every member is set.
  */
 extern BlockDriver bdrv_qcow2;
 
@@ -1083,6 +1083,22 @@ int bdrv_snapshot_goto(BlockDriverState *bs, const char *snapshot_id);
  * `bs` is NULL or a live handle; `snapshot_id` NULL or a C string.
  */
 int bdrv_snapshot_delete(BlockDriverState *bs, const char *snapshot_id);
+
+/**
+ * Makes a read-only handle show the snapshot `snapshot_name` (an ID, or
+ * else a name, as QEMU 1.x's find_snapshot_by_id_or_name) in place of the
+ * current disk, as QEMU's bdrv_snapshot_load_tmp: reads then return the
+ * snapshot's contents; nothing on disk changes; the length stays the
+ * current disk's (clusters past the snapshot's size read as zeros or
+ * from the backing file). Loading another snapshot later replaces it;
+ * close and reopen the image to see the current disk again. Returns 0,
+ * -EINVAL (the handle is read-write), -ENOENT (no such snapshot),
+ * -ENOTSUP (raw) or another negative errno.
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `snapshot_name` NULL or a C string.
+ */
+int bdrv_snapshot_load_tmp(BlockDriverState *bs, const char *snapshot_name);
 
 /**
  * Lists the internal snapshots in table order: stores a malloc()ed array

@@ -3,7 +3,7 @@
 //!
 //! Most members point at the public `bdrv_*` entry points, which work on
 //! either format; only probe, open and create are per driver. The qcow2
-//! table fills every member but `bdrv_snapshot_load_tmp`; the raw table
+//! table fills every member; the raw table
 //! leaves the format-specific ones (info, check, make_empty, backing file,
 //! compressed writes, amend, snapshots) NULL.
 
@@ -177,8 +177,8 @@ pub struct BlockDriver {
             psn_info: *mut *mut QEMUSnapshotInfo,
         ) -> c_int,
     >,
-    /// Opens an internal snapshot read-only. NULL: not implemented (read a
-    /// snapshot by applying it to a copy of the image).
+    /// Shows an internal snapshot through a read-only handle
+    /// (bdrv_snapshot_load_tmp()).
     pub bdrv_snapshot_load_tmp: Option<
         unsafe extern "C" fn(bs: *mut BlockDriverState, snapshot_name: *const c_char) -> c_int,
     >,
@@ -303,7 +303,7 @@ static mut RAW_CREATE_OPTIONS: [QEMUOptionParameter; 4] = [
 ];
 
 /// The qcow2 driver. Pass &bdrv_qcow2 to bdrv_open() to insist on qcow2.
-/// Every member is set except bdrv_snapshot_load_tmp (NULL).
+/// Every member is set.
 #[no_mangle]
 pub static mut bdrv_qcow2: BlockDriver = BlockDriver {
     format_name: c"qcow2".as_ptr(),
@@ -333,7 +333,7 @@ pub static mut bdrv_qcow2: BlockDriver = BlockDriver {
     bdrv_snapshot_goto: Some(bdrv_snapshot_goto),
     bdrv_snapshot_delete: Some(bdrv_snapshot_delete),
     bdrv_snapshot_list: Some(bdrv_snapshot_list),
-    bdrv_snapshot_load_tmp: None,
+    bdrv_snapshot_load_tmp: Some(bdrv_snapshot_load_tmp),
     create_options: &raw mut QCOW2_CREATE_OPTIONS as *mut QEMUOptionParameter,
 };
 

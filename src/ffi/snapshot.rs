@@ -1,6 +1,7 @@
 //! Internal snapshots with QEMU 1.x's entry points: `bdrv_snapshot_create`
 //! (from a `QEMUSnapshotInfo`), `_goto`, `_delete`, `_list` (a malloc()ed
-//! array) and `bdrv_snapshot_list_free`.
+//! array), `bdrv_snapshot_list_free` and `_load_tmp` (a read-only handle
+//! shows a snapshot).
 
 use super::check::with_qcow2;
 use super::errors::{fail, guard, guard_int};
@@ -189,6 +190,49 @@ pub unsafe extern "C" fn bdrv_snapshot_delete(
                 q.snapshot_delete(id)
             })
         })
+    })
+}
+
+/// Makes a read-only handle show the snapshot `snapshot_name` (an ID, or
+/// else a name, as QEMU 1.x's find_snapshot_by_id_or_name) in place of the
+/// current disk, as QEMU's bdrv_snapshot_load_tmp: reads then return the
+/// snapshot's contents; nothing on disk changes; the length stays the
+/// current disk's (clusters past the snapshot's size read as zeros or
+/// from the backing file). Loading another snapshot later replaces it;
+/// close and reopen the image to see the current disk again. Returns 0,
+/// -EINVAL (the handle is read-write), -ENOENT (no such snapshot),
+/// -ENOTSUP (raw) or another negative errno.
+///
+/// # Safety
+/// `bs` is NULL or a live handle; `snapshot_name` NULL or a C string.
+#[no_mangle]
+pub unsafe extern "C" fn bdrv_snapshot_load_tmp(
+    bs: *mut BlockDriverState,
+    snapshot_name: *const c_char,
+) -> c_int {
+    guard_int("bdrv_snapshot_load_tmp", || {
+        const F: &str = "bdrv_snapshot_load_tmp";
+        let r = (|| {
+            // SAFETY: forwarded caller contract.
+            let bs = unsafe { handle(bs, F) }?;
+            // SAFETY: forwarded caller contract.
+            let id = unsafe { c_str(snapshot_name, F, "snapshot_name") }?;
+            let id = id.to_str().map_err(|_| {
+                fail(libc::EINVAL, format!("{F}: snapshot_name is not valid UTF-8"))
+            })?;
+            with_qcow2(bs, F, false, |q, img| {
+                if img.writable() {
+                    return Err(fail(
+                        libc::EINVAL,
+                        format!("{F}: the image is open read-write (a snapshot loads on a read-only handle)"),
+                    ));
+                }
+                let sn = find(&q.snapshots(), id, F, q.name())?;
+                engine(q.snapshot_load_tmp(Some(&sn.id), None))?;
+                Ok(0)
+            })
+        })();
+        ret(r)
     })
 }
 
