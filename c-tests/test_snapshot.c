@@ -11,6 +11,10 @@
  *     and by ID) and deleted by bdrv_snapshot_delete, with the same
  *     contents as qemu-img's -a / -d on a copy and no leak in
  *     `qemu-img check`;
+ *   - savevm / loadvm: VM state saved with bdrv_save_vmstate and kept by
+ *     bdrv_snapshot_create (vm_state_size) is what qemu-io reads from the
+ *     snapshot applied by qemu-img, comes back with bdrv_snapshot_goto +
+ *     bdrv_load_vmstate, and leaves the current disk without it;
  *   - bdrv_snapshot_load_tmp shows a snapshot through a read-only handle:
  *     what `qemu-img convert -l` reads from the same snapshot, the file
  *     unchanged, the length the current disk's;
@@ -277,6 +281,93 @@ static void test_qemu_applied_by_us(void)
     free(m3);
 }
 
+#define VMS (300 * KiB + 123)
+
+static void test_vmstate(void)
+{
+    printf("=== VM state: bdrv_save_vmstate, snapshot, goto, bdrv_load_vmstate ===\n");
+    char img[4096], qa[4096];
+    snprintf(img, sizeof(img), "%s", h_path("snap-vm.qcow2"));
+    snprintf(qa, sizeof(qa), "%s", h_path("snap-vm-qemu.qcow2"));
+    unsigned char *disk = calloc(1, SIZE), *state = malloc(VMS), *back = malloc(VMS);
+    CHECK_INT(bdrv_img_create(img, "qcow2", NULL, NULL, "compat=1.1", SIZE, 0), 0);
+    BlockDriverState *bs = bdrv_new("vm");
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    model_write(bs, disk, 0, MiB, 51);
+    memset(state, 0x5c, VMS);
+    /* The stream written in pieces, as savevm writes it. */
+    CHECK_INT(bdrv_save_vmstate(bs, state, 0, 100 * KiB), 100 * KiB);
+    CHECK_INT(bdrv_save_vmstate(bs, state + 100 * KiB, 100 * KiB, VMS - 100 * KiB), VMS - 100 * KiB);
+    CHECK_INT(bdrv_load_vmstate(bs, back, 0, VMS), VMS);
+    CHECK_MEM(back, state, VMS);
+    QEMUSnapshotInfo sn;
+    memset(&sn, 0, sizeof(sn));
+    strcpy(sn.name, "vm1");
+    sn.vm_state_size = VMS;
+    sn.vm_clock_nsec = 123456789;
+    CHECK_INT(bdrv_snapshot_create(bs, &sn), 0);
+    /* The current disk no longer holds the state (QEMU drops it too). */
+    memset(back, 1, VMS);
+    CHECK_INT(bdrv_load_vmstate(bs, back, 0, VMS), VMS);
+    CHECK(back[0] == 0 && back[VMS - 1] == 0 && memcmp(back, back + 1, VMS - 1) == 0);
+    model_write(bs, disk + 0, 0, 64 * KiB, 52); /* the disk moves on */
+    QEMUSnapshotInfo *list = NULL;
+    CHECK_INT(bdrv_snapshot_list(bs, &list), 1);
+    CHECK_INT(list ? (long long)list[0].vm_state_size : -1, VMS);
+    free(list);
+    /* Errors. */
+    CHECK_INT(bdrv_save_vmstate(bs, state, -1, 10), -EINVAL);
+    CHECK_INT(bdrv_save_vmstate(bs, state, 0, -10), -EINVAL);
+    CHECK_INT(bdrv_save_vmstate(bs, NULL, 0, 10), -EINVAL);
+    CHECK_INT(bdrv_load_vmstate(bs, NULL, 0, 10), -EINVAL);
+    CHECK_INT(bdrv_save_vmstate(NULL, state, 0, 10), -EINVAL);
+    CHECK_INT(bdrv_save_vmstate(bs, state, 0, 0), 0);
+    CHECK_INT(bdrv_save_vmstate(bs, state, INT64_MAX - 10, 100), -EINVAL);
+    bdrv_close(bs);
+    CHECK_INT(h_qemu_check(img), 0);
+    char *json = h_capture("qemu-img info --output=json '%s'", img);
+    CHECK_INT(snap_field(json, "1", "vm-state-size"), VMS);
+    CHECK_INT(snap_field(json, "1", "vm-clock-nsec"), 123456789);
+    free(json);
+
+    /* QEMU applies the snapshot and reads the state we saved. */
+    CHECK_INT(h_copy(img, qa), 0);
+    CHECK_INT(h_sh("qemu-img snapshot -a vm1 '%s'", qa), 0);
+    /* qemu-io reads whole sectors: the state's, then one past its end. */
+    int whole = VMS / 512 * 512;
+    CHECK_INT(h_sh("qemu-io -c 'read -b -P 0x5c 0 %d' -c 'read -b -P 0 %d 512' '%s' >'%s.out' && "
+                   "! grep -q -e failed -e verification '%s.out' && test $(grep -c '^read ' '%s.out') = 2",
+                   whole, whole + 512, qa, qa, qa, qa), 0);
+
+    /* loadvm: goto, then the state; a read-only handle reads it too. */
+    CHECK_INT(bdrv_open(bs, img, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_snapshot_goto(bs, "vm1"), 0);
+    memset(back, 0, VMS);
+    CHECK_INT(bdrv_load_vmstate(bs, back, 0, VMS), VMS);
+    CHECK_MEM(back, state, VMS);
+    bdrv_close(bs);
+    CHECK_INT(bdrv_open(bs, img, 0, NULL), 0);
+    memset(back, 0, VMS);
+    CHECK_INT(bdrv_load_vmstate(bs, back + 1, 1, VMS - 1), VMS - 1);
+    CHECK_MEM(back + 1, state + 1, VMS - 1);
+    CHECK_INT(bdrv_save_vmstate(bs, state, 0, 10), -EACCES);
+    bdrv_close(bs);
+    CHECK_INT(h_qemu_check(img), 0);
+    CHECK_INT(h_sh("qemu-img compare -q '%s' '%s'", img, qa), 0);
+
+    /* Raw images have no VM state area. */
+    char raw[4096];
+    snprintf(raw, sizeof(raw), "%s", h_path("snap-vm.raw"));
+    CHECK_INT(bdrv_img_create(raw, "raw", NULL, NULL, NULL, MiB, 0), 0);
+    CHECK_INT(bdrv_open(bs, raw, BDRV_O_RDWR, NULL), 0);
+    CHECK_INT(bdrv_save_vmstate(bs, state, 0, 10), -ENOTSUP);
+    CHECK_INT(bdrv_load_vmstate(bs, back, 0, 10), -ENOTSUP);
+    bdrv_delete(bs);
+    free(disk);
+    free(state);
+    free(back);
+}
+
 /* Reads the whole file at `path` (NULL if it cannot). */
 static unsigned char *slurp(const char *path, size_t *n)
 {
@@ -372,5 +463,6 @@ int main(void)
     test_ours_read_by_qemu();
     test_qemu_applied_by_us();
     test_load_tmp();
+    test_vmstate();
     return h_finish();
 }

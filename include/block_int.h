@@ -1052,9 +1052,10 @@ void print_option_help(QEMUOptionParameter *list);
  * numeric ID (written back into `sn_info->id_str`), another ID must not
  * be in use yet (-EEXIST); `name` is stored as given (names need not be
  * unique); `date_sec` / `date_nsec` are stored as given, except that both
- * 0 means "now"; `vm_clock_nsec` is stored; `vm_state_size` must be 0
- * (-ENOTSUP: this library stores no VM state). The handle must be
- * read-write. Returns 0 or a negative errno (-ENOTSUP for raw images,
+ * 0 means "now"; `vm_clock_nsec` is stored; `vm_state_size` is the size
+ * of the VM state written before with bdrv_save_vmstate() (0: none),
+ * which the snapshot keeps and the current disk then drops, as in QEMU's
+ * savevm. The handle must be read-write. Returns 0 or a negative errno (-ENOTSUP for raw images,
  * -EFBIG past 65536 snapshots).
  *
  * # Safety
@@ -1099,6 +1100,30 @@ int bdrv_snapshot_delete(BlockDriverState *bs, const char *snapshot_id);
  * `bs` is NULL or a live handle; `snapshot_name` NULL or a C string.
  */
 int bdrv_snapshot_load_tmp(BlockDriverState *bs, const char *snapshot_name);
+
+/**
+ * Writes `size` bytes of VM state from `buf` at byte `pos` of the image's
+ * VM state area (past the disk; QEMU's savevm stream), before
+ * bdrv_snapshot_create() with `vm_state_size` set keeps it in a snapshot.
+ * Returns `size`, or -EINVAL (negative `pos` or `size`, NULL `buf`,
+ * past 2^63), -EACCES (read-only), -ENOTSUP (raw), -EFBIG (the L1 table
+ * would pass its limit) or another negative errno.
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `buf` is valid for `size` bytes.
+ */
+int bdrv_save_vmstate(BlockDriverState *bs, const uint8_t *buf, int64_t pos, int size);
+
+/**
+ * Reads `size` bytes of VM state at byte `pos` into `buf` (QEMU's loadvm
+ * after bdrv_snapshot_goto() brought a snapshot's state back; what was
+ * never written reads as zeros). Read-only handles too. Returns `size`
+ * or a negative errno as bdrv_save_vmstate().
+ *
+ * # Safety
+ * `bs` is NULL or a live handle; `buf` is valid for writing `size` bytes.
+ */
+int bdrv_load_vmstate(BlockDriverState *bs, uint8_t *buf, int64_t pos, int size);
 
 /**
  * Lists the internal snapshots in table order: stores a malloc()ed array

@@ -170,19 +170,25 @@ impl Qcow2 {
 
     /// Creates an internal snapshot of the current disk state.
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
-        self.snapshot_create_with(None, name, None, 0).map(|_| ())
+        self.snapshot_create_with(None, name, None, 0, 0)
+            .map(|_| ())
     }
 
     /// Creates an internal snapshot with the caller's ID (None or "": the
-    /// next free number), date (None: now) and VM clock, as QEMU's
-    /// qcow2_snapshot_create takes them from a QEMUSnapshotInfo. An ID
-    /// already in use is refused. Returns the new table entry.
+    /// next free number), date (None: now), VM clock and VM state size, as
+    /// QEMU's qcow2_snapshot_create takes them from a QEMUSnapshotInfo. An
+    /// ID already in use is refused. With a VM state (`vm_state_size`
+    /// bytes written first with [`Qcow2::write_vmstate`], as savevm does)
+    /// the snapshot keeps it and the current disk drops its copy, as QEMU
+    /// does (left there, it would cost a copy-on-write at the next
+    /// savevm). Returns the new table entry.
     pub fn snapshot_create_with(
         &self,
         id: Option<&str>,
         name: &str,
         date: Option<(u32, u32)>,
         vm_clock_nsec: u64,
+        vm_state_size: u64,
     ) -> Result<Snapshot> {
         self.refuse_with_data_file()?;
         let mut m = self.quiesce();
@@ -230,7 +236,7 @@ impl Qcow2 {
             date_sec,
             date_nsec,
             vm_clock_nsec,
-            vm_state_size: 0,
+            vm_state_size,
             disk_size: Some(m.header.size),
             icount: Some(0),
             extra_unknown: Vec::new(),
@@ -238,6 +244,17 @@ impl Qcow2 {
         let mut list = m.snapshots.clone();
         list.push(sn.clone());
         m.write_snapshot_table(list)?;
+        let mapped_end = m.l1.len() as u64 * self.l2_span();
+        drop(m);
+        if vm_state_size > 0 {
+            // Only what the L1 table reaches can be mapped.
+            let a = self.vm_state_offset();
+            let b = (a + vm_state_size.div_ceil(self.cs) * self.cs).min(mapped_end);
+            if a < b {
+                self.unmap_range(a, b, false, false)?;
+                self.flush()?;
+            }
+        }
         Ok(sn)
     }
 

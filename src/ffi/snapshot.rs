@@ -1,7 +1,8 @@
 //! Internal snapshots with QEMU 1.x's entry points: `bdrv_snapshot_create`
 //! (from a `QEMUSnapshotInfo`), `_goto`, `_delete`, `_list` (a malloc()ed
 //! array), `bdrv_snapshot_list_free` and `_load_tmp` (a read-only handle
-//! shows a snapshot).
+//! shows a snapshot); the VM state a snapshot keeps, with
+//! `bdrv_save_vmstate` / `bdrv_load_vmstate`.
 
 use super::check::with_qcow2;
 use super::errors::{fail, guard, guard_int};
@@ -66,9 +67,10 @@ fn find(list: &[Snapshot], id: &str, func: &str, file: &str) -> CResult<Snapshot
 /// numeric ID (written back into `sn_info->id_str`), another ID must not
 /// be in use yet (-EEXIST); `name` is stored as given (names need not be
 /// unique); `date_sec` / `date_nsec` are stored as given, except that both
-/// 0 means "now"; `vm_clock_nsec` is stored; `vm_state_size` must be 0
-/// (-ENOTSUP: this library stores no VM state). The handle must be
-/// read-write. Returns 0 or a negative errno (-ENOTSUP for raw images,
+/// 0 means "now"; `vm_clock_nsec` is stored; `vm_state_size` is the size
+/// of the VM state written before with bdrv_save_vmstate() (0: none),
+/// which the snapshot keeps and the current disk then drops, as in QEMU's
+/// savevm. The handle must be read-write. Returns 0 or a negative errno (-ENOTSUP for raw images,
 /// -EFBIG past 65536 snapshots).
 ///
 /// # Safety
@@ -91,12 +93,6 @@ pub unsafe extern "C" fn bdrv_snapshot_create(
             let info = unsafe { sn_info.read() };
             let id = get_str(&info.id_str, F, "sn_info->id_str")?;
             let name = get_str(&info.name, F, "sn_info->name")?;
-            if info.vm_state_size != 0 {
-                return Err(fail(
-                    libc::ENOTSUP,
-                    format!("{F}: VM state is not supported (vm_state_size must be 0)"),
-                ));
-            }
             let date = match (info.date_sec, info.date_nsec) {
                 (0, 0) => None,
                 d => Some(d),
@@ -109,7 +105,13 @@ pub unsafe extern "C" fn bdrv_snapshot_create(
                     ));
                 }
                 let id = (!id.is_empty()).then_some(id.as_str());
-                engine(q.snapshot_create_with(id, &name, date, info.vm_clock_nsec))
+                engine(q.snapshot_create_with(
+                    id,
+                    &name,
+                    date,
+                    info.vm_clock_nsec,
+                    info.vm_state_size,
+                ))
             })?;
             let out = info_of(&created);
             // SAFETY: valid for writing by contract.
@@ -218,7 +220,10 @@ pub unsafe extern "C" fn bdrv_snapshot_load_tmp(
             // SAFETY: forwarded caller contract.
             let id = unsafe { c_str(snapshot_name, F, "snapshot_name") }?;
             let id = id.to_str().map_err(|_| {
-                fail(libc::EINVAL, format!("{F}: snapshot_name is not valid UTF-8"))
+                fail(
+                    libc::EINVAL,
+                    format!("{F}: snapshot_name is not valid UTF-8"),
+                )
             })?;
             with_qcow2(bs, F, false, |q, img| {
                 if img.writable() {
@@ -230,6 +235,101 @@ pub unsafe extern "C" fn bdrv_snapshot_load_tmp(
                 let sn = find(&q.snapshots(), id, F, q.name())?;
                 engine(q.snapshot_load_tmp(Some(&sn.id), None))?;
                 Ok(0)
+            })
+        })();
+        ret(r)
+    })
+}
+
+/// Checks a VM state request and runs `op(image, pos, size)`
+/// (`writable`: the handle must be).
+fn vmstate_request(
+    bs: &BlockDriverState,
+    func: &str,
+    pos: i64,
+    size: c_int,
+    writable: bool,
+    op: impl FnOnce(&crate::engine::Qcow2, u64, usize) -> crate::error::Result<()>,
+) -> CResult<c_int> {
+    if pos < 0 || size < 0 {
+        return Err(fail(
+            libc::EINVAL,
+            format!("{func}: negative position or size ({pos}, {size})"),
+        ));
+    }
+    with_qcow2(bs, func, writable, |q, _| {
+        engine(op(q, pos as u64, size as usize))?;
+        Ok(size)
+    })
+}
+
+/// Writes `size` bytes of VM state from `buf` at byte `pos` of the image's
+/// VM state area (past the disk; QEMU's savevm stream), before
+/// bdrv_snapshot_create() with `vm_state_size` set keeps it in a snapshot.
+/// Returns `size`, or -EINVAL (negative `pos` or `size`, NULL `buf`,
+/// past 2^63), -EACCES (read-only), -ENOTSUP (raw), -EFBIG (the L1 table
+/// would pass its limit) or another negative errno.
+///
+/// # Safety
+/// `bs` is NULL or a live handle; `buf` is valid for `size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bdrv_save_vmstate(
+    bs: *mut BlockDriverState,
+    buf: *const u8,
+    pos: i64,
+    size: c_int,
+) -> c_int {
+    guard_int("bdrv_save_vmstate", || {
+        const F: &str = "bdrv_save_vmstate";
+        let r = (|| {
+            // SAFETY: forwarded caller contract.
+            let bs = unsafe { handle(bs, F) }?;
+            if buf.is_null() && size > 0 {
+                return Err(fail(libc::EINVAL, format!("{F}: buf is NULL")));
+            }
+            vmstate_request(bs, F, pos, size, true, |q, pos, n| {
+                let data = match n {
+                    0 => &[][..],
+                    // SAFETY: non-NULL and valid for n bytes by contract.
+                    _ => unsafe { std::slice::from_raw_parts(buf, n) },
+                };
+                q.write_vmstate(data, pos)
+            })
+        })();
+        ret(r)
+    })
+}
+
+/// Reads `size` bytes of VM state at byte `pos` into `buf` (QEMU's loadvm
+/// after bdrv_snapshot_goto() brought a snapshot's state back; what was
+/// never written reads as zeros). Read-only handles too. Returns `size`
+/// or a negative errno as bdrv_save_vmstate().
+///
+/// # Safety
+/// `bs` is NULL or a live handle; `buf` is valid for writing `size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bdrv_load_vmstate(
+    bs: *mut BlockDriverState,
+    buf: *mut u8,
+    pos: i64,
+    size: c_int,
+) -> c_int {
+    guard_int("bdrv_load_vmstate", || {
+        const F: &str = "bdrv_load_vmstate";
+        let r = (|| {
+            // SAFETY: forwarded caller contract.
+            let bs = unsafe { handle(bs, F) }?;
+            if buf.is_null() && size > 0 {
+                return Err(fail(libc::EINVAL, format!("{F}: buf is NULL")));
+            }
+            vmstate_request(bs, F, pos, size, false, |q, pos, n| {
+                if n == 0 {
+                    return Ok(());
+                }
+                // SAFETY: non-NULL and valid for writing n bytes by
+                // contract, not accessed by anyone else during the call.
+                let out = unsafe { std::slice::from_raw_parts_mut(buf, n) };
+                q.read_vmstate(out, pos)
             })
         })();
         ret(r)
