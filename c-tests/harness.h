@@ -192,13 +192,10 @@ static inline int h_qemu_check(const char *img)
 
 /* Reads the whole guest view of an image through qemu-img (converted to
  * raw) into a malloc()ed buffer of *len bytes. */
-static inline unsigned char *h_qemu_contents(const char *img, size_t *len)
+/* Reads a whole file (NULL if it cannot); its length goes to *len. */
+static inline unsigned char *h_read_file(const char *path, size_t *len)
 {
-    const char *raw = h_path("qemu-view-%d.raw", (int)getpid());
-    if (h_sh("qemu-img convert -O raw '%s' '%s'", img, raw) != 0) {
-        return NULL;
-    }
-    FILE *f = fopen(raw, "rb");
+    FILE *f = fopen(path, "rb");
     if (!f) {
         return NULL;
     }
@@ -211,8 +208,18 @@ static inline unsigned char *h_qemu_contents(const char *img, size_t *len)
         buf = NULL;
     }
     fclose(f);
-    unlink(raw);
     *len = (size_t)n;
+    return buf;
+}
+
+static inline unsigned char *h_qemu_contents(const char *img, size_t *len)
+{
+    const char *raw = h_path("qemu-view-%d.raw", (int)getpid());
+    if (h_sh("qemu-img convert -O raw '%s' '%s'", img, raw) != 0) {
+        return NULL;
+    }
+    unsigned char *buf = h_read_file(raw, len);
+    unlink(raw);
     return buf;
 }
 

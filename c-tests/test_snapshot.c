@@ -368,22 +368,6 @@ static void test_vmstate(void)
     free(back);
 }
 
-/* Reads the whole file at `path` (NULL if it cannot). */
-static unsigned char *slurp(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *buf = malloc(len > 0 ? (size_t)len : 1);
-    *n = fread(buf, 1, (size_t)len, f);
-    fclose(f);
-    return buf;
-}
-
 static void test_load_tmp(void)
 {
     printf("=== bdrv_snapshot_load_tmp: a snapshot through a read-only handle ===\n");
@@ -415,7 +399,7 @@ static void test_load_tmp(void)
     read_compare(bs, m3);
     bdrv_close(bs);
     size_t before_n = 0, after_n = 0;
-    unsigned char *before = slurp(img, &before_n);
+    unsigned char *before = h_read_file(img, &before_n);
 
     CHECK_INT(bdrv_open(bs, img, 0, NULL), 0);
     read_compare(bs, m3);
@@ -429,7 +413,7 @@ static void test_load_tmp(void)
     CHECK_INT(bdrv_pwrite(bs, 0, m1, 512), -EACCES);
     CHECK_INT(bdrv_snapshot_load_tmp(bs, NULL), -EINVAL);
     bdrv_close(bs);
-    unsigned char *after = slurp(img, &after_n);
+    unsigned char *after = h_read_file(img, &after_n);
     CHECK(before && after && before_n == after_n && memcmp(before, after, before_n) == 0);
     free(before);
     free(after);
@@ -440,7 +424,7 @@ static void test_load_tmp(void)
     for (int i = 0; i < 2; i++) {
         CHECK_INT(h_sh("qemu-img convert -l snapshot.name=%s -O raw '%s' '%s'", names[i], img, view), 0);
         size_t vn = 0;
-        unsigned char *v = slurp(view, &vn);
+        unsigned char *v = h_read_file(view, &vn);
         CHECK(v && vn == SIZE && memcmp(v, models[i], SIZE) == 0);
         free(v);
     }
