@@ -189,3 +189,32 @@ fn refusals_match_qemu() {
     }
     assert_clean(&a);
 }
+
+/// A refcount width change whose first new block fills up with its own
+/// reference, so that the new table needs one more block (iotest 112's
+/// "regressing progress" case): it ends, with qemu-img's layout (the same
+/// header, table and blocks), rather than moving the table forever.
+#[test]
+fn width_change_that_needs_another_block_for_its_table() {
+    let d = Scratch::new("amend-width-extra-block");
+    let setup = |p: &Path| {
+        create_qcow2(p, "64k", &["-o", "cluster_size=512,refcount_bits=1"]);
+        qemu_io(p, &["write -P 3 0 29696"]);
+    };
+    side_by_side(&d, &setup, "refcount_bits=64", true);
+    let a = std::fs::read(d.path("ours.qcow2")).unwrap();
+    let b = std::fs::read(d.path("theirs.qcow2")).unwrap();
+    let h = oxqcow::format::Header::parse(&a[..4096]).unwrap();
+    let t = h.refcount_table_offset as usize;
+    assert_eq!(a.len(), b.len());
+    assert!(a[t..t + 512] == b[t..t + 512], "refcount tables differ");
+    for e in a[t..t + 512].chunks(8) {
+        let off = u64::from_be_bytes(e.try_into().unwrap()) as usize;
+        if off != 0 {
+            assert!(
+                a[off..off + 512] == b[off..off + 512],
+                "refcount block at {off} differs"
+            );
+        }
+    }
+}

@@ -223,3 +223,43 @@ fn json_backing_file_behind_blkdebug() {
         }
     }
 }
+
+/// blkdebug's refblock_alloc fires whenever a refcount update reaches a
+/// refcount block, allocated or not, as QEMU raises it: a rule on it fails
+/// an ordinary allocating write (iotest 026), with qemu-io's texts, and
+/// leaves a consistent image. refblock_load rules fail it too.
+#[test]
+fn refblock_rules_fail_allocating_writes_as_in_qemu_io() {
+    let d = Scratch::new("blkdebug-refblock-alloc");
+    for event in ["refblock_alloc", "refblock_load"] {
+        for once in ["on", "off"] {
+            let conf = d.path("bd.conf");
+            std::fs::write(
+                &conf,
+                format!("[inject-error]\nevent = \"{event}\"\nerrno = \"5\"\nimmediately = \"off\"\nonce = \"{once}\"\n"),
+            )
+            .unwrap();
+            let mut outs = Vec::new();
+            for ours in [false, true] {
+                let img = d.path(if ours { "o.qcow2" } else { "q.qcow2" });
+                create_qcow2(&img, "1G", &["-o", "cluster_size=1024"]);
+                let spec = format!("blkdebug:{}:{}", s(&conf), s(&img));
+                let (code, out, _) = if ours {
+                    ox(&["io", "-c", "write 0 512", &spec])
+                } else {
+                    run("qemu-io", &["-c", "write 0 512", &spec])
+                };
+                assert!(
+                    out.contains("write failed: Input/output error"),
+                    "{event} once={once} ours={ours}: {out}"
+                );
+                assert_no_corruption(&img);
+                outs.push((code, out));
+            }
+            assert_eq!(
+                outs[0], outs[1],
+                "{event} once={once}: (qemu-io, oxqcow io)"
+            );
+        }
+    }
+}

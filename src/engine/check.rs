@@ -531,13 +531,14 @@ impl Meta {
             }
             start
         };
+        // Blocks for every block index holding a non-zero count, then a
+        // table for them; the table's own clusters may need another block,
+        // and more blocks a larger table, so repeat until nothing changes.
+        // The table stays where it is while it is large enough (moving it
+        // instead could chase an uncovered range forever).
         let mut blocks: Vec<u64> = Vec::new();
-        let mut table_off;
-        let mut tc;
-        loop {
-            // A block for every block index that holds a non-zero count.
-            let nblocks = (refs.counts.len() as u64).div_ceil(per_block);
-            blocks.resize(nblocks as usize, 0);
+        let mut table: Option<(u64, u64)> = None;
+        let (table_off, tc) = loop {
             let mut i = 0;
             while (i as u64) < (refs.counts.len() as u64).div_ceil(per_block) {
                 if i >= blocks.len() {
@@ -550,27 +551,21 @@ impl Meta {
                 }
                 i += 1;
             }
-            let entries = blocks.len() as u64;
-            tc = (entries * 8).div_ceil(cs).max(1);
-            table_off = alloc(refs, tc) * cs;
-            // The table may have landed in a range no block covers yet.
-            let covered = (table_off / cs + tc).div_ceil(per_block);
-            let need_more = (0..covered as usize).any(|b| {
-                let lo = b * per_block as usize;
-                let hi = (lo + per_block as usize).min(refs.counts.len());
-                blocks.get(b).copied().unwrap_or(0) == 0
-                    && refs.counts[lo.min(hi)..hi].iter().any(|&v| v != 0)
-            });
-            if !need_more && (tc * cs / 8) >= blocks.len() as u64 {
-                break;
+            let need = (blocks.len() as u64 * 8).div_ceil(cs).max(1);
+            match table {
+                Some((first, tc)) if tc >= need => break (first * cs, tc),
+                Some((first, tc)) => {
+                    for c in first..first + tc {
+                        refs.counts[c as usize] = 0;
+                    }
+                }
+                None => {}
             }
-            for c in table_off / cs..table_off / cs + tc {
-                refs.counts[c as usize] = 0;
+            if need * cs > MAX_REFTABLE_SIZE_BYTES {
+                return Err(Error::TooLarge("Reference count table too large".into()));
             }
-        }
-        if tc * cs > MAX_REFTABLE_SIZE_BYTES {
-            return Err(Error::TooLarge("Reference count table too large".into()));
-        }
+            table = Some((alloc(refs, need), need));
+        };
         for (b, &off) in blocks.iter().enumerate() {
             if off == 0 {
                 continue;

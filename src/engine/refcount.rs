@@ -45,6 +45,12 @@ impl Meta {
         let first = off / self.cs;
         let last = (off + len - 1) / self.cs;
         for c in first..=last {
+            // QEMU raises refblock_alloc whenever an update reaches another
+            // refcount block, whether or not the block has to be allocated
+            // (blkdebug rules on it fail ordinary allocating writes).
+            if c == first || c & ((1 << self.rb_bits) - 1) == 0 {
+                self.event(DebugEvent::RefblockAlloc);
+            }
             let cur = self.refcount(c)?;
             let new = if delta < 0 {
                 cur.checked_sub(delta.unsigned_abs())
@@ -150,7 +156,6 @@ impl Meta {
     /// full, also moves the table to a larger one (QEMU's layout: a new
     /// self-describing area just past everything the table covers).
     pub(super) fn alloc_refblock(&mut self, cluster: u64, ti: u64) -> Result<u64> {
-        self.event(DebugEvent::RefblockAlloc);
         let new = self.find_free(1)?;
         let new_cluster = new / self.cs;
         let mut data = vec![0u8; self.cs as usize];
