@@ -1785,3 +1785,56 @@ fn data_file_images_like_qemu_img() {
     c.same(&["check", "a.qcow2"]);
     c.same(&["map", "a.qcow2"]);
 }
+
+/// Refcount width limits as qemu-img meets them (iotest 112): a negative
+/// width is a number that fails as a width after the Formatting line; a
+/// snapshot that would overflow 1-bit refcounts fails with EINVAL and
+/// leaves the image unmarked (only the new L1 copy leaks); too many
+/// references for the width are an overflow `check` reports and cannot
+/// repair; amend then widens the entries keeping the stored refcounts, so
+/// `check -r all` mends the rest; a width too narrow for a shared cluster
+/// is refused with QEMU's words.
+#[test]
+fn refcount_width_limits_like_qemu_img() {
+    let d = Scratch::new("img-refcount-limits");
+    let c = Case::new(&d);
+    c.same(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=-1",
+        "n.qcow2",
+        "64M",
+    ]);
+    c.qcow2("one.qcow2", "64M", &["-o", "refcount_bits=1"]);
+    qemu_io_in(&c.setup, "one.qcow2", &["write 0 512"]);
+    let (code, _) = c.same(&["snapshot", "-c", "foo", "one.qcow2"]);
+    assert_eq!(code, 1);
+    c.step(&["check", "one.qcow2"]);
+    let info = ok_in(&c.o, "qemu-img", &["info", "one.qcow2"]);
+    assert!(info.contains("corrupt: false"), "{info}");
+    // Two references to one cluster of a 1-bit image.
+    c.qcow2("two.qcow2", "64M", &["-o", "refcount_bits=1"]);
+    qemu_io_in(&c.setup, "two.qcow2", &["write 0 64k"]);
+    let mut f = std::fs::read(c.setup.join("two.qcow2")).unwrap();
+    f[0x40008..0x40010].copy_from_slice(&[0x80, 0, 0, 0, 0, 5, 0, 0]);
+    std::fs::write(c.setup.join("two.qcow2"), f).unwrap();
+    c.fresh();
+    for step in [
+        &["check", "-r", "all", "two.qcow2"][..],
+        &["amend", "-o", "refcount_bits=2", "two.qcow2"],
+        &["check", "-r", "all", "two.qcow2"],
+        &["check", "two.qcow2"],
+    ] {
+        c.step(step);
+    }
+    same_view_here(&c, "two.qcow2");
+    // A shared cluster cannot go back to 1 bit.
+    c.qcow2("snap.qcow2", "64M", &[]);
+    qemu_io_in(&c.setup, "snap.qcow2", &["write 0 64k"]);
+    ok_in(&c.setup, "qemu-img", &["snapshot", "-c", "s", "snap.qcow2"]);
+    let (code, _) = c.same(&["amend", "-o", "refcount_bits=1", "snap.qcow2"]);
+    assert_eq!(code, 1);
+    c.step(&["check", "snap.qcow2"]);
+}

@@ -36,6 +36,9 @@ pub struct CheckResult {
 /// Reference counts computed from the metadata, indexed by host cluster.
 struct Refs {
     counts: Vec<u64>,
+    /// The most a refcount of the image's width holds: a cluster with more
+    /// references cannot be repaired, only reported (as QEMU does).
+    max: u64,
     /// Clusters counted: the file's, and one more when a reference
     /// reaches less than a cluster past its end.
     nb_clusters: u64,
@@ -100,6 +103,14 @@ impl Refs {
             self.counts.resize(self.nb_clusters as usize, 0);
         }
         for c in first..=last {
+            if self.counts[c as usize] >= self.max {
+                (w.report)(&format!(
+                    "ERROR: overflow cluster offset={:#x}\nUse qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing",
+                    c * cs
+                ));
+                w.res.corruptions += 1;
+                continue;
+            }
             self.counts[c as usize] += 1;
         }
     }
@@ -300,6 +311,7 @@ impl Meta {
         let nb_clusters = w.file_len.div_ceil(cs);
         let mut refs = Refs {
             counts: vec![0; nb_clusters as usize],
+            max: self.rw.max(),
             nb_clusters,
         };
         refs.inc(w, cs, 0, cs);
@@ -609,22 +621,49 @@ impl Meta {
         Ok(())
     }
 
-    /// Recounts every reference and writes a new refcount structure with
-    /// entries of `1 << order` bits (amend's refcount_bits change).
-    pub fn set_refcount_order_rebuilding(&mut self, order: u32) -> Result<()> {
+    /// Writes a new refcount structure with entries of `1 << order` bits
+    /// holding the refcounts stored now (amend's refcount_bits change), as
+    /// QEMU carries them over: an image whose refcounts disagree with its
+    /// references keeps the disagreement for `check -r` to mend, and the
+    /// old structure stays intact until the header switches to the new one.
+    /// Returns the corruptions a check counts before the change, so that
+    /// the caller can tell a change that made things worse.
+    pub fn set_refcount_order_rebuilding(&mut self, order: u32) -> Result<u64> {
         let mut lines = Vec::new();
         let mut report = |l: &str| lines.push(l.to_string());
-        let mut w = Walk::new(self.file_len()?, &mut report);
-        let mut refs = self.calculate_refcounts(&mut w)?;
-        if w.res.corruptions > 0 || w.res.check_errors > 0 {
+        let file_len = self.file_len()?;
+        let mut w = Walk::new(file_len, &mut report);
+        self.calculate_refcounts(&mut w)?;
+        if w.res.check_errors > 0 {
             return Err(Error::Corrupt(format!(
-                "{}: image is inconsistent; repair it before changing the refcount width",
+                "{}: image is unreadable in places; repair it before changing the refcount width",
                 self.name
             )));
         }
+        let corruptions = w.res.corruptions;
+        let nb_clusters = file_len.div_ceil(self.cs);
+        let mut counts = Vec::with_capacity(nb_clusters as usize);
+        for c in 0..nb_clusters {
+            counts.push(self.refcount(c)?);
+        }
+        let max = crate::format::RefcountWidth { order }.max();
+        if let Some(c) = counts.iter().position(|&v| v > max) {
+            return Err(Error::InvalidArgument(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}",
+                1u32 << order,
+                c as u64 * self.cs,
+                counts[c]
+            )));
+        }
+        let mut refs = Refs {
+            counts,
+            max,
+            nb_clusters,
+        };
         self.rw = crate::format::RefcountWidth { order };
         self.rb_bits = self.cb + 3 - order;
-        self.rebuild_refcount_structure(&mut refs)
+        self.rebuild_refcount_structure(&mut refs)?;
+        Ok(corruptions)
     }
 
     fn set_refcount_exact(&mut self, c: u64, v: u64) -> Result<()> {

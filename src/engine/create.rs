@@ -127,9 +127,16 @@ impl CreateOptions {
             }
             "cluster_size" => self.cluster_size = parse_size(value)?,
             "refcount_bits" => {
-                self.refcount_bits = value.parse().map_err(|_| {
-                    Error::InvalidArgument("Parameter 'refcount_bits' expects a number".to_string())
-                })?
+                // A negative number is a number to QEMU (it wraps), and
+                // then a width no image can have.
+                self.refcount_bits = value
+                    .parse()
+                    .or_else(|_| value.parse::<i64>().map(|v| v as u64))
+                    .map_err(|_| {
+                        Error::InvalidArgument(
+                            "Parameter 'refcount_bits' expects a number".to_string(),
+                        )
+                    })?
             }
             "lazy_refcounts" => self.lazy_refcounts = bool_opt(value)?,
             "backing_file" => self.backing_file = Some(value.to_string()),

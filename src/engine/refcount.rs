@@ -59,6 +59,21 @@ impl Meta {
                     .filter(|&v| v <= self.rw.max())
             };
             let Some(new) = new else {
+                if delta > 0 {
+                    // Too many references for the refcount width (a
+                    // snapshot of an image with 1-bit refcounts): refused,
+                    // as QEMU refuses it (EINVAL), not a corruption; what
+                    // this call already counted is given back.
+                    for done in first..c {
+                        let v = self.refcount(done)?;
+                        self.set_refcount(done, v - delta as u64)?;
+                    }
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: cluster {c} cannot take {delta} more reference(s): its refcount {cur} is the most {} bits hold",
+                        self.name,
+                        self.rw.bits()
+                    )));
+                }
                 return Err(self.signal_corruption(&format!(
                     "refcount of cluster {c} would leave its range ({cur} {delta:+})"
                 )));

@@ -192,10 +192,12 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
     progress.add(0.0, 100);
-    q.amend(&o).map_err(|e| errmsg(&e))?;
+    // The amend job's reports (absolute, as qemu-img's status callback
+    // sets them), then qemu-img's final one.
+    let mut report = |done: u64, total: u64| progress.add(100.0 * done as f32 / total as f32, 0);
+    q.amend_with_progress(&o, &mut report)
+        .map_err(|e| errmsg(&e))?;
     img.close().map_err(|e| errmsg(&e))?;
-    // The amend job's own report, then qemu-img's final one.
-    progress.add(100.0, 100);
     progress.add(100.0, 0);
     progress.end();
     Ok(())

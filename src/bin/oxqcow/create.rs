@@ -78,7 +78,15 @@ fn create_qcow2(a: &Args, size: Option<u64>) -> CliResult<()> {
                 })?)
             }
             "refcount_bits" => {
+                // Negative numbers wrap, as strtoull makes them (and then
+                // fail as widths, after the Formatting line).
                 let n = parse_c_number(v)
+                    .or_else(|| {
+                        v.trim()
+                            .strip_prefix('-')
+                            .and_then(parse_c_number)
+                            .map(u64::wrapping_neg)
+                    })
                     .ok_or_else(|| "Parameter 'refcount_bits' expects a number".to_string())?;
                 co.set(k, &n.to_string()).map_err(|e| errmsg(&e))?;
             }
@@ -226,7 +234,8 @@ fn formatting_line_qcow2(file: &str, co: &CreateOptions, given: &Given) -> Strin
         "lazy_refcounts",
         given.get("lazy_refcounts").unwrap_or("off"),
     );
-    push("refcount_bits", &co.refcount_bits.to_string());
+    // QEMU prints numbers signed: a wrapped negative one comes back.
+    push("refcount_bits", &(co.refcount_bits as i64).to_string());
     if let Some(h) = co.extent_size_hint {
         push("extent_size_hint", &h.to_string());
     }

@@ -78,7 +78,10 @@ pub fn run(a: Args) -> CliResult<()> {
             let r = match q {
                 // QEMU: ENOTSUP for images with an external data file.
                 Some(q) if q.data_file_name().is_some() => Err(unsupported()),
-                Some(q) => q.snapshot_create(&name).map_err(|e| errmsg(&e)),
+                // qemu-img says only what the errno says.
+                Some(q) => q
+                    .snapshot_create(&name)
+                    .map_err(|e| crate::util::ioerr(&std::io::Error::from_raw_os_error(e.errno()))),
                 None => Err(unsupported()),
             };
             r.map_err(|e| format!("Could not create snapshot '{name}': {e}"))?;
