@@ -5,6 +5,10 @@
 //! sides; the copy itself (sparse detection, -c, -m/-W, the `-p`
 //! progress steps) is `convert_job`'s. With -n the target exists
 //! already: it is not created and its zero ranges are written as zeroes.
+//! Several sources are concatenated into one target as large as all of
+//! them (one source is the one-element case); -l, -B and --bitmaps then
+//! refuse, in qemu-img's order: every source is opened before the
+//! target's options are looked at.
 
 #[path = "convert_job.rs"]
 mod job;
@@ -88,10 +92,22 @@ pub struct Args {
     /// Define an object: secret,id=ID,data=PASSWORD|file=PATH[,format=raw|base64]
     #[arg(long = "object", value_name = "OBJECTDEF")]
     object: Vec<String>,
-    /// Source image (or json:{...}, or an option string with --image-opts)
-    source: String,
-    /// Destination image
-    destination: String,
+    /// Source images (or json:{...}, or option strings with
+    /// --image-opts), then the destination; several sources are
+    /// concatenated into one target
+    #[arg(value_name = "FILENAME")]
+    files: Vec<String>,
+}
+
+impl Args {
+    /// The source names: every file but the last.
+    fn sources(&self) -> &[String] {
+        &self.files[..self.files.len().saturating_sub(1)]
+    }
+
+    fn destination(&self) -> &str {
+        self.files.last().map_or("", String::as_str)
+    }
 }
 
 pub fn run(a: Args) -> CliResult<()> {
@@ -128,34 +144,21 @@ pub fn run(a: Args) -> CliResult<()> {
     let src_cache = a.source_cache.as_deref().unwrap_or("writeback");
     let src_cache = parse_cache_mode(src_cache)
         .ok_or_else(|| format!("Invalid source cache option: {src_cache}"))?;
-    // A copy is made durable by whoever keeps it: qemu-img convert writes
-    // its target with cache=unsafe unless told otherwise.
-    let dst_cache = a.target_cache.as_deref().unwrap_or("unsafe");
-    let dst_cache =
-        parse_cache_mode(dst_cache).ok_or_else(|| format!("Invalid cache option: {dst_cache}"))?;
     if a.skip_broken_bitmaps && !a.bitmaps {
         return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
     }
     if a.no_create && !a.options.is_empty() {
         return Err("-o has no effect when skipping image creation".into());
     }
-    if !["raw", "qcow2"].contains(&a.out_fmt.as_str()) {
-        return Err(format!("Unknown file format '{}'", a.out_fmt));
-    }
-    if a.compress && a.out_fmt != "qcow2" {
-        return Err("Compression not supported for this file format".into());
+    if a.files.len() < 2 {
+        return Err("Must specify image file name".into());
     }
     crate::secret::define(&a.object)?;
-    let target = Target::from_args(&a);
-    if target.backing.is_some() && a.out_fmt == "raw" {
-        return Err("Backing file not supported for file format 'raw'".into());
-    }
     // qemu-img prints the first progress line before opening anything,
     // and ends the line whatever happens.
     let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
     progress.add(0.0, 0);
-    let caches = (src_cache, dst_cache);
-    let r = convert(&a, &target, caches, workers, sparse, &mut progress);
+    let r = convert(&a, src_cache, workers, sparse, &mut progress);
     let r = match r {
         Ok(()) => {
             progress.add(100.0, 0);
@@ -200,29 +203,80 @@ impl Target {
 
 fn convert(
     a: &Args,
-    target: &Target,
-    (src_cache, dst_cache): (CacheMode, CacheMode),
+    src_cache: CacheMode,
     workers: usize,
     sparse: u64,
     progress: &mut QProgress,
 ) -> CliResult<()> {
-    if a.compress && target.options.iter().any(|(k, _)| is_encrypt_option(k)) {
-        return Err("Compression and encryption not supported at the same time".into());
-    }
     let ro = OpenOptions {
         direct: src_cache.direct,
         ..Default::default()
     };
-    let src = open_named(&a.source, a.image_opts, a.fmt.as_deref(), &ro)?;
+    // qemu-img opens every source before it looks at the target's options.
+    let srcs = (a.sources().iter())
+        .map(|name| open_named(name, a.image_opts, a.fmt.as_deref(), &ro))
+        .collect::<CliResult<Vec<_>>>()?;
+    let single = srcs.len() == 1;
     if let Some(p) = &a.snapshot {
-        load_snapshot(&src.img, p)?;
+        if !single {
+            return Err("No support for concatenating multiple snapshot".into());
+        }
+        load_snapshot(&srcs[0].img, p)?;
     }
+    if !["raw", "qcow2"].contains(&a.out_fmt.as_str()) {
+        return Err(format!("Unknown file format '{}'", a.out_fmt));
+    }
+    let target = &Target::from_args(a);
+    if target.backing.is_some() && a.out_fmt == "raw" {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    if a.compress && a.out_fmt != "qcow2" {
+        return Err("Compression not supported for this file format".into());
+    }
+    if target.backing.is_some() && !single {
+        return Err(
+            "Having a backing file for the target makes no sense when concatenating multiple input images"
+                .into(),
+        );
+    }
+    if !a.no_create && target.backing.is_some() && target.backing_fmt.is_none() {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
+    if a.compress && target.options.iter().any(|(k, _)| is_encrypt_option(k)) {
+        return Err("Compression and encryption not supported at the same time".into());
+    }
+    if a.bitmaps && !single {
+        return Err("Copying bitmaps only possible with single source".into());
+    }
+    // A copy is made durable by whoever keeps it: qemu-img convert writes
+    // its target with cache=unsafe unless told otherwise.
+    let dst_cache = a.target_cache.as_deref().unwrap_or("unsafe");
+    let dst_cache =
+        parse_cache_mode(dst_cache).ok_or_else(|| format!("Invalid cache option: {dst_cache}"))?;
     let bitmaps = match a.bitmaps {
-        true => bitmaps_to_copy(&src.img, a.skip_broken_bitmaps)?,
+        true => bitmaps_to_copy(&srcs[0].img, a.skip_broken_bitmaps)?,
         false => Vec::new(),
     };
-    let size = virtual_size(&src.img);
-    let dst_name = a.destination.clone();
+    // The target holds the sources one after the other.
+    let mut sources = Vec::with_capacity(srcs.len());
+    let mut size = 0;
+    for s in &srcs {
+        let len = virtual_size(&s.img);
+        // A raw source's holes can be skipped without reading them.
+        let file = match (&s.img, &s.file) {
+            (Image::Raw(_), Some(f)) => File::open(f).ok(),
+            _ => None,
+        };
+        sources.push(job::Source {
+            img: &s.img,
+            file,
+            dbg: &s.top_dbg,
+            start: size,
+            size: len,
+        });
+        size += len;
+    }
+    let dst_name = a.destination().to_string();
     let fail = |e: String| format!("{dst_name}: error while converting {}: {e}", a.out_fmt);
     let mut encrypted_prealloc = false;
     let mut opts = OpenOptions {
@@ -233,17 +287,14 @@ fn convert(
         ..Default::default()
     };
     if !a.no_create {
-        if target.backing.is_some() && target.backing_fmt.is_none() {
-            return Err("Use of backing file requires explicit backing format".into());
-        }
         let (encrypt, prealloc) =
-            create_target(Path::new(&a.destination), &a.out_fmt, target, size).map_err(fail)?;
+            create_target(Path::new(&dst_name), &a.out_fmt, target, size).map_err(fail)?;
         if let Some(e) = encrypt {
             opts.key_secret = Some(e.password);
             encrypted_prealloc = prealloc;
         }
     }
-    let dst = open_image(&a.destination, Some(&a.out_fmt), &opts)?;
+    let dst = open_image(&dst_name, Some(&a.out_fmt), &opts)?;
     if a.bitmaps && !matches!(&dst, Image::Qcow2(q) if q.version() >= 3) {
         return Err(format!(
             "Format driver '{}' does not support bitmaps",
@@ -253,20 +304,14 @@ fn convert(
     if a.no_create && dst.size() < size {
         return Err("output file is smaller than input file".into());
     }
-    // A raw source's holes can be skipped without reading them.
-    let src_file = match (&src.img, &src.file) {
-        (Image::Raw(_), Some(f)) => File::open(f).ok(),
-        _ => None,
-    };
     let cluster = match (&dst, a.compress) {
         (Image::Qcow2(q), true) => Some(q.cluster_size()),
         _ => None,
     };
     let has_backing = target.backing.is_some();
     let job = job::Job {
-        src: &src.img,
+        srcs: &sources,
         dst: &dst,
-        src_file: src_file.as_ref(),
         size,
         sparse,
         // A preallocated encrypted image does not read as zeros.
@@ -274,14 +319,13 @@ fn convert(
         cluster,
         ordered: !a.oob_writes,
         top_only: has_backing,
-        src_dbg: &src.top_dbg,
         salvage: a.salvage,
     };
     // Salvaging warns in guest order, as qemu-img does: one worker.
     let workers = if a.salvage { 1 } else { workers };
     let r = job
         .run(workers, progress)
-        .and_then(|_| copy_bitmaps(&src.img, &dst, &bitmaps));
+        .and_then(|_| copy_bitmaps(&srcs[0].img, &dst, &bitmaps));
     let closed = dst.close().map_err(|e| errmsg(&e));
     r?;
     closed

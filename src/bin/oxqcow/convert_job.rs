@@ -8,7 +8,9 @@
 //! Ranges that read as zero are written as zeroes only when the target
 //! does not read as zeros already (-n, or a backing file); with a backing
 //! file for the target (-B) only what the source's top image holds is
-//! copied, the rest is left to the backing file.
+//! copied, the rest is left to the backing file. Several sources are
+//! one guest disk, laid end to end: an extent never reaches past the end
+//! of its source, so only a compressed cluster's read spans two of them.
 
 use crate::img_util::{strerror, QProgress};
 use crate::util::{errmsg, file_extent, CliResult};
@@ -40,12 +42,25 @@ struct Step {
     kind: Kind,
 }
 
+/// One source image and where it lies in the target.
+pub struct Source<'a> {
+    pub img: &'a Image,
+    /// A raw source's host file, whose holes are read as zero extents.
+    pub file: Option<File>,
+    /// Blkdebug nodes above the source: their rules fail reads and
+    /// block-status queries of the ranges they name.
+    pub dbg: &'a [Arc<Blkdebug>],
+    /// Its first byte's offset in the target.
+    pub start: u64,
+    pub size: u64,
+}
+
 /// One conversion: what to copy where, and how.
 pub struct Job<'a> {
-    pub src: &'a Image,
+    /// The sources in target order (one, or several to concatenate).
+    pub srcs: &'a [Source<'a>],
     pub dst: &'a Image,
-    /// A raw source's host file, whose holes are read as zero extents.
-    pub src_file: Option<&'a File>,
+    /// The sources' sizes added up.
     pub size: u64,
     /// -S: the all-zero block size left out of data (0: write everything).
     pub sparse: u64,
@@ -57,9 +72,6 @@ pub struct Job<'a> {
     pub ordered: bool,
     /// The target has a backing file: copy only the source's top image.
     pub top_only: bool,
-    /// Blkdebug nodes above the source: their rules fail reads and
-    /// block-status queries of the ranges they name.
-    pub src_dbg: &'a [Arc<Blkdebug>],
     /// --salvage: a failed block-status query is retried on a quarter of
     /// its range down to one sector, which is then copied as data; a
     /// failed read is retried sector by sector and an unreadable sector
@@ -182,11 +194,20 @@ impl Done<'_> {
 }
 
 impl<'a> Job<'a> {
-    /// The source's extent at `pos`, as a step kind, and its length.
+    /// The source holding target offset `pos` (sources of size 0 hold none).
+    fn source_at(&self, pos: u64) -> &Source<'a> {
+        let i = self.srcs.partition_point(|s| s.start + s.size <= pos);
+        &self.srcs[i.min(self.srcs.len() - 1)]
+    }
+
+    /// The extent at `pos`, as a step kind, and its length: it ends at
+    /// the end of its source at the latest.
     fn status(&self, pos: u64) -> CliResult<(Kind, u64)> {
-        let mut want = self.size - pos;
+        let src = self.source_at(pos);
+        let rel = pos - src.start;
+        let mut want = src.size - rel;
         let (st, n) = loop {
-            match self.query(pos, want) {
+            match self.query(src, rel, want) {
                 Ok(r) => break r,
                 Err(e) if self.salvage && want > SECTOR => {
                     let _ = e;
@@ -216,8 +237,15 @@ impl<'a> Job<'a> {
             BlockStatus::Data { .. } => Kind::Data,
             BlockStatus::Zero { .. } | BlockStatus::Unallocated { .. } => Kind::Zero,
         };
-        if let (Some(f), Kind::Data) = (self.src_file, kind) {
-            let (is_data, len) = file_extent(f, pos, n);
+        if let (Some(f), Kind::Data) = (&src.file, kind) {
+            let (is_data, len) = file_extent(f, rel, n);
+            // Data ending in a partial last sector (a file size that is not
+            // a multiple of 512) covers that sector whole, as in qemu-img.
+            let len = if is_data {
+                len.next_multiple_of(SECTOR)
+            } else {
+                len
+            };
             n = len.clamp(1, n);
             if !is_data {
                 kind = Kind::Zero;
@@ -230,25 +258,40 @@ impl<'a> Job<'a> {
         Ok((kind, n))
     }
 
-    /// One block-status query of the source, through the blkdebug rules
-    /// above it; errors as strerror() words them (what qemu-img prints).
-    fn query(&self, pos: u64, len: u64) -> Result<(BlockStatus, u64), String> {
-        for d in self.src_dbg {
+    /// One block-status query of a source at its own offset `pos`, through
+    /// the blkdebug rules above it; errors as strerror() words them (what
+    /// qemu-img prints).
+    fn query(&self, src: &Source, pos: u64, len: u64) -> Result<(BlockStatus, u64), String> {
+        for d in src.dbg {
             d.check(pos, len, IoType::BlockStatus)
                 .map_err(|e| crate::util::ioerr(&e))?;
         }
-        self.src
+        src.img
             .block_status(pos, len)
             .map_err(|e| crate::img_util::errno_text(&e))
     }
 
-    /// Reads guest bytes of the source through the blkdebug rules above it.
+    /// Reads target bytes from the sources holding them, through the
+    /// blkdebug rules above each.
     fn read(&self, b: &mut [u8], pos: u64) -> Result<(), String> {
-        for d in self.src_dbg {
-            d.check(pos, b.len() as u64, IoType::Read)
-                .map_err(|e| crate::util::ioerr(&e))?;
+        let mut done = 0;
+        while done < b.len() {
+            let at = pos + done as u64;
+            let src = self.source_at(at);
+            let rel = at - src.start;
+            let n = ((src.size - rel) as usize).min(b.len() - done);
+            if n == 0 {
+                return Err(format!("read past the end of the sources at byte {at}"));
+            }
+            let part = &mut b[done..done + n];
+            for d in src.dbg {
+                d.check(rel, n as u64, IoType::Read)
+                    .map_err(|e| crate::util::ioerr(&e))?;
+            }
+            src.img.read_at(part, rel).map_err(|e| errmsg(&e))?;
+            done += n;
         }
-        self.src.read_at(b, pos).map_err(|e| errmsg(&e))
+        Ok(())
     }
 
     /// A read that --salvage retries sector by sector, zeros in place of
@@ -407,9 +450,10 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// One target cluster: compressed when it holds data.
+    /// One target cluster: compressed when it holds data, or always
+    /// without sparse detection (-S 0), as qemu-img does.
     fn write_compressed(&self, c: u64, b: &[u8]) -> CliResult<()> {
-        if b.iter().all(|&x| x == 0) {
+        if self.sparse != 0 && b.iter().all(|&x| x == 0) {
             return if self.zero_init {
                 Ok(())
             } else {
