@@ -495,3 +495,74 @@ fn compressed_writes_are_read_by_qemu() {
         assert!(map.contains("\"compressed\": true"), "{opts}: {map}");
     }
 }
+
+/// `write_compressed_fresh` keeps QEMU's qcow2 rule: no compressed data
+/// over a cluster that has a host cluster (EIO, the image unchanged),
+/// incompressible data written plainly even there, zero clusters
+/// without a host cluster and discarded clusters taken over.
+#[test]
+fn fresh_compressed_writes_never_overwrite() {
+    let d = Scratch::new("compress-fresh");
+    let p = d.path("f.qcow2");
+    let cs = 65536u64;
+    create(&p, "", 8 * cs);
+    let mut model = vec![0u8; 8 * cs as usize];
+    let mut rng = Rng(7);
+    let noise: Vec<u8> = (0..cs).map(|_| rng.next() as u8).collect();
+    {
+        let img = oxqcow::Qcow2::open(&p, &rw()).unwrap();
+        let put = |model: &mut Vec<u8>, at: u64, data: &[u8]| {
+            model[at as usize..at as usize + data.len()].copy_from_slice(data);
+        };
+        img.write_compressed_fresh(&[1; 65536], 0).unwrap();
+        put(&mut model, 0, &[1; 65536]);
+        img.write_at(&[2; 65536], cs).unwrap();
+        put(&mut model, cs, &[2; 65536]);
+        img.write_zeroes(2 * cs, cs, true).unwrap();
+        img.write_at(&[3; 65536], 3 * cs).unwrap();
+        img.write_zeroes(3 * cs, cs, false).unwrap(); // keeps its host cluster
+        put(&mut model, 3 * cs, &[0; 65536]);
+        for at in [0, cs, 3 * cs] {
+            let e = img.write_compressed_fresh(&[9; 65536], at).unwrap_err();
+            assert_eq!(e.errno(), libc::EIO, "{at}: {e}");
+        }
+        img.write_compressed_fresh(&[4; 65536], 2 * cs).unwrap();
+        put(&mut model, 2 * cs, &[4; 65536]);
+        img.write_compressed_fresh(&noise, cs).unwrap();
+        put(&mut model, cs, &noise);
+        img.discard(0, cs).unwrap();
+        img.write_compressed_fresh(&[5; 65536], 0).unwrap();
+        put(&mut model, 0, &[5; 65536]);
+        // The unchecked write replaces what a cluster held.
+        img.write_compressed(&[6; 65536], 0).unwrap();
+        put(&mut model, 0, &[6; 65536]);
+        img.close().unwrap();
+    }
+    assert_clean(&p);
+    let raw = d.path("f.raw");
+    write_model(&raw, &model);
+    assert_same_as_raw(&p, &raw);
+    let map = qemu_img(&["map", "--output=json", &p.display().to_string()]);
+    let kinds: Vec<&str> = map
+        .lines()
+        .map(|l| {
+            if l.contains("\"compressed\": true") {
+                "compressed"
+            } else if l.contains("\"data\": true") {
+                "data"
+            } else if l.contains("\"offset\"") {
+                "zero, allocated"
+            } else {
+                "unallocated"
+            }
+        })
+        .collect();
+    let want = [
+        "compressed",
+        "data",
+        "compressed",
+        "zero, allocated",
+        "unallocated",
+    ];
+    assert_eq!(kinds, want, "{map}");
+}

@@ -2,6 +2,10 @@
 //! guest cluster compressed with the image's compression type and packed
 //! byte-wise into host clusters shared with its neighbours, as QEMU packs
 //! them. A cluster that does not shrink is written uncompressed.
+//! QEMU's qcow2 driver never compresses over a cluster that has a host
+//! cluster ([`Qcow2::write_compressed_fresh`], what `oxqcow io`'s
+//! compressed writes go through); the C API's and `rebase -c`'s writes
+//! replace it (`convert -c` checks on its own).
 
 use super::compress::compress;
 use super::meta::Meta;
@@ -44,6 +48,20 @@ impl Qcow2 {
     /// image may be shorter). Falls back to a plain write when the data
     /// does not compress.
     pub fn write_compressed(&self, data: &[u8], off: u64) -> Result<()> {
+        self.write_compressed_as(data, off, false)
+    }
+
+    /// [`Qcow2::write_compressed`] with QEMU's qcow2 rule: compressed data
+    /// cannot overwrite anything, so a cluster whose L2 entry holds a host
+    /// offset (data, compressed data, or a zero cluster keeping its host
+    /// cluster) fails with EIO, its data unchanged. Data that does not
+    /// compress is written as a plain write, which may overwrite, as in
+    /// QEMU (the check comes after compression there too).
+    pub fn write_compressed_fresh(&self, data: &[u8], off: u64) -> Result<()> {
+        self.write_compressed_as(data, off, true)
+    }
+
+    fn write_compressed_as(&self, data: &[u8], off: u64, fresh: bool) -> Result<()> {
         let cs = self.cs;
         let size = self.size();
         if !off.is_multiple_of(cs)
@@ -74,6 +92,15 @@ impl Qcow2 {
             m.ensure_writable()?;
             // As QEMU: the L2 table first, then the compressed bytes.
             m.l2_for_write(gc)?;
+            if fresh && m.l2_entry(gc)? & crate::format::OFFSET_MASK != 0 {
+                return Err(Error::io(
+                    format!(
+                        "{}: compressed write over the allocated cluster at guest offset {off}",
+                        self.name
+                    ),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
             let host = m.alloc_bytes(packed.len() as u64)?;
             m.check_overlap(host, packed.len() as u64)?;
             m.event(DebugEvent::WriteCompressed);

@@ -226,6 +226,10 @@ pub fn open_named(
         }
     }
     let dev = io_open::open(req).map_err(could_not)?;
+    if dev.compress.is_some() {
+        // The qemu-img commands see images, not filters that change writes.
+        return Err(could_not(io_open::unsupported_driver("compress")));
+    }
     let file = dev.host_file();
     let name = match &file {
         Some(f) if image_opts || (spec.starts_with("json:") && plain_graph) => f.clone(),

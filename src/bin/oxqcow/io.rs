@@ -37,7 +37,7 @@ pub struct Args {
         allow_hyphen_values = true
     )]
     cmds: Vec<String>,
-    /// Block driver to use (qcow2, raw, file, null-co); probed when not given
+    /// Block driver to use (qcow2, raw, file, null-co, compress); probed when not given
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     fmt: Option<String>,
     /// Open the image read-only

@@ -132,6 +132,10 @@ pub fn command(s: &mut Session, line: &str) -> i32 {
                 s.error("Block node is read-only");
                 return -libc::EPERM;
             }
+            if let Err(m) = d.compress_write_perm(ct.name == "truncate") {
+                s.error(&m);
+                return -libc::EPERM;
+            }
         }
     }
     (ct.f)(s, &words)
@@ -857,10 +861,14 @@ fn length_f(s: &mut Session, _w: &[String]) -> i32 {
 fn info_f(s: &mut Session, _w: &[String]) -> i32 {
     s.drain();
     let d = dev(s);
-    // A blkdebug node on top is what qemu-io describes: its information
-    // is its image's, without the format-specific part.
-    let top = !d.top_dbg.is_empty();
-    let driver = if top { "blkdebug" } else { d.driver.as_str() };
+    // A blkdebug or compress node on top is what qemu-io describes: its
+    // information is its image's, without the format-specific part.
+    let top = !d.top_dbg.is_empty() || d.compress.is_some();
+    let driver = if !d.top_dbg.is_empty() {
+        "blkdebug"
+    } else {
+        d.driver.as_str()
+    };
     let mut lines = vec![format!("format name: {driver}")];
     // Protocol drivers have a protocol name too, printed the same way.
     if matches!(
@@ -1153,6 +1161,10 @@ fn reopen_f(s: &mut Session, w: &[String]) -> i32 {
             s.error(&format!("Parameter '{k}' expects 'on' or 'off'"));
             return EINVAL;
         }
+    }
+    if let Some(m) = io_open::compress_reopen_error(cur) {
+        s.error(&m);
+        return EINVAL;
     }
     // Options that cannot change: the driver and node names of every node.
     for (k, v) in &new_opts {

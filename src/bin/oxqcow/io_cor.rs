@@ -7,7 +7,8 @@
 //! are; the others are read (at most 16 MiB at a time), the `cor_write`
 //! event is raised on the top blkdebug node, and they are written into
 //! the image — as zero clusters when all zeros — without the flush a
-//! writethrough write would get (the guest data does not change).
+//! writethrough write would get (the guest data does not change). Over a
+//! compress filter the copies are compressed writes (`io_compress.rs`).
 
 use crate::io_open::{Backend, Dev};
 use oxqcow::storage::blkdebug::IoType;
@@ -136,7 +137,18 @@ impl Dev {
                     })?;
                 } else {
                     self.through_top(pos, n, IoType::Write, false, || {
-                        q.write_at(&bounce, pos).map_err(|e| e.errno())
+                        // A copy-on-read node under a compress filter
+                        // copies first, with a plain write; one over it
+                        // copies through it, compressed (failing on the
+                        // clusters the first one copied, as in QEMU).
+                        let filter = self.compress.as_ref();
+                        if filter.is_none_or(|c| c.cor_under) {
+                            q.write_at(&bounce, pos).map_err(|e| e.errno())?;
+                        }
+                        if filter.is_some() && self.req.cor {
+                            self.compressed_clusters(q, &bounce, pos)?;
+                        }
+                        Ok(())
                     })?;
                 }
                 let (a, b) = (pos.max(off), (pos + n).min(end));

@@ -7,10 +7,13 @@
 //! (`Dev`): the I/O calls qemu-io's commands make, with errno results and
 //! the block layer's request checks.
 
+#[path = "io_compress.rs"]
+mod io_compress;
 #[path = "io_datafile.rs"]
 mod io_datafile;
 #[path = "io_quorum.rs"]
 mod io_quorum;
+pub use io_compress::{reopen_error as compress_reopen_error, CompressNode};
 use io_quorum::open_on_quorum;
 pub use io_quorum::quorum_children;
 
@@ -162,6 +165,9 @@ pub struct Dev {
     /// Reads copy what they find below the image into it (`-C`,
     /// `driver=copy-on-read`).
     pub cor: bool,
+    /// A `compress` filter node on top: data writes are compressed
+    /// writes of whole clusters (`io_compress.rs`).
+    pub compress: Option<CompressNode>,
 }
 
 /// What a blkdebug node's request limits do to zero writes: the block
@@ -272,6 +278,13 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
         return Err("Can't use copy-on-read on read-only device".into());
     }
     let (map, cor_node) = io_filters::strip_cor(map)?;
+    if map.get("driver").map(String::as_str) == Some("compress") {
+        let req = OpenReq {
+            cor: req.cor || cor_node,
+            ..req
+        };
+        return io_compress::open_compress(map, name, req, flags);
+    }
     let st = io_filters::strip_blkdebug(map, name)?;
     let (map, name, zero_limits, nodes) = (st.map, st.name, st.limits, st.nodes);
     if let Some(r) = crate::io::io_nbd::open(&map, name.as_deref(), &flags, req.snapshot) {
@@ -289,6 +302,7 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
             debug: None,
             msgs: Arc::default(),
             cor: cor_node,
+            compress: None,
         });
     }
     if let Some(n) = name.as_deref() {
@@ -351,6 +365,7 @@ pub fn open(req: OpenReq) -> Result<Dev, String> {
         debug,
         msgs,
         cor,
+        compress: None,
     })
 }
 
@@ -1007,6 +1022,7 @@ fn open_null(map: &BTreeMap<String, String>, req: OpenReq, flags: Flags) -> Resu
         debug: None,
         msgs: Arc::default(),
         cor: false,
+        compress: None,
     })
 }
 
@@ -1238,6 +1254,9 @@ impl Dev {
             Backend::Img(i) => {
                 let wt = fua || self.flags.writethrough;
                 self.through_top(off, buf.len() as u64, IoType::Write, wt, || {
+                    if self.compress.is_some() {
+                        return self.compress_write(buf, off);
+                    }
                     i.write_at(buf, off).map_err(|e| e.errno())
                 })?;
                 if fua || self.flags.writethrough {
@@ -1273,26 +1292,30 @@ impl Dev {
     }
 
     /// qcow2's compressed write: cluster-aligned, whole clusters (or up
-    /// to the end of the image), one compressed cluster at a time.
+    /// to the end of the image), one compressed cluster at a time, none
+    /// over an allocated cluster (`io_compress.rs`).
     pub fn write_compressed(&self, buf: &[u8], off: u64) -> Result<(), i32> {
         self.check(off, buf.len() as u64)?;
         self.check_write()?;
         match &self.be {
-            // blkdebug has no compressed writes.
-            Backend::Img(_) if !self.top_dbg.is_empty() => Err(libc::ENOTSUP),
+            // Neither blkdebug nor the compress filter has compressed
+            // writes of its own.
+            Backend::Img(_) if !self.top_dbg.is_empty() || self.compress.is_some() => {
+                Err(libc::ENOTSUP)
+            }
             Backend::Img(Image::Qcow2(q)) => {
                 let cs = q.cluster_size();
                 let len = buf.len() as u64;
                 if len == 0 {
                     return Ok(());
                 }
+                if q.data_file_name().is_some() {
+                    return Err(libc::ENOTSUP);
+                }
                 if !off.is_multiple_of(cs) || (!len.is_multiple_of(cs) && off + len != q.size()) {
                     return Err(libc::EINVAL);
                 }
-                for (k, chunk) in buf.chunks(cs as usize).enumerate() {
-                    q.write_compressed(chunk, off + k as u64 * cs)
-                        .map_err(|e| e.errno())?;
-                }
+                self.compressed_clusters(q, buf, off)?;
                 if self.flags.writethrough {
                     self.flush_inner()?;
                 }
@@ -1313,6 +1336,9 @@ impl Dev {
                 let unmap = unmap && self.flags.unmap;
                 let wt = fua || self.flags.writethrough;
                 self.through_top(off, len, IoType::WriteZeroes, wt, || {
+                    if self.compress.is_some() {
+                        return self.compress_zeroes(off, len, unmap);
+                    }
                     self.zero_image(off, len, unmap)
                 })?;
                 if fua || self.flags.writethrough {
