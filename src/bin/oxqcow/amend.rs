@@ -6,7 +6,7 @@
 //! and the engine applies the rest.
 
 use crate::img_util::{open_named, parse_size_param, usage_error, QProgress};
-use crate::util::{errmsg, parse_c_number, CliResult};
+use crate::util::{errmsg, parse_c_number, snapshot_l1_failure, CliResult};
 use oxqcow::engine::AmendOptions;
 use oxqcow::{Image, OpenOptions};
 
@@ -192,7 +192,11 @@ pub fn run(a: Args) -> CliResult<()> {
     }
     let mut progress = QProgress::new(a.progress && !a.quiet, 1.0);
     progress.add(0.0, 100);
-    q.amend(&o).map_err(|e| errmsg(&e))?;
+    q.amend(&o).map_err(|e| {
+        // Only a downgrade's zero-cluster expansion reads snapshot L1 tables.
+        snapshot_l1_failure(&e, "Failed to turn zero into data clusters")
+            .unwrap_or_else(|| errmsg(&e))
+    })?;
     img.close().map_err(|e| errmsg(&e))?;
     // The amend job's own report, then qemu-img's final one.
     progress.add(100.0, 100);
