@@ -265,15 +265,16 @@ impl Qcow2 {
         let mut m = self.quiesce();
         m.flush_all()?;
         m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
+        let cs = self.cs;
         let mut trees: Vec<Vec<u64>> = vec![m.l1.clone()];
         for sn in m.snapshots.clone() {
+            sn.check_l1(cs)?;
             trees.push(m.read_table(
                 sn.l1_table_offset,
                 sn.l1_size as u64 * 8,
                 "read snapshot L1 table",
             )?);
         }
-        let cs = self.cs;
         let zeros = vec![0u8; cs as usize];
         let total = trees.iter().map(|t| t.len() as u64).sum::<u64>();
         let mut done = 0;

@@ -85,8 +85,6 @@ impl Refs {
         if len == 0 {
             return;
         }
-        let first = off / cs;
-        let last = (off + len - 1) / cs;
         // As QEMU: the last cluster may be partly past the end of the file
         // (a reference reaching less than a cluster beyond it is counted,
         // the table growing to hold it); one reaching further is an error.
@@ -98,6 +96,7 @@ impl Refs {
             w.res.corruptions += 1;
             return;
         }
+        let (first, last) = (off / cs, (end - 1) / cs);
         if last >= self.nb_clusters {
             self.nb_clusters = last + 1;
             self.counts.resize(self.nb_clusters as usize, 0);
@@ -302,11 +301,7 @@ impl Meta {
     /// Counts every reference the image's metadata makes.
     fn calculate_refcounts(&mut self, w: &mut Walk<'_, '_>) -> Result<Refs> {
         let snap_table = self.snapshot_table;
-        let snapshots: Vec<(u64, u32)> = self
-            .snapshots
-            .iter()
-            .map(|s| (s.l1_table_offset, s.l1_size))
-            .collect();
+        let snapshots = self.snapshots.clone();
         let cs = self.cs;
         let nb_clusters = w.file_len.div_ceil(cs);
         let mut refs = Refs {
@@ -318,10 +313,32 @@ impl Meta {
         let l1 = self.l1.clone();
         refs.inc(w, cs, self.header.l1_table_offset, l1.len() as u64 * 8);
         self.count_l1(&mut refs, w, &l1, true)?;
-        for &(off, size) in &snapshots {
+        for sn in &snapshots {
+            let (off, size) = (sn.l1_table_offset, sn.l1_size);
+            let what = if size as u64 * 8 > MAX_L1_SIZE_BYTES {
+                Some(format!("l1_size={size:#x}: L1 table is too large"))
+            } else if off % cs != 0 {
+                Some(format!(
+                    "l1_offset={off:#x}: L1 table is not cluster aligned"
+                ))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                (w.report)(&format!(
+                    "ERROR snapshot {} ({}) {what}; snapshot table entry corrupted",
+                    sn.id, sn.name
+                ));
+                w.res.corruptions += 1;
+                continue;
+            }
             refs.inc(w, cs, off, size as u64 * 8);
-            let sl1 = self.read_table(off, size as u64 * 8, "read snapshot L1 table")?;
-            self.count_l1(&mut refs, w, &sl1, false)?;
+            // Past the 63-bit limit (reported just now as past the end of
+            // the file) the table cannot be read.
+            if sn.check_l1(cs).is_ok() {
+                let sl1 = self.read_table(off, size as u64 * 8, "read snapshot L1 table")?;
+                self.count_l1(&mut refs, w, &sl1, false)?;
+            }
         }
         refs.inc(w, cs, snap_table.0, snap_table.1);
         if let Some((off, len)) = self.header.crypto_header {

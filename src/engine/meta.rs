@@ -40,6 +40,7 @@ pub enum MetaKind {
     RefcountBlock,
     SnapshotTable,
     InactiveL1,
+    InactiveL2,
     CryptoHeader,
     BitmapDirectory,
 }
@@ -54,6 +55,7 @@ impl MetaKind {
             MetaKind::RefcountBlock => "refcount block",
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::InactiveL2 => "inactive L2 table",
             MetaKind::CryptoHeader => "encryption header",
             MetaKind::BitmapDirectory => "bitmap directory",
         }
@@ -119,6 +121,14 @@ pub struct Meta {
     pub snapshots: Vec<crate::format::snapshot::Snapshot>,
     /// (offset, length) of the snapshot table.
     pub snapshot_table: (u64, u64),
+    /// (offset, bytes) of the snapshot L1 tables that fail QEMU's check:
+    /// the overlap guard keeps guest data off them as QEMU's does, by
+    /// their raw values.
+    pub invalid_inactive_l1: Vec<(u64, u64)>,
+    /// QEMU's `overlap-check.inactive-l2` (see `inactive_l2.rs`).
+    pub check_inactive_l2: bool,
+    /// Host clusters of the snapshots' L2 tables, while `check_inactive_l2`.
+    pub inactive_l2: HashSet<u64>,
     /// How many times the refcount table moved (see `alloc_clusters`).
     pub reftable_moves: u64,
     /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).
@@ -143,7 +153,14 @@ impl Meta {
         self.file.debug_event(ev);
     }
 
+    /// Writes metadata. Outside the header cluster a write first passes
+    /// the inactive-L2 check's validation of the snapshot L1 tables, as
+    /// QEMU's pre-write overlap check runs before every metadata write but
+    /// the header's.
     pub fn write_file(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        if off >= self.cs {
+            self.check_snapshot_l1_tables()?;
+        }
         self.file.write_at(buf, off).map_err(|e| self.io(what, e))
     }
 
@@ -173,12 +190,22 @@ impl Meta {
     /// Rebuilds the map of metadata clusters the overlap guard protects.
     pub fn rebuild_metadata_map(&mut self) {
         let snap_table = self.snapshot_table;
-        let snapshots: Vec<(u64, u32)> = self
+        let cs = self.cs;
+        // A snapshot whose L1 table fails QEMU's check (its size or offset
+        // may be anything) is kept as a range, not cluster by cluster.
+        let (snapshots, invalid): (Vec<_>, Vec<_>) = self
             .snapshots
+            .iter()
+            .filter(|s| s.l1_size > 0)
+            .partition(|s| s.check_l1(cs).is_ok());
+        let snapshots: Vec<(u64, u32)> = snapshots
             .iter()
             .map(|s| (s.l1_table_offset, s.l1_size))
             .collect();
-        let cs = self.cs;
+        self.invalid_inactive_l1 = invalid
+            .iter()
+            .map(|s| (s.l1_table_offset, s.l1_size as u64 * 8))
+            .collect();
         let mut m = HashMap::new();
         m.insert(0, MetaKind::Header);
         let range = |m: &mut HashMap<u64, MetaKind>, off: u64, len: u64, k: MetaKind| {
@@ -226,6 +253,7 @@ impl Meta {
             }
         }
         self.metadata = m;
+        self.load_inactive_l2();
     }
 
     /// Refuses a guest-data write that would land on metadata.
@@ -233,8 +261,24 @@ impl Meta {
         if len == 0 {
             return Ok(());
         }
-        for c in off / self.cs..(off + len).div_ceil(self.cs) {
-            if let Some(k) = self.metadata.get(&c).copied() {
+        self.check_snapshot_l1_tables()?;
+        let (first, end) = (off / self.cs, (off + len).div_ceil(self.cs));
+        let (lo, hi) = (first * self.cs, end * self.cs);
+        let invalid_l1 = self
+            .invalid_inactive_l1
+            .iter()
+            .any(|&(o, l)| o < hi && lo < o.saturating_add(l));
+        for c in first..end {
+            let k = self.metadata.get(&c).copied().or_else(|| {
+                if invalid_l1 {
+                    Some(MetaKind::InactiveL1)
+                } else {
+                    self.inactive_l2
+                        .contains(&c)
+                        .then_some(MetaKind::InactiveL2)
+                }
+            });
+            if let Some(k) = k {
                 return Err(self.signal_corruption(&format!(
                     "Preventing invalid write on metadata (overlaps with {})",
                     k.describe()
@@ -377,6 +421,7 @@ impl Meta {
             Which::L2 => DebugEvent::L2Update,
             Which::Refblock => DebugEvent::RefblockUpdatePart,
         });
+        self.check_snapshot_l1_tables()?;
         let (cache, what) = match which {
             Which::L2 => (&mut self.l2_cache, "write L2 table"),
             Which::Refblock => (&mut self.rb_cache, "write refcount block"),

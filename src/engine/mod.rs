@@ -19,6 +19,7 @@ mod create;
 mod crypt;
 mod data_file;
 mod empty;
+mod inactive_l2;
 mod io;
 mod meta;
 mod open;
@@ -93,6 +94,10 @@ pub struct OpenOptions {
     /// encrypted image needs no password, and guest data can then be
     /// neither read nor written.
     pub metadata_only: bool,
+    /// QEMU's `overlap-check.inactive-l2` (see `inactive_l2.rs`): writes
+    /// also stay off the snapshots' L2 tables, and fail while a snapshot's
+    /// L1 table is invalid.
+    pub overlap_check_inactive_l2: bool,
     /// Options for the backing file (QEMU's `backing.*`); None: these
     /// options, read-only, without the password.
     pub backing: Option<Box<OpenOptions>>,
@@ -559,8 +564,16 @@ impl Qcow2 {
         if !m.writable {
             return (Ok(()), Ok(()));
         }
-        let tables = m.flush();
-        let refblocks = m.write_refblocks().and_then(|_| m.sync());
+        // As QEMU's L2 cache flush, the first write-back fails only when
+        // some L2-side state is dirty (it writes the refcount blocks it
+        // depends on); otherwise a failure is the refcount blocks' alone.
+        let l2_side_dirty =
+            m.l2_cache.has_dirty() || !m.l1_dirty.is_empty() || !m.pending_unref.is_empty();
+        let tables = if l2_side_dirty { m.flush() } else { Ok(()) };
+        let refblocks = m
+            .write_refblocks()
+            .and_then(|_| m.sync_data())
+            .and_then(|_| m.sync());
         if tables.is_err() || refblocks.is_err() {
             return (tables, refblocks);
         }

@@ -4,7 +4,9 @@
 //!
 //! Every offset the header gives is checked against the file length and
 //! against the other metadata before anything is read through it, and no
-//! allocation is sized by an unchecked count.
+//! allocation is sized by an unchecked count. The snapshot table is the
+//! exception QEMU makes: past the end of the file it reads as zeros, and
+//! its entries' L1 tables are checked where a snapshot is used.
 
 use super::backing::open_backing;
 use super::bitmaps;
@@ -17,7 +19,7 @@ use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
 use crate::format::entries::RefcountWidth;
 use crate::format::header::Header;
-use crate::format::snapshot::{self, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::snapshot::{self, Snapshot, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::format::*;
 use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -107,34 +109,22 @@ impl Qcow2 {
             ));
         }
 
-        // Snapshots.
+        // Snapshots: QEMU's limits on the table. Its entries' L1 tables are
+        // checked where they are used (`Snapshot::check_l1`), not here.
         if header.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::Invalid("Snapshot table too large".into()));
         }
-        let mut snapshots = Vec::new();
-        let mut snap_table = (0u64, 0u64);
-        if header.nb_snapshots > 0 {
-            let off = header.snapshots_offset;
-            if off % cs != 0 || off == 0 || off >= file_len {
-                return Err(Error::Invalid("Snapshot table offset invalid".into()));
-            }
-            let avail = (file_len - off).min(MAX_SNAPSHOT_TABLE_BYTES);
-            let mut sb = vec![0u8; avail as usize];
-            file.read_at(&mut sb, off)
-                .map_err(|e| Error::io("Could not read snapshot table", e))?;
-            let (list, used) = snapshot::parse_table(&sb, header.nb_snapshots)?;
-            let used = used as u64;
-            for s in &list {
-                if s.l1_size as u64 * 8 > MAX_L1_SIZE_BYTES {
-                    return Err(Error::Invalid("Snapshot L1 table too large".into()));
-                }
-                if !region_ok(s.l1_table_offset, s.l1_size as u64 * 8, cs, file_len) {
-                    return Err(Error::Invalid("Snapshot L1 table offset invalid".into()));
-                }
-            }
-            snapshots = list;
-            snap_table = (off, used.min(avail));
+        let off = header.snapshots_offset;
+        let min_bytes = header.nb_snapshots as u64 * SNAPSHOT_HEADER_LEN;
+        if (i64::MAX as u64) - min_bytes < off
+            || off % cs != 0
+            // Stricter than QEMU, which reads the header as an entry.
+            || (off == 0 && header.nb_snapshots > 0)
+        {
+            return Err(Error::Invalid("Snapshot table offset invalid".into()));
         }
+        let (snapshots, used) = read_snapshot_table(file.as_ref(), off, header.nb_snapshots)?;
+        let snap_table = (off, used);
 
         // Active L1 table.
         let l2_span = l2_span_ext(cb, ext_l2);
@@ -268,6 +258,9 @@ impl Qcow2 {
             data_sync_needed: false,
             snapshots,
             snapshot_table: snap_table,
+            invalid_inactive_l1: Vec::new(),
+            check_inactive_l2: opts.overlap_check_inactive_l2,
+            inactive_l2: HashSet::new(),
         };
         meta.rebuild_metadata_map();
         // Validated on every open; held in memory (and tracked) only by a
@@ -324,6 +317,44 @@ impl Qcow2 {
             *img.bitmaps_lock() = bitmaps;
         }
         Ok(img)
+    }
+}
+
+/// Bytes of a snapshot table entry without its extra data, ID and name.
+const SNAPSHOT_HEADER_LEN: u64 = 40;
+
+/// QEMU's BDRV_MAX_LENGTH: its block layer fails a request that reaches
+/// past it with EIO.
+const MAX_REQUEST_END: u64 = 0x7fff_ffff_c000_0000;
+
+/// Reads and decodes the snapshot table. The storage reads zeros past the
+/// end of the file, as QEMU does, so a table that runs past it opens
+/// (each missing entry empty, what QEMU lists); `qemu-img check` reports
+/// it. The buffer starts at a typical entry size and doubles while the
+/// entries need more, up to QEMU's size limit; an entry reaching past the
+/// largest offset QEMU reads fails as QEMU's read of it does.
+fn read_snapshot_table(file: &dyn Storage, off: u64, nb: u32) -> Result<(Vec<Snapshot>, u64)> {
+    if nb == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    let eio = || {
+        Error::io(
+            "Failed to read snapshot table",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        )
+    };
+    let limit = MAX_SNAPSHOT_TABLE_BYTES.min(MAX_REQUEST_END.saturating_sub(off));
+    let mut len = (nb as u64 * 128).min(limit);
+    loop {
+        let mut sb = vec![0u8; len as usize];
+        file.read_at(&mut sb, off)
+            .map_err(|e| Error::io("Failed to read snapshot table", e))?;
+        match snapshot::parse_table(&sb, nb)? {
+            Some((list, used)) => return Ok((list, used as u64)),
+            None if len < limit => len = (len * 2).min(limit),
+            None if limit < MAX_SNAPSHOT_TABLE_BYTES => return Err(eio()),
+            None => return Err(Error::Invalid("Snapshot table is truncated".into())),
+        }
     }
 }
 

@@ -41,12 +41,18 @@ impl Meta {
                 let raw = be64(&self.l2_cache.get(l2_off).unwrap().data, j * es);
                 let new = match self.decode(raw) {
                     L2Entry::Compressed { offset, len } => {
+                        if addend > 0 {
+                            self.refuse_uncounted(offset)?;
+                        }
                         if addend != 0 {
                             self.update_refcount(offset & !511, len + (offset & 511), addend)?;
                         }
                         continue;
                     }
                     L2Entry::Normal { host, .. } | L2Entry::Zero { host, .. } if host != 0 => {
+                        if addend > 0 {
+                            self.refuse_uncounted(host)?;
+                        }
                         if addend != 0 {
                             self.update_refcount(host, cs, addend)?;
                         }
@@ -63,6 +69,9 @@ impl Meta {
                     put64(&mut slot.data, j * es, new);
                     slot.touch(j * es, j * es + 8);
                 }
+            }
+            if addend > 0 {
+                self.refuse_uncounted(l2_off)?;
             }
             if addend != 0 {
                 self.update_refcount(l2_off, cs, addend)?;
@@ -89,6 +98,32 @@ impl Meta {
             self.write_file(&encode_table(&l1, 0), l1_off, "write snapshot L1 table")?;
         }
         self.flush_all()
+    }
+
+    /// Refuses a new reference to a cluster no refcount block covers: the
+    /// L2 entry naming it is damaged (nothing allocated it), and counting
+    /// it would grow the refcount structure to reach it. QEMU's errnos:
+    /// EFBIG where the refcount table cannot grow that far, else EAGAIN
+    /// (QEMU creates the block, then answers with the errno that makes an
+    /// allocating caller search again, and snapshot creation passes it on;
+    /// iotest 080). Nothing changes here.
+    fn refuse_uncounted(&self, host: u64) -> Result<()> {
+        let ti = (host / self.cs) >> self.rb_bits;
+        if self
+            .reftable
+            .get(ti as usize)
+            .is_some_and(|&e| e & OFFSET_MASK != 0)
+        {
+            return Ok(());
+        }
+        let what = format!("{}: no refcount block covers cluster {host:#x}", self.name);
+        if ti.saturating_add(1).saturating_mul(8) > MAX_REFTABLE_SIZE_BYTES {
+            return Err(Error::TooLarge(what));
+        }
+        Err(Error::io(
+            what,
+            std::io::Error::from_raw_os_error(libc::EAGAIN),
+        ))
     }
 
     /// Writes the snapshot table to new clusters and points the header at
@@ -126,10 +161,22 @@ impl Meta {
 
     /// Frees clusters that nothing on disk names any more, as QEMU's
     /// qcow2_free_clusters does: the `cluster_free` event first, and a
-    /// failure only logged (the clusters leak; `check -r` finds them).
+    /// failure only logged (the clusters leak; `check -r` finds them). A
+    /// range with a cluster whose refcount is already 0 (a table the
+    /// header placed past the end of the file) is left alone with EINVAL,
+    /// as QEMU's update_refcount undoes such a free, rather than marking
+    /// the image corrupt.
     fn free_clusters_logged(&mut self, off: u64, len: u64) {
         self.event(crate::storage::DebugEvent::ClusterFree);
-        if let Err(e) = self.update_refcount(off, len, -1) {
+        let first = off / self.cs;
+        let end = (off + len).div_ceil(self.cs);
+        let r = (first..end)
+            .try_fold(true, |ok, c| Ok::<_, Error>(ok && self.refcount(c)? > 0))
+            .and_then(|ok| match ok {
+                true => self.update_refcount(off, len, -1),
+                false => Err(Error::Invalid("refcount underflow".into())),
+            });
+        if let Err(e) = r {
             let why = std::io::Error::from_raw_os_error(e.errno()).to_string();
             let why = why.split(" (os error").next().unwrap_or_default();
             crate::log::warn(&format!("qcow2_free_clusters failed: {why}"));
@@ -193,6 +240,13 @@ impl Qcow2 {
         self.refuse_with_data_file()?;
         let mut m = self.quiesce();
         m.ensure_writable()?;
+        // Refused before anything is allocated, as QEMU refuses it.
+        if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
+            return Err(Error::TooLarge(format!(
+                "{}: the snapshot table is full ({MAX_SNAPSHOTS} snapshots)",
+                self.name
+            )));
+        }
         // Names need not be unique (qemu-img snapshot -c allows duplicates).
         let id = match id.filter(|i| !i.is_empty()) {
             Some(i) if m.snapshots.iter().any(|s| s.id == i) => {
@@ -221,7 +275,13 @@ impl Qcow2 {
         }
         let active_off = m.header.l1_table_offset;
         let active_size = m.l1.len() as u32;
-        m.update_snapshot_refcount(active_off, active_size, 1)?;
+        if let Err(e) = m.update_snapshot_refcount(active_off, active_size, 1) {
+            // Nothing names the copy: it need not leak.
+            if !l1.is_empty() {
+                m.free_unlinked(l1_off, l1.len() as u64 * 8);
+            }
+            return Err(e);
+        }
         let (date_sec, date_nsec) = date.unwrap_or_else(|| {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -265,6 +325,7 @@ impl Qcow2 {
             m.ensure_writable()?;
             let i = m.find_snapshot(name_or_id)?;
             self.refuse_with_data_file()?;
+            m.snapshots[i].check_l1(self.cs)?;
             m.flush_all()?;
             (m.snapshots[i].clone(), m.header.size)
         };
@@ -308,6 +369,8 @@ impl Qcow2 {
         m.ensure_writable()?;
         let i = m.find_snapshot(name_or_id)?;
         self.refuse_with_data_file()?;
+        // Before the table changes: an entry that fails stays listed.
+        m.snapshots[i].check_l1(self.cs)?;
         m.flush_all()?;
         let sn = m.snapshots[i].clone();
         let mut list = m.snapshots.clone();
@@ -378,6 +441,7 @@ impl Qcow2 {
             return Err(Error::InvalidArgument("Can't find snapshot".into()));
         };
         let sn = m.snapshots[i].clone();
+        sn.check_l1(self.cs)?;
         let l1 = if sn.l1_size == 0 {
             Vec::new()
         } else {

@@ -4,8 +4,8 @@
 //! snapshots hold (so that writes copy shared clusters) and to validate the
 //! table against QEMU's limits.
 
-use super::{be32, be64};
-use crate::error::{invalid, Result};
+use super::{be32, be64, MAX_L1_SIZE_BYTES};
+use crate::error::{invalid, Error, Result};
 
 /// QEMU's limits on the snapshot table.
 pub const MAX_SNAPSHOTS: u32 = 65536;
@@ -50,7 +50,8 @@ impl Snapshot {
         out.extend_from_slice(&((24 + self.extra_unknown.len()) as u32).to_be_bytes());
         out.extend_from_slice(&self.vm_state_size.to_be_bytes());
         out.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
-        out.extend_from_slice(&self.icount.unwrap_or(0).to_be_bytes());
+        // -1: no instruction count, as QEMU writes an entry read without one.
+        out.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
         out.extend_from_slice(&self.extra_unknown);
         out.extend_from_slice(self.id.as_bytes());
         out.extend_from_slice(self.name.as_bytes());
@@ -58,6 +59,33 @@ impl Snapshot {
             out.push(0);
         }
     }
+}
+
+impl Snapshot {
+    /// QEMU's check of a snapshot's L1 table, made where the table is
+    /// about to be used (apply, delete, a temporary load, zero-cluster
+    /// expansion, the inactive-L2 overlap check) and not when the image is
+    /// opened: an image whose snapshot entry is damaged still opens for
+    /// guest I/O. The offset may lie past the end of the file (the table
+    /// then reads as zeros); only its alignment and the 63-bit limit count.
+    pub fn check_l1(&self, cluster_size: u64) -> Result<()> {
+        let bytes = self.l1_size as u64 * 8;
+        if bytes > MAX_L1_SIZE_BYTES {
+            return Err(Error::TooLarge("Snapshot L1 table too large".into()));
+        }
+        if (i64::MAX as u64) - bytes < self.l1_table_offset
+            || !self.l1_table_offset.is_multiple_of(cluster_size)
+        {
+            return Err(invalid!("Snapshot L1 table offset invalid"));
+        }
+        Ok(())
+    }
+}
+
+/// True for the errors of [`Snapshot::check_l1`], which QEMU reports on a
+/// line of their own before the errno of the operation that failed.
+pub fn is_l1_error(e: &Error) -> bool {
+    matches!(e, Error::Invalid(m) | Error::TooLarge(m) if m.starts_with("Snapshot L1 table "))
 }
 
 /// Encodes a whole table; the last entry's padding is not counted in the
@@ -73,15 +101,16 @@ pub fn encode_table(list: &[Snapshot]) -> (Vec<u8>, usize) {
     (out, len)
 }
 
-/// Decodes `count` entries from `buf`; refuses entries that run past it.
-/// Also returns the table's length (the last entry unpadded).
-pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
+/// Decodes `count` entries from `buf`. Returns None when they run past
+/// it (the caller reads more), else the entries and the table's length
+/// (the last entry unpadded).
+pub fn parse_table(buf: &[u8], count: u32) -> Result<Option<(Vec<Snapshot>, usize)>> {
     let mut out = Vec::new();
     let mut off = 0usize;
     let mut len = 0usize;
     for _ in 0..count {
         if buf.len() < off + 40 {
-            return Err(invalid!("Snapshot table is truncated"));
+            return Ok(None);
         }
         let e = &buf[off..];
         let id_len = u16::from_be_bytes([e[12], e[13]]) as usize;
@@ -93,7 +122,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
         let extra = extra as usize;
         let total = 40 + extra + id_len + name_len;
         if e.len() < total {
-            return Err(invalid!("Snapshot table is truncated"));
+            return Ok(None);
         }
         let mut vm_state_size = be32(e, 32) as u64;
         let mut disk_size = None;
@@ -126,5 +155,5 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
         len = off + total;
         off += (total + 7) & !7;
     }
-    Ok((out, len))
+    Ok(Some((out, len)))
 }

@@ -6,7 +6,7 @@
 //! and the engine applies the rest.
 
 use crate::img_util::{open_named, parse_size_param, usage_error, QProgress};
-use crate::util::{errmsg, parse_c_number, CliResult};
+use crate::util::{errmsg, parse_c_number, snapshot_l1_failure, CliResult};
 use oxqcow::engine::AmendOptions;
 use oxqcow::{Image, OpenOptions};
 
@@ -195,8 +195,11 @@ pub fn run(a: Args) -> CliResult<()> {
     // The amend job's reports (absolute, as qemu-img's status callback
     // sets them), then qemu-img's final one.
     let mut report = |done: u64, total: u64| progress.add(100.0 * done as f32 / total as f32, 0);
-    q.amend_with_progress(&o, &mut report)
-        .map_err(|e| errmsg(&e))?;
+    q.amend_with_progress(&o, &mut report).map_err(|e| {
+        // Only a downgrade's zero-cluster expansion reads snapshot L1 tables.
+        snapshot_l1_failure(&e, "Failed to turn zero into data clusters")
+            .unwrap_or_else(|| errmsg(&e))
+    })?;
     img.close().map_err(|e| errmsg(&e))?;
     progress.add(100.0, 0);
     progress.end();

@@ -194,7 +194,7 @@ fn image_report(
                 backing = Some((full, h.backing_format.clone()));
             }
             let file = File::open(path).map_err(|e| format!("{path}: {}", ioerr(&e)))?;
-            let snaps = read_snapshots(&file, &h, meta.len());
+            let snaps = snaps_of(&q.snapshots());
             if !snaps.is_empty() {
                 human.push_str(&snapshot_table(&snaps));
                 let list = snaps.iter().map(|s| Json::Obj(s.json())).collect();
@@ -521,50 +521,6 @@ impl Snap {
     }
 }
 
-/// Decodes the snapshot table; a damaged table yields what could be read.
-fn read_snapshots(file: &File, h: &Header, file_len: u64) -> Vec<Snap> {
-    let mut out = Vec::new();
-    let mut off = h.snapshots_offset;
-    for _ in 0..h.nb_snapshots.min(65536) {
-        let Some(e) = read_exact(file, off, 40, file_len) else {
-            break;
-        };
-        let id_len = be16(&e, 12) as u64;
-        let name_len = be16(&e, 14) as u64;
-        let extra = be32(&e, 36) as u64;
-        if extra > 1024 {
-            break;
-        }
-        let total = 40 + extra + id_len + name_len;
-        let Some(e) = read_exact(file, off, total, file_len) else {
-            break;
-        };
-        let x = 40usize;
-        let mut vm_state_size = be32(&e, 32) as u64;
-        if extra >= 8 {
-            vm_state_size = be64(&e, x);
-        }
-        let icount = if extra >= 24 {
-            Some(be64(&e, x + 16)).filter(|&v| v != u64::MAX)
-        } else {
-            None
-        };
-        let ids = 40 + extra as usize;
-        let idn = ids + id_len as usize;
-        out.push(Snap {
-            id: String::from_utf8_lossy(&e[ids..idn]).into_owned(),
-            name: String::from_utf8_lossy(&e[idn..idn + name_len as usize]).into_owned(),
-            date_sec: be32(&e, 16),
-            date_nsec: be32(&e, 20),
-            vm_clock_nsec: be64(&e, 24),
-            vm_state_size,
-            icount,
-        });
-        off += (total + 7) & !7;
-    }
-    out
-}
-
 /// The "Snapshot list:" table of qemu-img info.
 fn snapshot_table(snaps: &[Snap]) -> String {
     let mut s = String::from("Snapshot list:\n");
@@ -582,7 +538,7 @@ fn snapshot_table(snaps: &[Snap]) -> String {
             secs % 60,
             (sn.vm_clock_nsec / 1_000_000) % 1000
         );
-        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        let icount = sn.icount.map_or("--".to_string(), |i| i.to_string());
         let _ = writeln!(
             s,
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
@@ -626,8 +582,14 @@ pub fn snapshot_list(list: &[oxqcow::format::snapshot::Snapshot]) -> String {
     if list.is_empty() {
         return String::new();
     }
-    let snaps: Vec<Snap> = list
-        .iter()
+    snapshot_table(&snaps_of(list))
+}
+
+/// The snapshots as the engine read them (a table running past the end
+/// of the file reads as zeros there, as QEMU reads it); an icount of -1
+/// is none.
+fn snaps_of(list: &[oxqcow::format::snapshot::Snapshot]) -> Vec<Snap> {
+    list.iter()
         .map(|s| Snap {
             id: s.id.clone(),
             name: s.name.clone(),
@@ -637,6 +599,5 @@ pub fn snapshot_list(list: &[oxqcow::format::snapshot::Snapshot]) -> String {
             vm_state_size: s.vm_state_size,
             icount: s.icount.filter(|&v| v != u64::MAX),
         })
-        .collect();
-    snapshot_table(&snaps)
+        .collect()
 }

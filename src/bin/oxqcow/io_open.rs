@@ -216,6 +216,19 @@ const QCOW2_OPTS: &[&str] = &[
     "backing",
 ];
 
+/// QEMU's qcow2 options that turn one metadata overlap check on or off.
+const OVERLAP_CHECKS: &[&str] = &[
+    "overlap-check.main-header",
+    "overlap-check.active-l1",
+    "overlap-check.active-l2",
+    "overlap-check.refcount-table",
+    "overlap-check.refcount-block",
+    "overlap-check.snapshot-table",
+    "overlap-check.inactive-l1",
+    "overlap-check.inactive-l2",
+    "overlap-check.bitmap-directory",
+];
+
 const BOOL_OPTS: &[&str] = &[
     "read-only",
     "auto-read-only",
@@ -586,7 +599,7 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
                     "Block format 'qcow2' does not support the option '{k}'"
                 ));
             }
-            if k.starts_with("overlap-check.") {
+            if k == "overlap-check.template" || OVERLAP_CHECKS.contains(&k.as_str()) {
                 continue;
             }
             if k == "data-file" || k.starts_with("data-file.") {
@@ -879,6 +892,37 @@ fn filter_data_file(oo: &mut OpenOptions, nodes: &DebugNodes, prefix: &str) -> R
     Ok(())
 }
 
+/// QEMU's overlap-check options: the template (`overlap-check` or
+/// `overlap-check.template`, the same value if both), then a flag per
+/// check. Returns whether the inactive-L2 check is on (template `all`, or
+/// its own flag); oxqcow's other checks are always on.
+fn overlap_check_inactive_l2(map: &BTreeMap<String, String>) -> Result<bool, String> {
+    let (a, b) = (map.get("overlap-check"), map.get("overlap-check.template"));
+    if let (Some(a), Some(b)) = (a, b) {
+        if a != b {
+            return Err(format!(
+                "Conflicting values for qcow2 options 'overlap-check' ('{a}') and 'overlap-check.template' ('{b}')"
+            ));
+        }
+    }
+    let template = a.or(b).map_or("cached", |v| v.as_str());
+    if !matches!(template, "none" | "constant" | "cached" | "all") {
+        return Err(format!(
+            "Unsupported value '{template}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+        ));
+    }
+    let mut inactive_l2 = template == "all";
+    for k in OVERLAP_CHECKS {
+        if let Some(v) = map.get(*k) {
+            let on = parse_bool(k, v)?;
+            if *k == "overlap-check.inactive-l2" {
+                inactive_l2 = on;
+            }
+        }
+    }
+    Ok(inactive_l2)
+}
+
 fn qcow2_options(
     map: &BTreeMap<String, String>,
     path: &str,
@@ -948,13 +992,7 @@ fn qcow2_options(
     }
     oo.l2_cache_size = l2.or(combined.map(|c| c - rc.unwrap_or(0).min(c)));
     oo.refcount_cache_size = rc;
-    if let Some(v) = map.get("overlap-check") {
-        if !matches!(v.as_str(), "none" | "constant" | "cached" | "all") {
-            return Err(format!(
-                "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
-            ));
-        }
-    }
+    oo.overlap_check_inactive_l2 = overlap_check_inactive_l2(map)?;
     if let Some(v) = map.get("cache-clean-interval") {
         if crate::io::io_fmt::strtol_full(v).is_none_or(|n| !(0..=i32::MAX as i64).contains(&n)) {
             return Err("Cache clean interval too big".to_string());

@@ -3,8 +3,8 @@
 //! listing, read-write otherwise, never the backing file) and qemu-img's
 //! error wording; the list table is info's.
 
-use crate::img_util::{open_named, usage_error};
-use crate::util::{errmsg, CliResult};
+use crate::img_util::{errno_text, open_named, usage_error};
+use crate::util::{errmsg, snapshot_l1_failure, CliResult};
 use oxqcow::{Error, Image, OpenOptions};
 
 #[derive(clap::Args)]
@@ -78,10 +78,8 @@ pub fn run(a: Args) -> CliResult<()> {
             let r = match q {
                 // QEMU: ENOTSUP for images with an external data file.
                 Some(q) if q.data_file_name().is_some() => Err(unsupported()),
-                // qemu-img says only what the errno says.
-                Some(q) => q
-                    .snapshot_create(&name)
-                    .map_err(|e| crate::util::ioerr(&std::io::Error::from_raw_os_error(e.errno()))),
+                // qemu-img words every failure by its errno.
+                Some(q) => q.snapshot_create(&name).map_err(|e| errno_text(&e)),
                 None => Err(unsupported()),
             };
             r.map_err(|e| format!("Could not create snapshot '{name}': {e}"))?;
@@ -92,7 +90,8 @@ pub fn run(a: Args) -> CliResult<()> {
                     if is_not_found(q, &name) {
                         "Failed to load snapshot: No such file or directory".to_string()
                     } else {
-                        errmsg(&e)
+                        snapshot_l1_failure(&e, "Failed to load snapshot")
+                            .unwrap_or_else(|| errmsg(&e))
                     }
                 }),
                 None => Err("Block driver does not support snapshots".to_string()),

@@ -36,6 +36,17 @@ pub fn report(msg: &str) {
     eprintln!("{}: {msg}", prgname());
 }
 
+/// The failure `what` as qemu-img words it when the qcow2 driver reports
+/// the cause itself (error_report) and the operation only gets an errno:
+/// a snapshot's invalid L1 table gets a line of its own, then "what:
+/// strerror". Other errors: None (the caller words them).
+pub fn snapshot_l1_failure(e: &oxqcow::Error, what: &str) -> Option<String> {
+    oxqcow::format::snapshot::is_l1_error(e).then(|| {
+        report(&errmsg(e));
+        format!("{what}: {}", crate::img_util::errno_text(e))
+    })
+}
+
 /// Words a library error without Rust's " (os error N)" suffix.
 pub fn errmsg(e: &oxqcow::Error) -> String {
     strip_os_error(&e.to_string())
