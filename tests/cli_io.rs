@@ -1930,3 +1930,199 @@ fn compressed_writes_never_overwrite_as_qemu() {
     );
     same_check_counts(&d);
 }
+
+/// The qcow2 driver's runtime options (qemu-iotest 137): each value's
+/// syntax, the cache-size rules and limits, overlap-check and its
+/// template, at open (`open -o`, `--image-opts`) and at reopen, where
+/// new options merge with the ones in use as QEMU merges them.
+#[test]
+fn qcow2_runtime_options_as_qemu_io() {
+    let d = Scratch::new("io-qcow2-opts");
+    let m64 = &["qcow2", "64M"];
+    // Every valid value, one reopen after another, then I/O.
+    let valid: Vec<String> = [
+        "lazy-refcounts=on,pass-discard-request=on",
+        "pass-discard-snapshot=off,pass-discard-other=on,discard-no-unref=off",
+        "overlap-check=all",
+        "overlap-check=none",
+        "overlap-check.template=cached",
+        "overlap-check=constant",
+        "overlap-check.main-header=off",
+        "overlap-check.inactive-l2=on,overlap-check.bitmap-directory=off",
+        "cache-size=1M",
+        "l2-cache-size=512k",
+        "l2-cache-entry-size=512",
+        "refcount-cache-size=128k",
+        "cache-size=2M",
+        "cache-clean-interval=0x10",
+        "cache-clean-interval=4294967295",
+    ]
+    .iter()
+    .map(|o| format!("reopen -o {o}"))
+    .collect();
+    let mut cmds: Vec<&str> = valid.iter().map(String::as_str).collect();
+    cmds.extend(["write -P 55 0 4M", "read -P 55 0 4M", "discard 0 4M"]);
+    same(&d, m64, &io_args(&[], &cmds, &["IMG"]), None);
+    // Invalid values, first at reopen, then at open.
+    let bad = [
+        "lazy-refcounts=42",
+        "cache-size=1M,l2-cache-size=64k,refcount-cache-size=64k",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "l2-cache-entry-size=33k",
+        "l2-cache-entry-size=128k",
+        "refcount-cache-size=256T",
+        "refcount-cache-size=128T",
+        "cache-size=256T,refcount-cache-size=1M",
+        "cache-size=256T,l2-cache-size=256T",
+        "overlap-check=constant,overlap-check.template=all",
+        "overlap-check=blubb",
+        "overlap-check.template=blubb",
+        "overlap-check.main-header=blubb,overlap-check.active-l1=x",
+        "overlap-check.foo=on",
+        "cache-clean-interval=-1",
+        "cache-clean-interval=5k",
+        "cache-clean-interval=99999999999999999999",
+        "cache-size=abc,refcount-cache-size=abc",
+        "l2-cache-size=-1",
+        "overlap-check=blubb,cache-clean-interval=-1",
+        "foo=bar,overlap-check=blubb",
+        "file.foo=bar,overlap-check=blubb",
+        "file.foo=bar,overlap-check.foo=on",
+    ];
+    let reopens: Vec<String> = bad.iter().map(|o| format!("reopen -o {o}")).collect();
+    let opens: Vec<String> = bad.iter().map(|o| format!("open -o {o} IMG")).collect();
+    for set in [&reopens, &opens] {
+        let mut cmds: Vec<&str> = set.iter().map(String::as_str).collect();
+        cmds.push("read 0 512");
+        same(&d, m64, &io_args(&[], &cmds, &["IMG"]), None);
+    }
+    for o in [
+        "overlap-check=all,overlap-check.template=blubb",
+        "l2-cache-size=16E",
+    ] {
+        let spec = format!("driver=qcow2,file.filename=IMG,{o}");
+        same(&d, m64, &["--image-opts", "-c", "read 0 512", &spec], None);
+    }
+    // What reopen keeps of the options in use.
+    let merges: &[&[&str]] = &[
+        &[
+            "cache-size=1M",
+            "l2-cache-size=2M",
+            "l2-cache-size=2M,refcount-cache-size=1k",
+        ],
+        &["cache-size=1M,l2-cache-size=512k", "refcount-cache-size=2M"],
+        &["refcount-cache-size=512k", "cache-size=256k"],
+        &["overlap-check=constant", "overlap-check.template=all"],
+        &["overlap-check.template=all", "overlap-check=constant"],
+        &[
+            "overlap-check.main-header=off",
+            "overlap-check.main-header=x",
+        ],
+    ];
+    for seq in merges {
+        let spec = format!("driver=qcow2,file.filename=IMG,{}", seq[0]);
+        let reopens: Vec<String> = seq[1..].iter().map(|o| format!("reopen -o {o}")).collect();
+        let mut cmds: Vec<&str> = reopens.iter().map(String::as_str).collect();
+        cmds.push("read 0 512");
+        same(&d, m64, &io_args(&["--image-opts"], &cmds, &[&spec]), None);
+    }
+    // The L2 cache of a huge image in 512-byte pieces: 2^31 of them.
+    // (qemu-img compare and map take minutes over 32 PiB: the outputs
+    // are compared, and the file must stay as it was.)
+    let huge = d.path("huge.qcow2");
+    let hs = huge.display().to_string();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=256k",
+        &hs,
+        "32P",
+    ]);
+    let before = std::fs::read(&huge).unwrap();
+    let args = c(&[
+        "reopen -o l2-cache-entry-size=512,l2-cache-size=1T",
+        "reopen -o l2-cache-entry-size=512,cache-size=1025G",
+        "reopen -o l2-cache-entry-size=256k,l2-cache-size=1M",
+        "reopen -o l2-cache-entry-size=512k",
+    ]);
+    let (theirs, ours) = (
+        run_io(false, &huge, &args, None),
+        run_io(true, &huge, &args, None),
+    );
+    assert_eq!((&ours.out, &ours.err), (&theirs.out, &theirs.err));
+    assert_eq!(ours.status, theirs.status);
+    assert!(ours.err.contains("L2 cache size too big"), "{}", ours.err);
+    assert!(
+        std::fs::read(&huge).unwrap() == before,
+        "the huge image changed"
+    );
+    // A v2 image refuses lazy refcounts and discard-no-unref.
+    same(
+        &d,
+        &["qcow2", "-o", "compat=0.10", "64M"],
+        &c(&[
+            "reopen -o lazy-refcounts=on,overlap-check=blubb",
+            "reopen -o discard-no-unref=on",
+            "reopen -o discard-no-unref=on,overlap-check=blubb",
+        ]),
+        None,
+    );
+}
+
+/// A refcount block that says the header's cluster is free (qemu-iotest
+/// 137's last case): the new L2 table for a write would go to offset 0,
+/// which both programs refuse with the same message, leaving the same
+/// file behind (only the corrupt bit set). Clusters of other metadata
+/// freed the same way meet the overlap guard with QEMU's message.
+#[test]
+fn l2_table_at_offset_0_as_qemu_io() {
+    let d = Scratch::new("io-l2-at-0");
+    for (cluster, bytes) in [(0usize, 8usize), (1, 2), (2, 2), (3, 2)] {
+        let mut files = Vec::new();
+        for (ours, name) in [(false, "a.qcow2"), (true, "b.qcow2")] {
+            let p = d.path(name);
+            let _ = std::fs::remove_file(&p);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &p.display().to_string(),
+                "64M",
+            ]);
+            let mut b = std::fs::read(&p).unwrap();
+            // qemu-img's layout: the refcount block is the third cluster.
+            let at = 0x20000 + 2 * cluster;
+            b[at..at + bytes].fill(0);
+            std::fs::write(&p, &b).unwrap();
+            let args = [
+                "-c",
+                "reopen -o overlap-check=none,lazy-refcounts=42",
+                "-c",
+                "write 64k 64k",
+                "IMG",
+            ];
+            files.push((run_io(ours, &p, &args, None), p));
+        }
+        let ((theirs, a), (ours, b)) = (&files[0], &files[1]);
+        assert_eq!(ours.out, theirs.out, "stdout, cluster {cluster}");
+        assert_eq!(ours.err, theirs.err, "stderr, cluster {cluster}");
+        assert_eq!(ours.status, theirs.status, "status, cluster {cluster}");
+        let want = if cluster == 0 {
+            "at offset 0"
+        } else {
+            "Preventing invalid write on metadata"
+        };
+        assert!(ours.err.contains(want), "cluster {cluster}: {}", ours.err);
+        if cluster == 0 {
+            assert!(
+                std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+                "files differ"
+            );
+        }
+    }
+}

@@ -320,3 +320,73 @@ fn last_byte_of_the_largest_image() {
     );
     assert!(code == 0 && !out.contains("fail"), "{out}");
 }
+
+/// A refcount block that says a metadata cluster is free: the allocator
+/// hands that cluster out for a new L2 table, and the write is refused
+/// before anything lands there, with QEMU's messages (the header's cluster
+/// is never an L2 table; any other is the overlap guard's). Nothing in the
+/// file changes but the corrupt bit.
+#[test]
+fn l2_tables_never_land_on_metadata() {
+    let d = Scratch::new("l2meta");
+    let p = d.path("m.qcow2");
+    let o = CreateOptions {
+        size: 64 << 20,
+        ..Default::default()
+    };
+    let be64 = |b: &[u8], off: usize| u64::from_be_bytes(b[off..off + 8].try_into().unwrap());
+    let rw = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    for victim in [
+        "header",
+        "refcount table",
+        "refcount block",
+        "active L1 table",
+    ] {
+        let _ = std::fs::remove_file(&p);
+        oxqcow::engine::create(&p, &o).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let reftable = be64(&good, 48) as usize;
+        let refblock = be64(&good, reftable) as usize;
+        let cluster = match victim {
+            "header" => 0,
+            "refcount table" => reftable,
+            "refcount block" => refblock,
+            _ => be64(&good, 40) as usize,
+        } / 65536;
+        seen.push(cluster);
+        let mut b = good.clone();
+        // 16-bit refcounts: the victim's refcount goes to 0.
+        b[refblock + 2 * cluster..refblock + 2 * cluster + 2].fill(0);
+        std::fs::write(&p, &b).unwrap();
+        let img = Image::open(&p, None, &rw).unwrap();
+        let e = img.write_at(&[0x5a; 65536], 65536).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let want = if cluster == 0 {
+            "Preventing invalid allocation of L2 table at offset 0".to_string()
+        } else {
+            format!("Preventing invalid write on metadata (overlaps with {victim})")
+        };
+        assert!(e.to_string().contains(&want), "{victim}: {e}");
+        assert!(
+            img.write_at(&[1], 0).is_err(),
+            "{victim}: corrupt image written"
+        );
+        let _ = img.close();
+        drop(img);
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(after.len(), b.len(), "{victim}: file size changed");
+        assert_eq!(be64(&after, 72), be64(&b, 72) | 2, "{victim}: corrupt bit");
+        let differ: Vec<usize> = (0..b.len()).filter(|&i| after[i] != b[i]).collect();
+        assert!(
+            differ.iter().all(|i| (72..80).contains(i)),
+            "{victim}: bytes {differ:?} changed"
+        );
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "the four metadata clusters are distinct");
+}

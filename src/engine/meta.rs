@@ -552,6 +552,10 @@ impl Meta {
             self.l2_cache.buffer(self.cs as usize)
         };
         let new = self.alloc_clusters(1)?;
+        if let Err(e) = self.check_new_l2(new) {
+            self.free_unlinked(new, self.cs);
+            return Err(e);
+        }
         if let Err(e) = self.write_new_l2(new, &data) {
             self.free_unlinked(new, self.cs);
             return Err(e);
@@ -579,6 +583,26 @@ impl Meta {
             return Err(err);
         }
         Ok(new)
+    }
+
+    /// Where a new L2 table may go, checked before anything is written
+    /// there, as QEMU checks it: never at offset 0 (the allocator hands
+    /// out the header's cluster when a damaged refcount block says it is
+    /// free), and not over other metadata (the overlap guard; a cluster
+    /// that held an active L2 table may hold the new one).
+    fn check_new_l2(&mut self, new: u64) -> Result<()> {
+        if new == 0 {
+            return Err(
+                self.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
+            );
+        }
+        match self.metadata.get(&(new / self.cs)).copied() {
+            None | Some(MetaKind::ActiveL2) => Ok(()),
+            Some(k) => Err(self.signal_corruption(&format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                k.describe()
+            ))),
+        }
     }
 
     /// Writes a new L2 table as QEMU's l2_allocate() does, before anything

@@ -1192,13 +1192,22 @@ fn reopen_f(s: &mut Session, w: &[String]) -> i32 {
         return EINVAL;
     };
     let mut req = old.req.clone();
+    if let Some(j) = req.name.as_deref().and_then(|n| n.strip_prefix("json:")) {
+        // As options, so that the merge below can drop some of them.
+        if let Ok(mut v) = crate::blockopts::parse_json_filename(j) {
+            v.append(&mut req.opts);
+            req.opts = v;
+            req.name = None;
+        }
+    }
     req.flags = flags;
     req.opts
         .retain(|(k, _)| !matches!(k.as_str(), "read-only" | "cache.direct" | "cache.no-flush"));
-    req.opts.extend(new_opts);
+    let new_keys: Vec<String> = new_opts.iter().map(|(k, _)| k.clone()).collect();
+    req.opts = io_open::io_qcow2_opts::join_reopen(&req.opts, &new_opts);
     let fallback = old.req.clone();
     let _ = old.close();
-    match io_open::open(req) {
+    match reopen_open(req, new_keys) {
         Ok(d) => {
             s.dev = Some(std::sync::Arc::new(d));
             0
@@ -1210,6 +1219,42 @@ fn reopen_f(s: &mut Session, w: &[String]) -> i32 {
                 s.dev = Some(std::sync::Arc::new(d));
             }
             EINVAL
+        }
+    }
+}
+
+/// Opens what a reopen asks for. QEMU checks the drivers' options first
+/// and then refuses any other new option ("Cannot change the option"):
+/// a new option no driver takes is taken out and the open tried again,
+/// so that an error in the drivers' options is the one reported. Of
+/// several refused options, the one of the node nearest the top is named.
+fn reopen_open(mut req: OpenReq, mut new_keys: Vec<String>) -> Result<io_open::Dev, String> {
+    // (depth of the node: length of the key's prefix, the option's name)
+    let mut refused: Vec<(usize, String)> = Vec::new();
+    loop {
+        match io_open::open(req.clone()) {
+            Ok(d) => {
+                let Some((_, leaf)) = refused.into_iter().min_by_key(|(depth, _)| *depth) else {
+                    return Ok(d);
+                };
+                let _ = d.close();
+                return Err(format!("Cannot change the option '{leaf}'"));
+            }
+            Err(msg) => {
+                let Some(leaf) = io_open::unknown_option(&msg) else {
+                    return Err(msg);
+                };
+                let dotted = format!(".{leaf}");
+                let Some(i) = new_keys
+                    .iter()
+                    .position(|k| *k == leaf || k.ends_with(&dotted))
+                else {
+                    return Err(msg);
+                };
+                let key = new_keys.remove(i);
+                req.opts.retain(|(k, _)| *k != key);
+                refused.push((key.len() - leaf.len(), leaf));
+            }
         }
     }
 }

@@ -437,6 +437,19 @@ fn parse_fraction(s: &str) -> Option<(f64, usize)> {
     Some((v, i))
 }
 
+/// qemu_strtou64(s, NULL, 0, &v): the whole string in any base, a
+/// negative value wrapping around as strtoull's does.
+pub fn strtou64_full(s: &str) -> Result<u64, NumErr> {
+    let (v, used, over, neg) = strtoull(s.as_bytes(), 0);
+    if used == 0 || used != s.len() {
+        return Err(NumErr::Invalid);
+    }
+    if over {
+        return Err(NumErr::Range);
+    }
+    Ok(if neg { v.wrapping_neg() } else { v })
+}
+
 /// strtol(s, &end, 0) with the whole string required: None when there is
 /// trailing text or no number.
 pub fn strtol_full(s: &str) -> Option<i64> {

@@ -11,6 +11,8 @@
 mod io_compress;
 #[path = "io_datafile.rs"]
 mod io_datafile;
+#[path = "io_qcow2_opts.rs"]
+pub(crate) mod io_qcow2_opts;
 #[path = "io_quorum.rs"]
 mod io_quorum;
 pub use io_compress::{reopen_error as compress_reopen_error, CompressNode};
@@ -111,13 +113,17 @@ pub(crate) fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
+/// A QemuOpts size option.
 pub fn parse_size_opt(key: &str, v: &str) -> Result<u64, String> {
-    crate::io::io_fmt::strtosz(v).map_err(|_| {
-        format!(
+    crate::io::io_fmt::strtosz(v).map_err(|e| match e {
+        crate::io::io_fmt::NumErr::Range => {
+            format!("Value '{v}' is out of range for parameter '{key}'")
+        }
+        crate::io::io_fmt::NumErr::Invalid => format!(
             "Parameter '{key}' expects a non-negative number below 2^64\n\
              Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
              and exabytes, respectively."
-        )
+        ),
     })
 }
 
@@ -201,45 +207,12 @@ const FILE_OPTS: &[&str] = &[
     "force-share",
 ];
 
-const QCOW2_OPTS: &[&str] = &[
-    "lazy-refcounts",
-    "pass-discard-request",
-    "pass-discard-snapshot",
-    "pass-discard-other",
-    "discard-no-unref",
-    "overlap-check",
-    "cache-size",
-    "l2-cache-size",
-    "l2-cache-entry-size",
-    "refcount-cache-size",
-    "cache-clean-interval",
-    "backing",
-];
-
-/// QEMU's qcow2 options that turn one metadata overlap check on or off.
-const OVERLAP_CHECKS: &[&str] = &[
-    "overlap-check.main-header",
-    "overlap-check.active-l1",
-    "overlap-check.active-l2",
-    "overlap-check.refcount-table",
-    "overlap-check.refcount-block",
-    "overlap-check.snapshot-table",
-    "overlap-check.inactive-l1",
-    "overlap-check.inactive-l2",
-    "overlap-check.bitmap-directory",
-];
-
 const BOOL_OPTS: &[&str] = &[
     "read-only",
     "auto-read-only",
     "cache.direct",
     "cache.no-flush",
     "force-share",
-    "lazy-refcounts",
-    "pass-discard-request",
-    "pass-discard-snapshot",
-    "pass-discard-other",
-    "discard-no-unref",
     "read-zeroes",
 ];
 
@@ -434,7 +407,10 @@ fn open_node(
         }
         return Err(format!("Unknown driver '{fmt}'"));
     }
-    check_format_opts(map, &fmt)?;
+    if fmt != "qcow2" {
+        // A qcow2 node's own options are checked first (qcow2_options).
+        check_format_opts(map, &fmt)?;
+    }
     if !nested {
         if let Some(fd) = file_driver.as_deref() {
             let sub = child_opts(map, "file.");
@@ -465,6 +441,7 @@ fn open_node(
         let inner_name = inner_path(&sub);
         if fmt == "qcow2" {
             qcow2_options(map, &inner_name, &oo.clone(), &mut oo, Some(&inner))?;
+            check_format_opts(map, &fmt)?;
             filter_data_file(&mut oo, nodes, prefix)?;
         }
         let storage = wrap(Arc::new(ImageStorage(inner)), nodes, &file_prefix);
@@ -480,6 +457,7 @@ fn open_node(
     }
     if fmt == "qcow2" {
         qcow2_options(map, &path, &oo.clone(), &mut oo, None)?;
+        check_format_opts(map, &fmt)?;
         filter_data_file(&mut oo, nodes, prefix)?;
     }
     let file_prefix = format!("{prefix}file.");
@@ -599,9 +577,6 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
                     "Block format 'qcow2' does not support the option '{k}'"
                 ));
             }
-            if k == "overlap-check.template" || OVERLAP_CHECKS.contains(&k.as_str()) {
-                continue;
-            }
             if k == "data-file" || k.starts_with("data-file.") {
                 continue; // io_datafile.rs
             }
@@ -615,7 +590,7 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
         let window = fmt == "raw" && (k == "offset" || k == "size");
         let ok = window
             || is_node_opt(k)
-            || (fmt == "qcow2" && QCOW2_OPTS.contains(&k.as_str()))
+            || (fmt == "qcow2" && (io_qcow2_opts::is_runtime_opt(k) || k == "backing"))
             || k == "file";
         if !ok {
             return Err(format!(
@@ -624,6 +599,18 @@ fn check_format_opts(map: &BTreeMap<String, String>, fmt: &str) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// The option an unknown-option error of [`check_format_opts`] or
+/// [`check_protocol_opts`] names (relative to its node).
+pub fn unknown_option(msg: &str) -> Option<String> {
+    let rest = msg
+        .strip_prefix("Block format '")
+        .or_else(|| msg.strip_prefix("Block protocol '"))?;
+    let (_, key) = rest
+        .split_once("' does not support the option '")
+        .or_else(|| rest.split_once("' doesn't support the option '"))?;
+    Some(key.strip_suffix('\'')?.to_string())
 }
 
 pub(crate) fn check_protocol_opts(
@@ -897,30 +884,16 @@ fn filter_data_file(oo: &mut OpenOptions, nodes: &DebugNodes, prefix: &str) -> R
 /// check. Returns whether the inactive-L2 check is on (template `all`, or
 /// its own flag); oxqcow's other checks are always on.
 fn overlap_check_inactive_l2(map: &BTreeMap<String, String>) -> Result<bool, String> {
-    let (a, b) = (map.get("overlap-check"), map.get("overlap-check.template"));
-    if let (Some(a), Some(b)) = (a, b) {
-        if a != b {
-            return Err(format!(
-                "Conflicting values for qcow2 options 'overlap-check' ('{a}') and 'overlap-check.template' ('{b}')"
-            ));
-        }
+    // The values were checked with the other qcow2 options
+    // (io_qcow2_opts::check): only the answer is left to find.
+    let template = map
+        .get("overlap-check")
+        .or_else(|| map.get("overlap-check.template"))
+        .map_or("cached", String::as_str);
+    match map.get("overlap-check.inactive-l2") {
+        Some(v) => parse_bool("overlap-check.inactive-l2", v),
+        None => Ok(template == "all"),
     }
-    let template = a.or(b).map_or("cached", |v| v.as_str());
-    if !matches!(template, "none" | "constant" | "cached" | "all") {
-        return Err(format!(
-            "Unsupported value '{template}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
-        ));
-    }
-    let mut inactive_l2 = template == "all";
-    for k in OVERLAP_CHECKS {
-        if let Some(v) = map.get(*k) {
-            let on = parse_bool(k, v)?;
-            if *k == "overlap-check.inactive-l2" {
-                inactive_l2 = on;
-            }
-        }
-    }
-    Ok(inactive_l2)
 }
 
 fn qcow2_options(
@@ -957,57 +930,15 @@ fn qcow2_options(
         }
         Some(b)
     };
-    let size = |k: &str| -> Result<Option<u64>, String> {
-        map.get(k).map(|v| parse_size_opt(k, v)).transpose()
-    };
-    let combined = size("cache-size")?;
-    let l2 = size("l2-cache-size")?;
-    let rc = size("refcount-cache-size")?;
-    let entry = size("l2-cache-entry-size")?;
-    if let Some(c) = combined {
-        if l2.is_some() && rc.is_some() {
-            return Err(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
-                    .into(),
-            );
-        }
-        if l2.is_some_and(|l| l > c) {
-            return Err("l2-cache-size may not exceed cache-size".into());
-        }
-        if rc.is_some_and(|r| r > c) {
-            return Err("refcount-cache-size may not exceed cache-size".into());
-        }
-    }
-    if let Some(e) = entry {
-        let cs = header(24)
-            .map(|b| u32::from_be_bytes(b[20..24].try_into().unwrap()))
-            .filter(|b| (9..=21).contains(b))
-            .map(|b| 1u64 << b)
-            .unwrap_or(65536);
-        if !e.is_power_of_two() || e < 512 || e > cs {
-            return Err(format!(
-                "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
-            ));
-        }
-    }
-    oo.l2_cache_size = l2.or(combined.map(|c| c - rc.unwrap_or(0).min(c)));
-    oo.refcount_cache_size = rc;
+    let geo = header(104)
+        .or_else(|| header(72))
+        .and_then(|b| io_qcow2_opts::Geometry::parse(&b));
+    let rt = io_qcow2_opts::check(map, geo.as_ref())?;
+    oo.l2_cache_size = rt.l2_cache;
+    oo.refcount_cache_size = rt.refcount_cache;
     oo.overlap_check_inactive_l2 = overlap_check_inactive_l2(map)?;
-    if let Some(v) = map.get("cache-clean-interval") {
-        if crate::io::io_fmt::strtol_full(v).is_none_or(|n| !(0..=i32::MAX as i64).contains(&n)) {
-            return Err("Cache clean interval too big".to_string());
-        }
-    }
-    if let Some(v) = map.get("lazy-refcounts") {
-        let on = parse_bool("lazy-refcounts", v)?;
-        let version = header(8).map(|b| u32::from_be_bytes(b[4..8].try_into().unwrap()));
-        if on && version.is_some_and(|ver| ver < 3) {
-            return Err(
-                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
-                    .into(),
-            );
-        }
-        oo.lazy_refcounts = Some(on);
+    if rt.lazy_refcounts.is_some() {
+        oo.lazy_refcounts = rt.lazy_refcounts;
     }
     let crypt_method = header(36).map(|b| u32::from_be_bytes(b[32..36].try_into().unwrap()));
     let (fmt, secret) = crate::secret::encrypt_open_options(map, "", crypt_method)?;

@@ -297,7 +297,7 @@ impl Obj {
 }
 
 /// QDict's bucket for a key (the TDB hash modulo 512 buckets).
-fn qdict_bucket(key: &str) -> u32 {
+pub(crate) fn qdict_bucket(key: &str) -> u32 {
     let b = key.as_bytes();
     let mut v = 0x238F_13AFu32.wrapping_mul(b.len() as u32);
     for (i, &c) in b.iter().enumerate() {
