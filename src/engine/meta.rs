@@ -119,6 +119,8 @@ pub struct Meta {
     pub snapshots: Vec<crate::format::snapshot::Snapshot>,
     /// (offset, length) of the snapshot table.
     pub snapshot_table: (u64, u64),
+    /// What the (check-mode) open dropped from the snapshot table.
+    pub snapshot_issues: crate::format::snapshot::TableIssues,
     /// How many times the refcount table moved (see `alloc_clusters`).
     pub reftable_moves: u64,
     /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).

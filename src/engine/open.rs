@@ -107,24 +107,37 @@ impl Qcow2 {
             ));
         }
 
-        // Snapshots.
-        if header.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::Invalid("Snapshot table too large".into()));
+        // Snapshots. In check mode, what is over QEMU's limits is dropped
+        // here and reported (or repaired) by `check`, as QEMU reads the
+        // table only there.
+        let lenient = opts.check_mode;
+        let mut snap_issues = snapshot::TableIssues::default();
+        let mut nb_snapshots = header.nb_snapshots;
+        if nb_snapshots > MAX_SNAPSHOTS {
+            if !lenient {
+                return Err(Error::Invalid("Snapshot table too large".into()));
+            }
+            snap_issues.too_many = nb_snapshots - MAX_SNAPSHOTS;
+            nb_snapshots = MAX_SNAPSHOTS;
         }
         let mut snapshots = Vec::new();
         let mut snap_table = (0u64, 0u64);
-        if header.nb_snapshots > 0 {
+        if nb_snapshots > 0 {
             let off = header.snapshots_offset;
             if off % cs != 0 || off == 0 || off >= file_len {
                 return Err(Error::Invalid("Snapshot table offset invalid".into()));
             }
-            let avail = (file_len - off).min(MAX_SNAPSHOT_TABLE_BYTES);
+            // Room for the entry that crosses the limit and some dropped
+            // extra data; a longer table reads as truncated. The file's
+            // end reads as zeros beyond it, as QEMU reads it.
+            let avail = (file_len - off).min(2 * MAX_SNAPSHOT_TABLE_BYTES);
+            let capped = avail < file_len - off;
             let mut sb = vec![0u8; avail as usize];
             file.read_at(&mut sb, off)
                 .map_err(|e| Error::io("Could not read snapshot table", e))?;
-            let (list, used) = snapshot::parse_table(&sb, header.nb_snapshots)?;
-            let used = used as u64;
-            for s in &list {
+            let parsed = snapshot::parse_table(&sb, capped, nb_snapshots, header.size, lenient)?;
+            let used = parsed.len as u64;
+            for s in &parsed.list {
                 if s.l1_size as u64 * 8 > MAX_L1_SIZE_BYTES {
                     return Err(Error::Invalid("Snapshot L1 table too large".into()));
                 }
@@ -132,8 +145,10 @@ impl Qcow2 {
                     return Err(Error::Invalid("Snapshot L1 table offset invalid".into()));
                 }
             }
-            snapshots = list;
-            snap_table = (off, used.min(avail));
+            snapshots = parsed.list;
+            snap_issues.extra_dropped = parsed.issues.extra_dropped;
+            snap_issues.overhanging = parsed.issues.overhanging;
+            snap_table = (off, used);
         }
 
         // Active L1 table.
@@ -268,6 +283,7 @@ impl Qcow2 {
             data_sync_needed: false,
             snapshots,
             snapshot_table: snap_table,
+            snapshot_issues: snap_issues,
         };
         meta.rebuild_metadata_map();
         // Validated on every open; held in memory (and tracked) only by a

@@ -552,8 +552,8 @@ fn read_snapshots(file: &File, h: &Header, file_len: u64) -> Vec<Snap> {
         let ids = 40 + extra as usize;
         let idn = ids + id_len as usize;
         out.push(Snap {
-            id: String::from_utf8_lossy(&e[ids..idn]).into_owned(),
-            name: String::from_utf8_lossy(&e[idn..idn + name_len as usize]).into_owned(),
+            id: cstr(&String::from_utf8_lossy(&e[ids..idn])),
+            name: cstr(&String::from_utf8_lossy(&e[idn..idn + name_len as usize])),
             date_sec: be32(&e, 16),
             date_nsec: be32(&e, 20),
             vm_clock_nsec: be64(&e, 24),
@@ -563,6 +563,11 @@ fn read_snapshots(file: &File, h: &Header, file_len: u64) -> Vec<Snap> {
         off += (total + 7) & !7;
     }
     out
+}
+
+/// An ID or name as QEMU shows it: a C string, ending at its first NUL.
+fn cstr(s: &str) -> String {
+    s.split('\0').next().unwrap_or_default().to_string()
 }
 
 /// The "Snapshot list:" table of qemu-img info.
@@ -629,8 +634,8 @@ pub fn snapshot_list(list: &[oxqcow::format::snapshot::Snapshot]) -> String {
     let snaps: Vec<Snap> = list
         .iter()
         .map(|s| Snap {
-            id: s.id.clone(),
-            name: s.name.clone(),
+            id: cstr(&s.id),
+            name: cstr(&s.name),
             date_sec: s.date_sec,
             date_nsec: s.date_nsec,
             vm_clock_nsec: s.vm_clock_nsec,
