@@ -163,8 +163,8 @@ pub fn parse_table(
         out.push(Snapshot {
             l1_table_offset: be64(&e, 0),
             l1_size: be32(&e, 8),
-            id: String::from_utf8_lossy(&ids[..id_len]).into_owned(),
-            name: String::from_utf8_lossy(&ids[id_len..]).into_owned(),
+            id: cstr(&ids[..id_len]),
+            name: cstr(&ids[id_len..]),
             date_sec: be32(&e, 16),
             date_nsec: be32(&e, 20),
             vm_clock_nsec: be64(&e, 24),
@@ -196,4 +196,11 @@ fn fetch(buf: &[u8], off: usize, len: usize, capped: bool) -> Result<Vec<u8>> {
         v[..n].copy_from_slice(&buf[off..off + n]);
     }
     Ok(v)
+}
+
+/// An ID or name as QEMU keeps it: a C string, ending at its first NUL
+/// (so a rewritten table stores it shorter).
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }

@@ -587,7 +587,10 @@ fn snapshot_table(snaps: &[Snap]) -> String {
             secs % 60,
             (sn.vm_clock_nsec / 1_000_000) % 1000
         );
-        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        let icount = sn
+            .icount
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "--".into());
         let _ = writeln!(
             s,
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
