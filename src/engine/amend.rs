@@ -164,6 +164,12 @@ impl Qcow2 {
         if new_version > cur_version {
             let mut m = self.quiesce();
             m.flush_all()?;
+            // v3 needs every snapshot's 64-bit VM state size and disk
+            // size; a rewrite stores them (as QEMU, only when one lacks them).
+            if m.snapshots.iter().any(|s| s.extra_size < 16) {
+                let list = m.snapshots.clone();
+                m.write_snapshot_table(list)?;
+            }
             m.header.version = 3;
             m.header.header_length = V3_HEADER_LEN as u32;
             m.write_header()?;

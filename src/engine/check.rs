@@ -707,6 +707,7 @@ impl Qcow2 {
             }
             m.flush_all()?;
         }
+        let (snap_corruptions, snap_dropped) = m.check_snapshot_table(fix, report)?;
         let file_len = m.file_len()?;
         let mut w = Walk::new(file_len, report);
         w.fix = fix;
@@ -761,6 +762,12 @@ impl Qcow2 {
         }
         m.check_oflag_copied(&mut w, fix)?;
         let mut res = w.res;
+        res.corruptions_fixed += snap_dropped;
+        if m.fix_snapshot_table(snap_corruptions, fix)? {
+            res.corruptions_fixed += snap_corruptions;
+        } else {
+            res.corruptions += snap_corruptions;
+        }
         res.image_end_offset = (highest + 1) * self.cs;
         if fix != 0 {
             m.flush_all()?;

@@ -129,6 +129,8 @@ pub struct Meta {
     pub check_inactive_l2: bool,
     /// Host clusters of the snapshots' L2 tables, while `check_inactive_l2`.
     pub inactive_l2: HashSet<u64>,
+    /// What the (check-mode) open dropped from the snapshot table.
+    pub snapshot_issues: crate::format::snapshot::TableIssues,
     /// How many times the refcount table moved (see `alloc_clusters`).
     pub reftable_moves: u64,
     /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).

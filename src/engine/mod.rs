@@ -13,6 +13,7 @@ mod bitmap_ops;
 mod bitmaps;
 mod cache;
 mod check;
+mod check_snapshots;
 mod compress;
 mod compressed_write;
 mod create;

@@ -19,7 +19,7 @@ use super::{OpenOptions, Qcow2};
 use crate::error::{Error, Result};
 use crate::format::entries::RefcountWidth;
 use crate::format::header::Header;
-use crate::format::snapshot::{self, Snapshot, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::snapshot::{self, MAX_SNAPSHOTS};
 use crate::format::*;
 use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -110,21 +110,33 @@ impl Qcow2 {
         }
 
         // Snapshots: QEMU's limits on the table. Its entries' L1 tables are
-        // checked where they are used (`Snapshot::check_l1`), not here.
-        if header.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::Invalid("Snapshot table too large".into()));
+        // checked where they are used (`Snapshot::check_l1`), not here. In
+        // check mode, what is over the limits is set aside here and reported
+        // (or repaired) by `check`, as QEMU reads the table only there.
+        let lenient = opts.check_mode;
+        let mut snap_issues = snapshot::TableIssues::default();
+        let mut nb_snapshots = header.nb_snapshots;
+        if nb_snapshots > MAX_SNAPSHOTS {
+            if !lenient {
+                return Err(Error::Invalid("Snapshot table too large".into()));
+            }
+            snap_issues.too_many = nb_snapshots - MAX_SNAPSHOTS;
+            nb_snapshots = MAX_SNAPSHOTS;
         }
         let off = header.snapshots_offset;
-        let min_bytes = header.nb_snapshots as u64 * SNAPSHOT_HEADER_LEN;
+        let min_bytes = nb_snapshots as u64 * SNAPSHOT_HEADER_LEN;
         if (i64::MAX as u64) - min_bytes < off
             || off % cs != 0
             // Stricter than QEMU, which reads the header as an entry.
-            || (off == 0 && header.nb_snapshots > 0)
+            || (off == 0 && nb_snapshots > 0)
         {
             return Err(Error::Invalid("Snapshot table offset invalid".into()));
         }
-        let (snapshots, used) = read_snapshot_table(file.as_ref(), off, header.nb_snapshots)?;
-        let snap_table = (off, used);
+        let parsed = read_snapshot_table(file.as_ref(), off, nb_snapshots, header.size, lenient)?;
+        snap_issues.extra_dropped = parsed.issues.extra_dropped;
+        snap_issues.overhanging = parsed.issues.overhanging;
+        let snapshots = parsed.list;
+        let snap_table = (off, parsed.len as u64);
 
         // Active L1 table.
         let l2_span = l2_span_ext(cb, ext_l2);
@@ -261,6 +273,7 @@ impl Qcow2 {
             invalid_inactive_l1: Vec::new(),
             check_inactive_l2: opts.overlap_check_inactive_l2,
             inactive_l2: HashSet::new(),
+            snapshot_issues: snap_issues,
         };
         meta.rebuild_metadata_map();
         // Validated on every open; held in memory (and tracked) only by a
@@ -330,32 +343,43 @@ const MAX_REQUEST_END: u64 = 0x7fff_ffff_c000_0000;
 /// Reads and decodes the snapshot table. The storage reads zeros past the
 /// end of the file, as QEMU does, so a table that runs past it opens
 /// (each missing entry empty, what QEMU lists); `qemu-img check` reports
-/// it. The buffer starts at a typical entry size and doubles while the
-/// entries need more, up to QEMU's size limit; an entry reaching past the
-/// largest offset QEMU reads fails as QEMU's read of it does.
-fn read_snapshot_table(file: &dyn Storage, off: u64, nb: u32) -> Result<(Vec<Snapshot>, u64)> {
-    if nb == 0 {
-        return Ok((Vec::new(), 0));
-    }
-    let eio = || {
-        Error::io(
-            "Failed to read snapshot table",
-            std::io::Error::from_raw_os_error(libc::EIO),
-        )
-    };
-    let limit = MAX_SNAPSHOT_TABLE_BYTES.min(MAX_REQUEST_END.saturating_sub(off));
-    let mut len = (nb as u64 * 128).min(limit);
-    loop {
-        let mut sb = vec![0u8; len as usize];
-        file.read_at(&mut sb, off)
-            .map_err(|e| Error::io("Failed to read snapshot table", e))?;
-        match snapshot::parse_table(&sb, nb)? {
-            Some((list, used)) => return Ok((list, used as u64)),
-            None if len < limit => len = (len * 2).min(limit),
-            None if limit < MAX_SNAPSHOT_TABLE_BYTES => return Err(eio()),
-            None => return Err(Error::Invalid("Snapshot table is truncated".into())),
+/// it. Reads go through a window that starts at a typical entry size and
+/// then moves in 1 MiB steps, so a small table costs one small read and a
+/// large one (or one with skipped extra data) never a buffer of its whole
+/// span; an entry reaching past the largest offset QEMU reads fails as
+/// QEMU's read of it does.
+fn read_snapshot_table(
+    file: &dyn Storage,
+    off: u64,
+    nb: u32,
+    disk_size: u64,
+    lenient: bool,
+) -> Result<snapshot::Parsed> {
+    const STEP: usize = 1 << 20;
+    let mut window: (u64, Vec<u8>) = (0, Vec::new());
+    let mut first = (nb as usize * 128).clamp(4096, STEP);
+    let mut read = |at: u64, len: usize| -> Result<Vec<u8>> {
+        let (start, buf) = &window;
+        if at >= *start && at + len as u64 <= *start + buf.len() as u64 {
+            let i = (at - start) as usize;
+            return Ok(buf[i..i + len].to_vec());
         }
-    }
+        let size = len.max(std::mem::replace(&mut first, STEP));
+        let pos = off.checked_add(at).filter(|p| p.saturating_add(len as u64) <= MAX_REQUEST_END);
+        let Some(pos) = pos else {
+            return Err(Error::io(
+                "Failed to read snapshot table",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        };
+        let mut buf = vec![0u8; (size as u64).min(MAX_REQUEST_END - pos) as usize];
+        file.read_at(&mut buf, pos)
+            .map_err(|e| Error::io("Failed to read snapshot table", e))?;
+        let out = buf[..len].to_vec();
+        window = (at, buf);
+        Ok(out)
+    };
+    snapshot::parse_table(&mut read, nb, disk_size, lenient)
 }
 
 /// The header and its extensions live in the first cluster. Its size is in

@@ -128,7 +128,10 @@ impl Meta {
 
     /// Writes the snapshot table to new clusters and points the header at
     /// it; the old table is freed once the header no longer names it.
-    fn write_snapshot_table(&mut self, list: Vec<Snapshot>) -> Result<()> {
+    pub(super) fn write_snapshot_table(&mut self, mut list: Vec<Snapshot>) -> Result<()> {
+        for s in &mut list {
+            s.extra_size = (24 + s.extra_unknown.len()) as u32;
+        }
         if list.len() as u32 > MAX_SNAPSHOTS {
             return Err(Error::TooLarge("Too many snapshots".into()));
         }
@@ -300,6 +303,7 @@ impl Qcow2 {
             disk_size: Some(m.header.size),
             icount: Some(0),
             extra_unknown: Vec::new(),
+            extra_size: 24,
         };
         let mut list = m.snapshots.clone();
         list.push(sn.clone());

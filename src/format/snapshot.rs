@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// Extra data beyond the fields we know, kept verbatim.
     pub extra_unknown: Vec<u8>,
+    /// Bytes of extra data the entry had when read (at most
+    /// [`MAX_EXTRA_DATA`]); under 16 is incomplete for a v3 image.
+    pub extra_size: u32,
 }
 
 impl Snapshot {
@@ -101,59 +104,116 @@ pub fn encode_table(list: &[Snapshot]) -> (Vec<u8>, usize) {
     (out, len)
 }
 
-/// Decodes `count` entries from `buf`. Returns None when they run past
-/// it (the caller reads more), else the entries and the table's length
-/// (the last entry unpadded).
-pub fn parse_table(buf: &[u8], count: u32) -> Result<Option<(Vec<Snapshot>, usize)>> {
+/// What reading a table found beyond QEMU's limits; `check` reports
+/// these, and `check -r all` drops what they name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableIssues {
+    /// Entries listed beyond [`MAX_SNAPSHOTS`] (never read).
+    pub too_many: u32,
+    /// Entries whose extra data passed [`MAX_EXTRA_DATA`]: (index, size).
+    pub extra_dropped: Vec<(usize, u32)>,
+    /// Entries past the 64 MiB table limit.
+    pub overhanging: u32,
+}
+
+impl TableIssues {
+    pub fn is_empty(&self) -> bool {
+        *self == TableIssues::default()
+    }
+}
+
+/// A decoded table.
+pub struct Parsed {
+    pub list: Vec<Snapshot>,
+    /// Bytes the kept entries span on disk (the last one unpadded).
+    pub len: usize,
+    pub issues: TableIssues,
+}
+
+/// Decodes `count` entries through `read(offset, len)`, which returns
+/// `len` bytes of the table at `offset` (zeros past the end of the file, as
+/// QEMU reads it); the caller owns the I/O, so this stays pure.
+/// An entry with less than 16 bytes of extra data gets `disk_size` (the
+/// image's size) and one with less than 24 an icount of -1, as QEMU fills
+/// them in. Without `lenient`, an entry over a limit is an error whose text
+/// (with QEMU's hint) names it; with it, the entry's excess extra data or the
+/// overhanging entries are dropped and listed in the returned issues.
+pub fn parse_table(
+    read: &mut dyn FnMut(u64, usize) -> Result<Vec<u8>>,
+    count: u32,
+    disk_size: u64,
+    lenient: bool,
+) -> Result<Parsed> {
     let mut out = Vec::new();
+    let mut issues = TableIssues::default();
     let mut off = 0usize;
     let mut len = 0usize;
-    for _ in 0..count {
-        if buf.len() < off + 40 {
-            return Ok(None);
-        }
-        let e = &buf[off..];
+    // The table's length as it would be with over-long extra data cut.
+    let mut new_len = 0u64;
+    for i in 0..count as usize {
+        let e = read(off as u64, 40)?;
         let id_len = u16::from_be_bytes([e[12], e[13]]) as usize;
         let name_len = u16::from_be_bytes([e[14], e[15]]) as usize;
-        let extra = be32(e, 36);
-        if extra > MAX_EXTRA_DATA {
-            return Err(invalid!("Too much extra metadata in snapshot table entry"));
+        let on_disk = be32(&e, 36);
+        if on_disk > MAX_EXTRA_DATA {
+            if !lenient {
+                return Err(Error::TooLarge(format!(
+                    "Too much extra metadata in snapshot table entry {i}\n\
+                     You can force-remove this extra metadata with qemu-img check -r all"
+                )));
+            }
+            issues.extra_dropped.push((i, on_disk));
         }
-        let extra = extra as usize;
-        let total = 40 + extra + id_len + name_len;
-        if e.len() < total {
-            return Ok(None);
+        let on_disk = on_disk as usize;
+        let extra = on_disk.min(MAX_EXTRA_DATA as usize);
+        let total = 40 + on_disk + id_len + name_len;
+        new_len = new_len.next_multiple_of(8) + (40 + extra + id_len + name_len) as u64;
+        if new_len > MAX_SNAPSHOT_TABLE_BYTES {
+            let n = count - i as u32;
+            if !lenient {
+                return Err(Error::TooLarge(format!(
+                    "Snapshot table is too big\n\
+                     You can force-remove all {n} overhanging snapshots with qemu-img check -r all"
+                )));
+            }
+            issues.overhanging = n;
+            break;
         }
-        let mut vm_state_size = be32(e, 32) as u64;
-        let mut disk_size = None;
+        let x = read(off as u64 + 40, extra)?;
+        let ids = read((off + 40 + on_disk) as u64, id_len + name_len)?;
+        let mut vm_state_size = be32(&e, 32) as u64;
         if extra >= 8 {
-            vm_state_size = be64(e, 40);
+            vm_state_size = be64(&x, 0);
         }
-        if extra >= 16 {
-            disk_size = Some(be64(e, 48));
-        }
-        let ids = 40 + extra;
-        let icount = (extra >= 24).then(|| be64(e, 56));
-        let extra_unknown = if extra > 24 {
-            e[64..40 + extra].to_vec()
-        } else {
-            Vec::new()
-        };
+        let disk_size = if extra >= 16 { be64(&x, 8) } else { disk_size };
+        let icount = if extra >= 24 { be64(&x, 16) } else { u64::MAX };
         out.push(Snapshot {
-            l1_table_offset: be64(e, 0),
-            l1_size: be32(e, 8),
-            id: String::from_utf8_lossy(&e[ids..ids + id_len]).into_owned(),
-            name: String::from_utf8_lossy(&e[ids + id_len..total]).into_owned(),
-            date_sec: be32(e, 16),
-            date_nsec: be32(e, 20),
-            vm_clock_nsec: be64(e, 24),
+            l1_table_offset: be64(&e, 0),
+            l1_size: be32(&e, 8),
+            id: cstr(&ids[..id_len]),
+            name: cstr(&ids[id_len..]),
+            date_sec: be32(&e, 16),
+            date_nsec: be32(&e, 20),
+            vm_clock_nsec: be64(&e, 24),
             vm_state_size,
-            disk_size,
-            icount,
-            extra_unknown,
+            disk_size: Some(disk_size),
+            icount: Some(icount),
+            extra_unknown: x.get(24..).unwrap_or_default().to_vec(),
+            extra_size: extra as u32,
         });
         len = off + total;
         off += (total + 7) & !7;
     }
-    Ok(Some((out, len)))
+    Ok(Parsed {
+        list: out,
+        len,
+        issues,
+    })
+}
+
+/// An ID or name as QEMU keeps it: a C string, ending at its first NUL
+/// (so a rewritten table stores it shorter).
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }

@@ -83,6 +83,12 @@ pub fn run(a: Args) -> CliResult<()> {
         Ok(r) => r,
         Err(e) => {
             drop(img);
+            // A snapshot table over QEMU's limits: its ERROR line and hint.
+            if let oxqcow::Error::TooLarge(m) = &e {
+                if m.starts_with("ERROR ") {
+                    crate::util::report(m);
+                }
+            }
             fail_with(1, &format!("Check failed: {}", errno_text(&e)));
         }
     };
