@@ -375,8 +375,6 @@ impl Meta {
     /// `ti` is the refcount-table index the offset came from, named in the
     /// corruption message as QEMU names it.
     pub(super) fn load_refblock(&mut self, off: u64, ti: u64) -> Result<()> {
-        // QEMU raises this for every refcount block lookup, cached or not.
-        self.event(DebugEvent::RefblockLoad);
         if self.rb_cache.contains(off) {
             return Ok(());
         }

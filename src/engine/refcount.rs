@@ -47,9 +47,17 @@ impl Meta {
         for c in first..=last {
             // QEMU raises refblock_alloc whenever an update reaches another
             // refcount block, whether or not the block has to be allocated
-            // (blkdebug rules on it fail ordinary allocating writes).
+            // (blkdebug rules on it fail ordinary allocating writes), then
+            // refblock_load for a block that exists, cached or not. Plain
+            // lookups (the allocator's search, check) raise neither: a rule
+            // on refblock_load fails the request after the search read the
+            // block, which is a write (iotest 026's close-time lines).
             if c == first || c & ((1 << self.rb_bits) - 1) == 0 {
                 self.event(DebugEvent::RefblockAlloc);
+                let ti = (c >> self.rb_bits) as usize;
+                if self.reftable.get(ti).is_some_and(|&e| e & OFFSET_MASK != 0) {
+                    self.event(DebugEvent::RefblockLoad);
+                }
             }
             let cur = self.refcount(c)?;
             let new = if delta < 0 {
