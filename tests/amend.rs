@@ -218,3 +218,61 @@ fn width_change_that_needs_another_block_for_its_table() {
         }
     }
 }
+
+/// `amend -p` shows qemu-img's steps: an upgrade's two, a width change's
+/// walks over the old refcount table (three, or four when the first
+/// allocation walks must be repeated: 66.67% back to 50.00%, iotest 112),
+/// a downgrade's per L1 entry, combined over several operations with the
+/// work of those not started projected; nothing between 0 and 100 when no
+/// operation reports. Each result is also checked and compared.
+#[test]
+fn progress_lines_match_qemu_img() {
+    let d = Scratch::new("amend-progress");
+    let a = d.path("ours.qcow2");
+    let b = d.path("theirs.qcow2");
+    for (create, io, opts) in [
+        (
+            "refcount_bits=1",
+            "write -P 1 0 20k",
+            "compat=0.10,refcount_bits=16",
+        ),
+        (
+            "compat=0.10",
+            "write -P 1 0 20k",
+            "compat=1.1,refcount_bits=64",
+        ),
+        ("refcount_bits=16", "write -z 24k 4k", "refcount_bits=8"),
+        ("compat=0.10", "write -P 1 0 20k", "compat=1.1"),
+        ("compat=1.1", "write -z 24k 4k", "lazy_refcounts=on"),
+        ("compat=1.1", "write -z 24k 4k", "compat=0.10"),
+        ("refcount_bits=1", "write -P 3 0 29696", "refcount_bits=64"),
+    ] {
+        let copts = format!("cluster_size=512,{create}");
+        create_qcow2(&a, "64k", &["-o", &copts]);
+        qemu_io(&a, &[io]);
+        std::fs::copy(&a, &b).unwrap();
+        let (qc, qout, qerr) = run("qemu-img", &["amend", "-p", "-o", opts, &s(&b)]);
+        let (oc, oout, oerr) = ox(&["amend", "-p", "-o", opts, &s(&a)]);
+        assert_eq!((qc, qerr.as_str()), (0, ""), "qemu-img amend -o {opts}");
+        assert_eq!((oc, oerr.as_str()), (0, ""), "oxqcow amend -o {opts}");
+        let lines = |o: &str| {
+            o.split(['\r', '\n'])
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            lines(&oout),
+            lines(&qout),
+            "{create} -> {opts}: (ours, qemu-img)"
+        );
+        assert!(
+            lines(&oout).len() > 2 || opts.starts_with("lazy"),
+            "{opts}: {oout}"
+        );
+        assert_clean(&a);
+        let (code, out, err) = run("qemu-img", &["compare", &s(&a), &s(&b)]);
+        assert_eq!(code, 0, "{create} -> {opts}: {out}{err}");
+    }
+}

@@ -161,7 +161,15 @@ impl Qcow2 {
             let m = self.lock();
             m.ensure_writable()?;
         }
+        // The operations that report progress, as qemu-img's amend counts
+        // them: a version change (either way) and a width change.
+        let mut ops = OpsProgress::new(
+            (new_version != cur_version) as u64 + (new_bits != cur_bits) as u64,
+            progress,
+        );
         if new_version > cur_version {
+            ops.next();
+            ops.report(0, 2);
             let mut m = self.quiesce();
             m.flush_all()?;
             // v3 needs every snapshot's 64-bit VM state size and disk
@@ -170,12 +178,15 @@ impl Qcow2 {
                 let list = m.snapshots.clone();
                 m.write_snapshot_table(list)?;
             }
+            ops.report(1, 2);
             m.header.version = 3;
             m.header.header_length = V3_HEADER_LEN as u32;
             m.write_header()?;
+            ops.report(2, 2);
         }
         if new_bits != cur_bits {
-            self.change_refcount_width(new_bits.trailing_zeros())?;
+            ops.next();
+            self.change_refcount_width(new_bits.trailing_zeros(), &mut |d, t| ops.report(d, t))?;
         }
         let new_name = o
             .data_file
@@ -213,9 +224,8 @@ impl Qcow2 {
             }
         }
         if new_version < cur_version {
-            self.downgrade(progress)?;
-        } else {
-            progress(1, 1);
+            ops.next();
+            self.downgrade(&mut |d, t| ops.report(d, t))?;
         }
         Ok(())
     }
@@ -338,12 +348,12 @@ impl Qcow2 {
     }
 
     /// Rewrites the refcount structure with entries of a new width.
-    fn change_refcount_width(&self, order: u32) -> Result<()> {
+    fn change_refcount_width(&self, order: u32, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let mut lines = Vec::new();
         let before = {
             let mut m = self.quiesce();
             m.flush_all()?;
-            m.set_refcount_order_rebuilding(order)?
+            m.set_refcount_order_rebuilding(order, progress)?
         };
         // The old structure is now leaked: give it back (only that: other
         // disagreements stay for `check -r`, as in QEMU).
@@ -356,5 +366,56 @@ impl Qcow2 {
             )));
         }
         Ok(())
+    }
+}
+
+/// Progress over several amend operations as qemu-img shows it: each
+/// operation reports against its own total; the work of the operations not
+/// started yet is projected from what the finished ones and the current
+/// one took, so the percentage can step back when an operation turns out
+/// larger than projected (QEMU's amend helper does the same).
+struct OpsProgress<'a> {
+    report: &'a mut dyn FnMut(u64, u64),
+    total_ops: u64,
+    /// Operations begun (the current one's number).
+    begun: u64,
+    /// The operation that reported last, and its total.
+    last: Option<(u64, u64)>,
+    /// Operations finished, and the work they took.
+    done_ops: u64,
+    offset_done: u64,
+}
+
+impl<'a> OpsProgress<'a> {
+    fn new(total_ops: u64, report: &'a mut dyn FnMut(u64, u64)) -> OpsProgress<'a> {
+        OpsProgress {
+            report,
+            total_ops,
+            begun: 0,
+            last: None,
+            done_ops: 0,
+            offset_done: 0,
+        }
+    }
+
+    /// Starts the next operation.
+    fn next(&mut self) {
+        self.begun += 1;
+    }
+
+    fn report(&mut self, done: u64, size: u64) {
+        // The first report of an operation closes the one that reported
+        // before it.
+        if let Some((op, last_size)) = self.last {
+            if op != self.begun {
+                self.offset_done += last_size;
+                self.done_ops += 1;
+            }
+        }
+        self.last = Some((self.begun, size));
+        let current = self.offset_done + size;
+        let left = self.total_ops.saturating_sub(self.done_ops + 1);
+        let projected = current * left / (self.done_ops + 1);
+        (self.report)(self.offset_done + done, (current + projected).max(1));
     }
 }

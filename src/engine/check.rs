@@ -33,6 +33,15 @@ pub struct CheckResult {
     pub compressed_clusters: u64,
 }
 
+/// What a refcount rebuild tells its caller (amend's progress).
+enum RebuildStep {
+    /// The layout is chosen; QEMU's width change would have taken `walks`
+    /// allocation walks to reach it.
+    Planned { walks: u64 },
+    /// The block with this index in the new table is about to be written.
+    Writing { block: u64 },
+}
+
 /// Reference counts computed from the metadata, indexed by host cluster.
 struct Refs {
     counts: Vec<u64>,
@@ -537,7 +546,13 @@ impl Meta {
 
     /// Writes a brand-new refcount table and blocks describing `refs`
     /// into free clusters (first fit), then points the header at them.
-    fn rebuild_refcount_structure(&mut self, refs: &mut Refs) -> Result<()> {
+    /// `step` learns how many allocation passes QEMU's walks would take
+    /// (see [`RebuildStep`]) and each block about to be written.
+    fn rebuild_refcount_structure(
+        &mut self,
+        refs: &mut Refs,
+        step: &mut dyn FnMut(RebuildStep),
+    ) -> Result<()> {
         let cs = self.cs;
         let per_block = 1u64 << self.rb_bits;
         let mut first_free = 0u64;
@@ -567,7 +582,10 @@ impl Meta {
         // instead could chase an uncovered range forever).
         let mut blocks: Vec<u64> = Vec::new();
         let mut table: Option<(u64, u64)> = None;
+        let mut passes = 0u64;
         let (table_off, tc) = loop {
+            passes += 1;
+            let before = blocks.iter().filter(|&&b| b != 0).count();
             let mut i = 0;
             while (i as u64) < (refs.counts.len() as u64).div_ceil(per_block) {
                 if i >= blocks.len() {
@@ -581,8 +599,16 @@ impl Meta {
                 i += 1;
             }
             let need = (blocks.len() as u64 * 8).div_ceil(cs).max(1);
+            let allocated = blocks.iter().filter(|&&b| b != 0).count() > before;
             match table {
-                Some((first, tc)) if tc >= need => break (first * cs, tc),
+                Some((first, tc)) if tc >= need => {
+                    // QEMU walks once more after a walk that allocated,
+                    // to see that nothing else is needed.
+                    step(RebuildStep::Planned {
+                        walks: passes + allocated as u64,
+                    });
+                    break (first * cs, tc);
+                }
                 Some((first, tc)) => {
                     for c in first..first + tc {
                         refs.counts[c as usize] = 0;
@@ -599,6 +625,7 @@ impl Meta {
             if off == 0 {
                 continue;
             }
+            step(RebuildStep::Writing { block: b as u64 });
             let mut data = vec![0u8; cs as usize];
             let lo = b as u64 * per_block;
             for k in 0..per_block {
@@ -645,7 +672,19 @@ impl Meta {
     /// old structure stays intact until the header switches to the new one.
     /// Returns the corruptions a check counts before the change, so that
     /// the caller can tell a change that made things worse.
-    pub fn set_refcount_order_rebuilding(&mut self, order: u32) -> Result<u64> {
+    ///
+    /// `progress(done, total)` reports as QEMU's width change does: one
+    /// unit per entry of the old refcount table in each of its walks (the
+    /// allocation walks, at least two, with the total raised when a walk
+    /// has to be repeated, then the walk writing the blocks), so that
+    /// `qemu-img amend -p` shows the same steps (iotest 112).
+    pub fn set_refcount_order_rebuilding(
+        &mut self,
+        order: u32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
+        let n = self.header.refcount_table_clusters as u64 * self.cs / 8;
+        let old_rb_bits = self.rb_bits;
         let mut lines = Vec::new();
         let mut report = |l: &str| lines.push(l.to_string());
         let file_len = self.file_len()?;
@@ -679,7 +718,35 @@ impl Meta {
         };
         self.rw = crate::format::RefcountWidth { order };
         self.rb_bits = self.cb + 3 - order;
-        self.rebuild_refcount_structure(&mut refs)?;
+        let new_rb_bits = self.rb_bits;
+        let mut walks = 0u64;
+        let mut next = 0u64;
+        // The write walk's entries up to `upto` (exclusive) not yet reported.
+        let write_walk_to =
+            |progress: &mut dyn FnMut(u64, u64), walks: u64, next: &mut u64, upto: u64| {
+                while *next < upto.min(n) {
+                    progress(walks * n + *next, (walks + 1) * n);
+                    *next += 1;
+                }
+            };
+        self.rebuild_refcount_structure(&mut refs, &mut |step| match step {
+            RebuildStep::Planned { walks: w } => {
+                walks = w;
+                for k in 0..w {
+                    let total = (k + 2).max(3) * n;
+                    for i in 0..n {
+                        progress(k * n + i, total);
+                    }
+                    progress((k + 1) * n, total);
+                }
+            }
+            RebuildStep::Writing { block } => {
+                let ri = (block << new_rb_bits) >> old_rb_bits;
+                write_walk_to(progress, walks, &mut next, ri + 1);
+            }
+        })?;
+        write_walk_to(progress, walks, &mut next, n);
+        progress((walks + 1) * n, (walks + 1) * n);
         Ok(corruptions)
     }
 
@@ -719,7 +786,7 @@ impl Qcow2 {
         if w.rebuild && fix & FIX_ERRORS != 0 {
             (w.report)("Rebuilding refcount structure");
             let old = w.res.clone();
-            m.rebuild_refcount_structure(&mut refs)?;
+            m.rebuild_refcount_structure(&mut refs, &mut |_| {})?;
             w.res.corruptions = 0;
             w.res.leaks = 0;
             w.rebuild = false;
