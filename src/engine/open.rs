@@ -344,9 +344,8 @@ const MAX_REQUEST_END: u64 = 0x7fff_ffff_c000_0000;
 /// end of the file, as QEMU does, so a table that runs past it opens
 /// (each missing entry empty, what QEMU lists); `qemu-img check` reports
 /// it. Reads go through a window that starts at a typical entry size and
-/// then moves in 1 MiB steps, so a small table costs one small read and a
-/// large one (or one with skipped extra data) never a buffer of its whole
-/// span; an entry reaching past the largest offset QEMU reads fails as
+/// then moves on in 1 MiB steps, so a small table costs one small read and
+/// a large one never a buffer of its whole span; an entry reaching past the largest offset QEMU reads fails as
 /// QEMU's read of it does.
 fn read_snapshot_table(
     file: &dyn Storage,
@@ -357,15 +356,28 @@ fn read_snapshot_table(
 ) -> Result<snapshot::Parsed> {
     const STEP: usize = 1 << 20;
     let mut window: (u64, Vec<u8>) = (0, Vec::new());
-    let mut first = (nb as usize * 128).clamp(4096, STEP);
+    let first = (nb as usize * 128).clamp(4096, STEP);
     let mut read = |at: u64, len: usize| -> Result<Vec<u8>> {
         let (start, buf) = &window;
         if at >= *start && at + len as u64 <= *start + buf.len() as u64 {
             let i = (at - start) as usize;
             return Ok(buf[i..i + len].to_vec());
         }
-        let size = len.max(std::mem::replace(&mut first, STEP));
-        let pos = off.checked_add(at).filter(|p| p.saturating_add(len as u64) <= MAX_REQUEST_END);
+        // Onwards from the window: a full step. A jump (an entry past a
+        // huge skipped extra data area, check mode only) reads little, so
+        // a hostile table costs pages, not a step per entry.
+        let onwards = at >= *start && at <= *start + buf.len() as u64;
+        let want = if buf.is_empty() {
+            first
+        } else if onwards {
+            STEP
+        } else {
+            4096
+        };
+        let size = len.max(want);
+        let pos = off
+            .checked_add(at)
+            .filter(|p| p.saturating_add(len as u64) <= MAX_REQUEST_END);
         let Some(pos) = pos else {
             return Err(Error::io(
                 "Failed to read snapshot table",
