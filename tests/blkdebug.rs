@@ -272,3 +272,51 @@ fn refblock_rules_fail_allocating_writes_as_in_qemu_io() {
         }
     }
 }
+
+/// Closing flushes the whole node first, silently, as QEMU's close does
+/// before its reported cache flushes: with cache=none (writeback) a
+/// `once=on` rule on `l2_update` is spent there and nothing is reported,
+/// while a `once=off` rule fails the reported flushes too (iotest 026's
+/// nocache output). Output compared with qemu-io, image checked.
+#[test]
+fn close_flushes_silently_first_as_qemu_io() {
+    let d = Scratch::new("blkdebug-close-flush");
+    for once in ["on", "off"] {
+        let conf = d.path("bd.conf");
+        std::fs::write(
+            &conf,
+            format!("[inject-error]\nevent = \"l2_update\"\nerrno = \"5\"\nimmediately = \"off\"\nonce = \"{once}\"\n"),
+        )
+        .unwrap();
+        let mut outs = Vec::new();
+        for ours in [false, true] {
+            let img = d.path(if ours { "o.qcow2" } else { "q.qcow2" });
+            create_qcow2(&img, "1G", &[]);
+            let spec = format!("blkdebug:{}:{}", s(&conf), s(&img));
+            let io = |target: &str, cmd: &str| {
+                let args = ["-t", "none", "-f", "qcow2", "-c", cmd, target];
+                if ours {
+                    let mut a = vec!["io"];
+                    a.extend(args);
+                    ox(&a)
+                } else {
+                    run("qemu-io", &args)
+                }
+            };
+            // A first write allocates the L2 table, so the rule catches a
+            // plain L2 update.
+            assert_eq!(io(&s(&img), "write 0 512").0, 0);
+            let (code, out, err) = io(&spec, "write 0 128k");
+            assert_no_corruption(&img);
+            let out = out.lines().next().unwrap_or_default().to_string();
+            outs.push((code, out, err.replace("oxqcow: ", "qemu-io: ")));
+        }
+        assert_eq!(outs[0], outs[1], "once={once}: (qemu-io, oxqcow io)");
+        assert_eq!(
+            outs[1].2.contains("Failed to flush the L2 table cache"),
+            once == "off",
+            "once={once}: {:?}",
+            outs[1]
+        );
+    }
+}

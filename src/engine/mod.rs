@@ -565,6 +565,12 @@ impl Qcow2 {
         if !m.writable {
             return (Ok(()), Ok(()));
         }
+        // QEMU's close flushes the whole node first and ignores the
+        // outcome; only the cache flushes after it report. So an error
+        // that fires once (a `once=on` blkdebug rule on `l2_update`, with
+        // cache=none: iotest 026) is spent there, and the reported
+        // write-backs below succeed.
+        let _ = m.flush();
         // As QEMU's L2 cache flush: write the dirty L2-side state (and the
         // refcount blocks it depends on), then flush the file. With nothing
         // dirty only that file flush can fail — and it does whenever the
