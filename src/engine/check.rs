@@ -354,7 +354,7 @@ impl Meta {
             refs.inc(w, cs, off, len);
         }
         for (i, &e) in self.reftable.clone().iter().enumerate() {
-            let off = e & OFFSET_MASK;
+            let off = e & REFT_OFFSET_MASK;
             if off == 0 {
                 continue;
             }
@@ -389,7 +389,7 @@ impl Meta {
     fn stored_refcount(&mut self, c: u64, file_len: u64) -> Option<u64> {
         let ti = (c >> self.rb_bits) as usize;
         if ti < self.reftable.len() {
-            let off = self.reftable[ti] & OFFSET_MASK;
+            let off = self.reftable[ti] & REFT_OFFSET_MASK;
             if off != 0 && (!off.is_multiple_of(self.cs) || off >= file_len) {
                 return None;
             }

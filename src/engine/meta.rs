@@ -249,7 +249,7 @@ impl Meta {
             }
         }
         for &e in &self.reftable {
-            let o = e & OFFSET_MASK;
+            let o = e & REFT_OFFSET_MASK;
             if o != 0 {
                 m.entry(o / cs).or_insert(MetaKind::RefcountBlock);
             }
@@ -383,7 +383,9 @@ impl Meta {
                 "Refblock offset {off:#x} unaligned (reftable index: {ti:#x})"
             )));
         }
-        if off + self.cs > self.file_len()? {
+        // Checked: a refcount table entry may hold any offset below 2^64.
+        let len = self.file_len()?;
+        if off.checked_add(self.cs).is_none_or(|end| end > len) {
             return Err(self.signal_corruption(&format!(
                 "Refblock offset {off:#x} points past the end of the file"
             )));
