@@ -76,3 +76,58 @@ fn refcount_table_entry_high_bits_are_part_of_the_offset() {
         assert_eq!(buf, [2; 512]);
     }
 }
+
+/// Mutant: refcount table entry 0 = 0x1 (fuzz seed 2, case 1114,
+/// `RefTable@0x10000/8=0x1`): no refcount block, so every cluster looks
+/// free. `snapshot -c` took clusters 0.. for the L1 copy and wrote it over
+/// the header: the image was no longer qcow2 at all. New metadata (the
+/// snapshot's L1 copy and table, L1 growth, bitmap tables, refcount
+/// blocks) now never goes where known metadata is; the operation fails
+/// with QEMU's message and the image is marked corrupt, bytes intact.
+#[test]
+fn new_metadata_never_lands_on_metadata() {
+    let d = Scratch::new("found-fresh");
+    let p = d.path("f.qcow2");
+    create(&p, "", 8 << 20);
+    let img = Image::open(&p, None, &rw()).unwrap();
+    img.write_at(&[1; 65536], 0).unwrap();
+    img.close().unwrap();
+    drop(img);
+    let good = std::fs::read(&p).unwrap();
+    let rt = be64(&good, 48) as usize;
+    let mut bad = good.clone();
+    bad[rt..rt + 8].copy_from_slice(&1u64.to_be_bytes());
+    type Op = fn(&oxqcow::Qcow2) -> oxqcow::Result<()>;
+    let ops: [(&str, Op); 3] = [
+        ("snapshot", |q| q.snapshot_create("fz")),
+        ("bitmap", |q| {
+            q.bitmap_add("b", None, true)?;
+            q.close()
+        }),
+        ("l1 growth", |q| q.resize(1 << 40)),
+    ];
+    for (what, op) in ops {
+        std::fs::write(&p, &bad).unwrap();
+        let img = Image::open(&p, None, &rw()).unwrap();
+        let e = op(img.qcow2().unwrap()).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{what}: {e}");
+        assert!(
+            e.to_string()
+                .contains("Preventing invalid write on metadata (overlaps with"),
+            "{what}: {e}"
+        );
+        let _ = img.close();
+        drop(img);
+        let after = std::fs::read(&p).unwrap();
+        assert_eq!(&after[..4], b"QFI\xfb", "{what}: header destroyed");
+        let (code, out, err) = run("qemu-img", &["info", &s(&p)]);
+        assert_eq!(code, 0, "{what}: {out}{err}");
+        assert!(out.contains("corrupt: true"), "{what}: {out}");
+        // Nothing but the header's corrupt bit (and the dirty bit on a
+        // failed allocation) changed in the metadata clusters.
+        let differ: Vec<usize> = (0..bad.len().min(after.len()))
+            .filter(|&i| after[i] != bad[i] && !(72..80).contains(&i))
+            .collect();
+        assert!(differ.is_empty(), "{what}: bytes {differ:?} changed");
+    }
+}

@@ -720,6 +720,9 @@ impl Qcow2 {
             (w.report)("Rebuilding refcount structure");
             let old = w.res.clone();
             m.rebuild_refcount_structure(&mut refs)?;
+            // The old structure's clusters are free now: the guard on new
+            // metadata must not take them for live tables.
+            m.rebuild_metadata_map();
             w.res.corruptions = 0;
             w.res.leaks = 0;
             w.rebuild = false;
@@ -761,6 +764,9 @@ impl Qcow2 {
             }
         }
         m.check_oflag_copied(&mut w, fix)?;
+        if fix != 0 {
+            m.rebuild_metadata_map();
+        }
         let mut res = w.res;
         res.corruptions_fixed += snap_dropped;
         if m.fix_snapshot_table(snap_corruptions, fix)? {

@@ -184,6 +184,14 @@ impl Meta {
     /// self-describing area just past everything the table covers).
     pub(super) fn alloc_refblock(&mut self, cluster: u64, ti: u64) -> Result<u64> {
         let new = self.find_free(1)?;
+        if let Some(k) = self.metadata_at(new / self.cs) {
+            // A damaged refcount block calls a metadata cluster free: a new
+            // block written there would destroy it.
+            return Err(self.signal_corruption(&format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                k.describe()
+            )));
+        }
         let new_cluster = new / self.cs;
         let mut data = vec![0u8; self.cs as usize];
         if new_cluster >> self.rb_bits == ti {
