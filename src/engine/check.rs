@@ -133,14 +133,19 @@ impl Meta {
             if l2_off == 0 {
                 continue;
             }
-            if !l2_off.is_multiple_of(cs) {
+            // As QEMU: a misaligned table still counts (the clusters it
+            // spans, and the entries read from where it says it is), so
+            // that a repair does not free clusters it may reference. It is
+            // never written back: a repair there would land across two
+            // clusters.
+            refs.inc(w, cs, l2_off, cs);
+            let aligned = l2_off.is_multiple_of(cs);
+            if !aligned {
                 (w.report)(&format!(
                     "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
                 w.res.corruptions += 1;
-                continue;
             }
-            refs.inc(w, cs, l2_off, cs);
             if l2_off / cs >= w.file_len.div_ceil(cs) {
                 continue;
             }
@@ -148,7 +153,7 @@ impl Meta {
             // Contiguity is judged within one L2 table, as QEMU does.
             w.next_contiguous = 0;
             if self.has_data_file() {
-                if self.count_data_l2(w, &mut l2, active) {
+                if self.count_data_l2(w, &mut l2, active) && aligned {
                     self.write_checked_l2(&l2, l2_off)?;
                 }
                 continue;
@@ -187,7 +192,7 @@ impl Meta {
                     _ => {}
                 }
             }
-            if repaired {
+            if repaired && aligned {
                 self.write_checked_l2(&l2, l2_off)?;
             }
         }
@@ -471,9 +476,12 @@ impl Meta {
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = e & OFFSET_MASK;
-            if l2_off == 0 || !l2_off.is_multiple_of(cs) || l2_off + cs > w.file_len {
+            if l2_off == 0 || l2_off + cs > w.file_len {
                 continue;
             }
+            // A misaligned table is checked where it says it is, as QEMU
+            // does, but never repaired in place (see count_l1).
+            let fix_l2 = fixing && l2_off.is_multiple_of(cs);
             let rc = self.refcount(l2_off / cs)?;
             if (rc == 1) != (e & COPIED != 0) {
                 (w.report)(&format!(
@@ -509,10 +517,10 @@ impl Meta {
                 if (rc == 1) != copied {
                     (w.report)(&format!(
                         "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
-                        if fixing { "Repairing" } else { "ERROR" },
+                        if fix_l2 { "Repairing" } else { "ERROR" },
                         *raw
                     ));
-                    if fixing {
+                    if fix_l2 {
                         *raw = if rc == 1 {
                             *raw | COPIED
                         } else {
