@@ -129,7 +129,7 @@ pub fn api_rw(path: &Path, seed: &Seed, rng: &mut Rng) -> (String, bool) {
         let off = offsets(rng, size)[rng.below(3) as usize];
         let len = 1 + rng.below(200_000);
         let q = img.qcow2();
-        ok &= match rng.below(16) {
+        ok &= match rng.below(19) {
             0..=3 => note(
                 &mut log,
                 "write",
@@ -195,6 +195,20 @@ pub fn api_rw(path: &Path, seed: &Seed, rng: &mut Rng) -> (String, bool) {
                 &mut log,
                 "write_vmstate",
                 q.unwrap().write_vmstate(&buf[..4096], rng.below(300_000)),
+            ),
+            15 => {
+                let q = q.unwrap();
+                let cs = q.cluster_size();
+                let at = off / cs * cs;
+                let mut data = vec![0x5au8; cs as usize];
+                data[..cs as usize / 2].fill(0);
+                note(&mut log, "write_compressed", q.write_compressed(&data, at))
+            }
+            16 => note(&mut log, "make_empty", q.unwrap().make_empty()),
+            17 => note(
+                &mut log,
+                "change_backing_file",
+                q.unwrap().change_backing_file(None, None),
             ),
             _ => note(&mut log, "flush", img.flush()),
         };
@@ -328,7 +342,12 @@ pub fn cli(
             "%",
         ],
         &["measure", "-O", "qcow2", "%"],
-        &["bitmap", "--help"],
+        &["convert", "-l", "1", "-O", "raw", "%", "%R"],
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "%", "-F", "qcow2", "%Q",
+        ],
+        &["io", "-r", "-c", "read -b 0 64k", "-c", "read 3M 64k", "%"],
+        &["compare", "%", "%"],
     ];
     let rw: &[&[&str]] = &[
         &["check", "-r", "all", "%"],
@@ -344,6 +363,18 @@ pub fn cli(
         &["bitmap", "--add", "%", "fzb"],
         &["bitmap", "--remove", "%", "b1"],
         &["bitmap", "--clear", "%", "b2"],
+        &["bitmap", "--merge", "b1", "%", "b3"],
+        &["rebase", "-u", "-b", "", "%"],
+        &[
+            "io",
+            "-c",
+            "write -c 0 64k",
+            "-c",
+            "write -b 0 64k",
+            "-c",
+            "read -b 0 64k",
+            "%",
+        ],
         &[
             "io",
             "-c",

@@ -163,8 +163,9 @@ impl Layout {
                 0x0537_be77 => {
                     l.site(data, 8, Kind::Crypto);
                     l.site(data + 8, 8, Kind::Crypto);
-                    l.meta
-                        .push((get(b, data, 8) as usize, get(b, data + 8, 8) as usize));
+                    let co = get(b, data, 8) as usize;
+                    l.meta.push((co, get(b, data + 8, 8) as usize));
+                    l.luks(co);
                 }
                 _ => {}
             }
@@ -206,6 +207,21 @@ impl Layout {
                         self.site(at + 8, 8, Kind::L2);
                     }
                 }
+            }
+        }
+    }
+
+    /// The LUKS1 header's fields, except the PBKDF2 iteration counts:
+    /// those are the work factor an image chooses (QEMU, too, spends as
+    /// long as they say), so a huge one is a slow open, not a bug.
+    fn luks(&mut self, co: usize) {
+        for (o, w) in [(6, 2), (8, 8), (40, 8), (72, 8), (104, 4), (108, 4)] {
+            self.site(co + o, w, Kind::Crypto);
+        }
+        for k in 0..8 {
+            let slot = co + 208 + 48 * k;
+            for o in [0, 40, 44] {
+                self.site(slot + o, 4, Kind::Crypto);
             }
         }
     }
