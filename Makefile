@@ -106,8 +106,10 @@ bench: all
 # (e.g. --qemu-check, --kinds luks,bitmaps, --drivers cli). Exits 1 on a finding.
 FUZZ_SECONDS ?= 600
 FUZZ_SEED ?= 1
-fuzz: tool
-	$(CARGO) run --release --example fuzz -- --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) \
+# Built with the `fuzz` profile (release + overflow checks): the tool it drives too.
+fuzz:
+	$(CARGO) build --profile fuzz --bin oxqcow --example fuzz
+	target/fuzz/examples/fuzz --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) \
 		--dir $(abspath $(BUILD))/fuzz $(FUZZ_ARGS)
 
 .PHONY: fuzz

@@ -450,7 +450,12 @@ pub fn cli(
         args,
         code: status.code(),
         timed_out,
-        stderr: reader.join().unwrap(),
+        // A killed child's own children may hold the pipe: do not wait.
+        stderr: if timed_out {
+            String::new()
+        } else {
+            reader.join().unwrap()
+        },
         read_only,
     }
 }

@@ -190,11 +190,13 @@ pub fn run(cfg: &Config) -> Report {
     let started = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     {
-        let (current, started, hang) = (current.clone(), started.clone(), cfg.hang);
+        // `deadline` is in ms since t0 (0: no case running); a tool case
+        // gets twice the limit, its own timeout being the limit.
+        let (current, deadline, hang) = (current.clone(), started.clone(), cfg.hang);
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(200));
-            let s = started.load(Ordering::SeqCst);
-            if s != 0 && t0.elapsed().as_millis() as u64 > s + hang.as_millis() as u64 {
+            let d = deadline.load(Ordering::SeqCst);
+            if d != 0 && t0.elapsed().as_millis() as u64 > d {
                 eprintln!("FUZZ HANG (over {hang:?}): {}", current.lock().unwrap());
                 std::process::exit(3);
             }
@@ -247,7 +249,11 @@ pub fn run(cfg: &Config) -> Report {
         } else {
             None
         };
-        started.store(t0.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
+        let limit = cfg.hang.as_millis() as u64 * if driver == Driver::Cli { 2 } else { 1 };
+        started.store(
+            t0.elapsed().as_millis() as u64 + limit + 1,
+            Ordering::SeqCst,
+        );
         let mut ro = driver == Driver::ApiRo;
         let mut rw_ok = false;
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match driver {
