@@ -190,3 +190,62 @@ fn misaligned_l2_table_is_counted_as_qemu_counts_it() {
         lines(run("qemu-img", &["check", &s(&q)]))
     );
 }
+
+/// Mutant: a 512-byte-cluster image truncated in the middle of its
+/// tables (fuzz seed 9, case 412, `truncate@0x10174`). References past
+/// the end of the file are not counted (as in QEMU), so `check -r all`
+/// took the clusters they point to for free and rebuilt the refcount
+/// structure there: once written, L2 tables and data shared clusters with
+/// the new refcount block (qemu-img check: `refcount block 0 refcount=2`,
+/// `cluster 129 refcount=1 reference=2`). The rebuild now skips clusters
+/// such references point to.
+#[test]
+fn rebuilt_refcounts_avoid_clusters_referenced_past_the_end() {
+    let d = Scratch::new("found-pastend");
+    let p = d.path("t.qcow2");
+    let ps = s(&p);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        &ps,
+        "4M",
+    ]);
+    let (code, out, err) = run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x11 0 96k",
+            "-c",
+            "write -P 0x22 300k 8k",
+            "-c",
+            "write -z 512k 64k",
+            "-c",
+            "write -P 0x33 1M 128k",
+            "-c",
+            "discard 1088k 64k",
+            "-c",
+            "write -P 0x44 3M 4k",
+            &ps,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(0x10174).unwrap();
+    drop(f);
+    let (_, before, _) = run("qemu-img", &["check", &ps]);
+    assert!(before.contains("exceeding the end of the file") || !before.is_empty());
+    let (_, out, err) = ox(&["check", "-r", "all", &ps]);
+    assert!(
+        out.contains("Rebuilding refcount structure")
+            || err.contains("Rebuilding refcount structure"),
+        "{out}{err}"
+    );
+    let (_, after, after_err) = run("qemu-img", &["check", &ps]);
+    let after = after + &after_err;
+    assert!(!after.contains("refcount block 0 refcount=2"), "{after}");
+    assert!(!after.contains("reference=2"), "{after}");
+}

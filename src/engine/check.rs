@@ -42,7 +42,16 @@ struct Refs {
     /// Clusters counted: the file's, and one more when a reference
     /// reaches less than a cluster past its end.
     nb_clusters: u64,
+    /// Clusters just past the end of the file that references too far past
+    /// it point to (not counted, as QEMU does not count them). A rebuilt
+    /// refcount structure must not go there: once the file reaches them,
+    /// it would share its clusters with those tables or data. Only the
+    /// clusters a rebuild could reach are kept.
+    past_end: std::collections::HashSet<u64>,
 }
+
+/// How far past the end of the file a rebuild may place its tables.
+const PAST_END_WINDOW: u64 = 1 << 20;
 
 struct Walk<'a, 'r> {
     res: CheckResult,
@@ -94,6 +103,13 @@ impl Refs {
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             ));
             w.res.corruptions += 1;
+            let window = self.nb_clusters + PAST_END_WINDOW;
+            for c in off / cs..(end - 1) / cs + 1 {
+                if c >= window {
+                    break;
+                }
+                self.past_end.insert(c);
+            }
             return;
         }
         let (first, last) = (off / cs, (end - 1) / cs);
@@ -313,6 +329,7 @@ impl Meta {
             counts: vec![0; nb_clusters as usize],
             max: self.rw.max(),
             nb_clusters,
+            past_end: Default::default(),
         };
         refs.inc(w, cs, 0, cs);
         let l1 = self.l1.clone();
@@ -552,7 +569,7 @@ impl Meta {
         let mut alloc = |refs: &mut Refs, n: u64| -> u64 {
             let mut start = first_free;
             loop {
-                if (start..start + n).all(|c| refs.get(c) == 0) {
+                if (start..start + n).all(|c| refs.get(c) == 0 && !refs.past_end.contains(&c)) {
                     break;
                 }
                 start += 1;
@@ -684,6 +701,7 @@ impl Meta {
             counts,
             max,
             nb_clusters,
+            past_end: Default::default(),
         };
         self.rw = crate::format::RefcountWidth { order };
         self.rb_bits = self.cb + 3 - order;
