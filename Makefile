@@ -101,6 +101,19 @@ bench: all
 
 .PHONY: bench
 
+# The fuzz campaign against hostile images (examples/fuzz.rs; README "Fuzzing hostile
+# images"). FUZZ_SECONDS (default 600), FUZZ_SEED (default 1), FUZZ_ARGS for more
+# (e.g. --qemu-check, --kinds luks,bitmaps, --drivers cli). Exits 1 on a finding.
+FUZZ_SECONDS ?= 600
+FUZZ_SEED ?= 1
+# Built with the `fuzz` profile (release + overflow checks): the tool it drives too.
+fuzz:
+	$(CARGO) build --profile fuzz --bin oxqcow --example fuzz
+	target/fuzz/examples/fuzz --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) \
+		--dir $(abspath $(BUILD))/fuzz $(FUZZ_ARGS)
+
+.PHONY: fuzz
+
 # ---- C hosts: the nbdkit plugin and the LD_PRELOAD shim ------------------------------
 # Built on the public C ABI only (README "nbdkit plugin", "LD_PRELOAD shim"). Both sit
 # next to liboxqcow.so.0 in $(LIBLINK) with the layout `make install` gives them, so

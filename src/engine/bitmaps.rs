@@ -323,6 +323,7 @@ fn alloc(m: &mut Meta, bytes: u64) -> Result<u64> {
     let n = bytes.div_ceil(m.cs);
     let off = m.alloc_clusters_inner(n)?;
     m.written_end = m.written_end.max(off + n * m.cs);
+    m.check_fresh(off, n)?;
     Ok(off)
 }
 

@@ -51,7 +51,16 @@ struct Refs {
     /// Clusters counted: the file's, and one more when a reference
     /// reaches less than a cluster past its end.
     nb_clusters: u64,
+    /// Clusters just past the end of the file that references too far past
+    /// it point to (not counted, as QEMU does not count them). A rebuilt
+    /// refcount structure must not go there: once the file reaches them,
+    /// it would share its clusters with those tables or data. Only the
+    /// clusters a rebuild could reach are kept.
+    past_end: std::collections::HashSet<u64>,
 }
+
+/// How far past the end of the file a rebuild may place its tables.
+const PAST_END_WINDOW: u64 = 1 << 20;
 
 struct Walk<'a, 'r> {
     res: CheckResult,
@@ -103,6 +112,13 @@ impl Refs {
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             ));
             w.res.corruptions += 1;
+            let window = self.nb_clusters + PAST_END_WINDOW;
+            for c in off / cs..(end - 1) / cs + 1 {
+                if c >= window {
+                    break;
+                }
+                self.past_end.insert(c);
+            }
             return;
         }
         let (first, last) = (off / cs, (end - 1) / cs);
@@ -142,14 +158,19 @@ impl Meta {
             if l2_off == 0 {
                 continue;
             }
-            if !l2_off.is_multiple_of(cs) {
+            // As QEMU: a misaligned table still counts (the clusters it
+            // spans, and the entries read from where it says it is), so
+            // that a repair does not free clusters it may reference. It is
+            // never written back: a repair there would land across two
+            // clusters.
+            refs.inc(w, cs, l2_off, cs);
+            let aligned = l2_off.is_multiple_of(cs);
+            if !aligned {
                 (w.report)(&format!(
                     "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
                 w.res.corruptions += 1;
-                continue;
             }
-            refs.inc(w, cs, l2_off, cs);
             if l2_off / cs >= w.file_len.div_ceil(cs) {
                 continue;
             }
@@ -157,7 +178,7 @@ impl Meta {
             // Contiguity is judged within one L2 table, as QEMU does.
             w.next_contiguous = 0;
             if self.has_data_file() {
-                if self.count_data_l2(w, &mut l2, active) {
+                if self.count_data_l2(w, &mut l2, active) && aligned {
                     self.write_checked_l2(&l2, l2_off)?;
                 }
                 continue;
@@ -196,7 +217,7 @@ impl Meta {
                     _ => {}
                 }
             }
-            if repaired {
+            if repaired && aligned {
                 self.write_checked_l2(&l2, l2_off)?;
             }
         }
@@ -317,6 +338,7 @@ impl Meta {
             counts: vec![0; nb_clusters as usize],
             max: self.rw.max(),
             nb_clusters,
+            past_end: Default::default(),
         };
         refs.inc(w, cs, 0, cs);
         let l1 = self.l1.clone();
@@ -363,7 +385,7 @@ impl Meta {
             refs.inc(w, cs, off, len);
         }
         for (i, &e) in self.reftable.clone().iter().enumerate() {
-            let off = e & OFFSET_MASK;
+            let off = e & REFT_OFFSET_MASK;
             if off == 0 {
                 continue;
             }
@@ -398,7 +420,7 @@ impl Meta {
     fn stored_refcount(&mut self, c: u64, file_len: u64) -> Option<u64> {
         let ti = (c >> self.rb_bits) as usize;
         if ti < self.reftable.len() {
-            let off = self.reftable[ti] & OFFSET_MASK;
+            let off = self.reftable[ti] & REFT_OFFSET_MASK;
             if off != 0 && (!off.is_multiple_of(self.cs) || off >= file_len) {
                 return None;
             }
@@ -480,9 +502,12 @@ impl Meta {
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = e & OFFSET_MASK;
-            if l2_off == 0 || !l2_off.is_multiple_of(cs) || l2_off + cs > w.file_len {
+            if l2_off == 0 || l2_off + cs > w.file_len {
                 continue;
             }
+            // A misaligned table is checked where it says it is, as QEMU
+            // does, but never repaired in place (see count_l1).
+            let fix_l2 = fixing && l2_off.is_multiple_of(cs);
             let rc = self.refcount(l2_off / cs)?;
             if (rc == 1) != (e & COPIED != 0) {
                 (w.report)(&format!(
@@ -518,10 +543,10 @@ impl Meta {
                 if (rc == 1) != copied {
                     (w.report)(&format!(
                         "{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
-                        if fixing { "Repairing" } else { "ERROR" },
+                        if fix_l2 { "Repairing" } else { "ERROR" },
                         *raw
                     ));
-                    if fixing {
+                    if fix_l2 {
                         *raw = if rc == 1 {
                             *raw | COPIED
                         } else {
@@ -559,7 +584,7 @@ impl Meta {
         let mut alloc = |refs: &mut Refs, n: u64| -> u64 {
             let mut start = first_free;
             loop {
-                if (start..start + n).all(|c| refs.get(c) == 0) {
+                if (start..start + n).all(|c| refs.get(c) == 0 && !refs.past_end.contains(&c)) {
                     break;
                 }
                 start += 1;
@@ -715,6 +740,7 @@ impl Meta {
             counts,
             max,
             nb_clusters,
+            past_end: Default::default(),
         };
         self.rw = crate::format::RefcountWidth { order };
         self.rb_bits = self.cb + 3 - order;
@@ -787,6 +813,9 @@ impl Qcow2 {
             (w.report)("Rebuilding refcount structure");
             let old = w.res.clone();
             m.rebuild_refcount_structure(&mut refs, &mut |_| {})?;
+            // The old structure's clusters are free now: the guard on new
+            // metadata must not take them for live tables.
+            m.rebuild_metadata_map();
             w.res.corruptions = 0;
             w.res.leaks = 0;
             w.rebuild = false;
@@ -828,6 +857,9 @@ impl Qcow2 {
             }
         }
         m.check_oflag_copied(&mut w, fix)?;
+        if fix != 0 {
+            m.rebuild_metadata_map();
+        }
         let mut res = w.res;
         res.corruptions_fixed += snap_dropped;
         if m.fix_snapshot_table(snap_corruptions, fix)? {

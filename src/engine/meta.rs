@@ -249,7 +249,7 @@ impl Meta {
             }
         }
         for &e in &self.reftable {
-            let o = e & OFFSET_MASK;
+            let o = e & REFT_OFFSET_MASK;
             if o != 0 {
                 m.entry(o / cs).or_insert(MetaKind::RefcountBlock);
             }
@@ -383,7 +383,9 @@ impl Meta {
                 "Refblock offset {off:#x} unaligned (reftable index: {ti:#x})"
             )));
         }
-        if off + self.cs > self.file_len()? {
+        // Checked: a refcount table entry may hold any offset below 2^64.
+        let len = self.file_len()?;
+        if off.checked_add(self.cs).is_none_or(|end| end > len) {
             return Err(self.signal_corruption(&format!(
                 "Refblock offset {off:#x} points past the end of the file"
             )));
@@ -605,6 +607,54 @@ impl Meta {
         }
     }
 
+    /// Refuses freshly allocated clusters that are known metadata: the
+    /// allocator hands them out when a damaged refcount structure says
+    /// they are free, and writing a new table there would destroy what
+    /// they hold (a snapshot's L1 copy over the header, a bitmap table over
+    /// an L2 table). QEMU's overlap check refuses these writes with the
+    /// same message. The run is given back and the image marked corrupt.
+    /// A cluster of the map's active L2 tables counts only while the
+    /// active L1 table still points at it (a freed L2 table's cluster may
+    /// be reused).
+    pub fn check_fresh(&mut self, off: u64, n: u64) -> Result<()> {
+        let first = off / self.cs;
+        for c in first..first + n {
+            if let Some(k) = self.metadata_at(c) {
+                self.free_unlinked(off, n * self.cs);
+                return Err(self.signal_corruption(&format!(
+                    "Preventing invalid write on metadata (overlaps with {})",
+                    k.describe()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// What metadata cluster `c` holds, for a cluster the allocator
+    /// calls free (see [`Meta::check_fresh`]).
+    pub(super) fn metadata_at(&self, c: u64) -> Option<MetaKind> {
+        match self.metadata.get(&c).copied() {
+            Some(MetaKind::ActiveL2) => self
+                .l1
+                .iter()
+                .any(|&e| e & OFFSET_MASK != 0 && (e & OFFSET_MASK) / self.cs == c)
+                .then_some(MetaKind::ActiveL2),
+            Some(k) => Some(k),
+            None => self
+                .inactive_l2
+                .contains(&c)
+                .then_some(MetaKind::InactiveL2),
+        }
+    }
+
+    /// Allocates `n` clusters for new metadata, refusing clusters that
+    /// already hold some ([`Meta::check_fresh`]).
+    pub fn alloc_metadata(&mut self, n: u64) -> Result<u64> {
+        let off = self.alloc_clusters(n)?;
+        self.check_fresh(off, n)?;
+        Ok(off)
+    }
+
     /// Writes a new L2 table as QEMU's l2_allocate() does, before anything
     /// points at it: its refcount durable (lazy refcounts or not), then
     /// the table itself durable (rule 3), so that the L1 entry can follow
@@ -819,7 +869,7 @@ impl Meta {
         self.flush()?;
         let bytes = new_size * 8;
         self.event(DebugEvent::L1GrowAllocTable);
-        let new = self.alloc_clusters(bytes.div_ceil(self.cs))?;
+        let new = self.alloc_metadata(bytes.div_ceil(self.cs))?;
         let mut table = self.l1.clone();
         table.resize(new_size as usize, 0);
         let b = encode_table(&table, bytes as usize);

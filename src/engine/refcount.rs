@@ -16,7 +16,7 @@ impl Meta {
         if ti >= self.reftable.len() as u64 {
             return Ok(0);
         }
-        let off = self.reftable[ti as usize] & OFFSET_MASK;
+        let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
         if off == 0 {
             return Ok(0);
         }
@@ -55,7 +55,11 @@ impl Meta {
             if c == first || c & ((1 << self.rb_bits) - 1) == 0 {
                 self.event(DebugEvent::RefblockAlloc);
                 let ti = (c >> self.rb_bits) as usize;
-                if self.reftable.get(ti).is_some_and(|&e| e & OFFSET_MASK != 0) {
+                if self
+                    .reftable
+                    .get(ti)
+                    .is_some_and(|&e| e & REFT_OFFSET_MASK != 0)
+                {
                     self.event(DebugEvent::RefblockLoad);
                 }
             }
@@ -166,7 +170,7 @@ impl Meta {
     pub(super) fn refblock_for(&mut self, cluster: u64) -> Result<u64> {
         let ti = cluster >> self.rb_bits;
         if (ti as usize) < self.reftable.len() {
-            let off = self.reftable[ti as usize] & OFFSET_MASK;
+            let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
             if off != 0 {
                 self.load_refblock(off, ti)?;
                 return Ok(off);
@@ -180,6 +184,14 @@ impl Meta {
     /// self-describing area just past everything the table covers).
     pub(super) fn alloc_refblock(&mut self, cluster: u64, ti: u64) -> Result<u64> {
         let new = self.find_free(1)?;
+        if let Some(k) = self.metadata_at(new / self.cs) {
+            // A damaged refcount block calls a metadata cluster free: a new
+            // block written there would destroy it.
+            return Err(self.signal_corruption(&format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                k.describe()
+            )));
+        }
         let new_cluster = new / self.cs;
         let mut data = vec![0u8; self.cs as usize];
         if new_cluster >> self.rb_bits == ti {
@@ -292,7 +304,7 @@ impl Meta {
         }
         // ...and the new blocks and table are counted where they live.
         for c in start..end_c {
-            let boff = new_table[(c / per_block) as usize] & OFFSET_MASK;
+            let boff = new_table[(c / per_block) as usize] & REFT_OFFSET_MASK;
             self.load_refblock(boff, c / per_block)?;
             let rw = self.rw;
             let slot = self.rb_cache.get(boff).unwrap();
@@ -331,7 +343,7 @@ impl Meta {
     /// The highest cluster with a non-zero refcount (0 if none).
     pub fn last_used_cluster(&mut self) -> Result<u64> {
         for ti in (0..self.reftable.len()).rev() {
-            let off = self.reftable[ti] & OFFSET_MASK;
+            let off = self.reftable[ti] & REFT_OFFSET_MASK;
             if off == 0 {
                 continue;
             }

@@ -137,7 +137,7 @@ impl Meta {
         }
         let (bytes, len) = snapshot::encode_table(&list);
         let new_off = if len > 0 {
-            let off = self.alloc_clusters((len as u64).div_ceil(self.cs))?;
+            let off = self.alloc_metadata((len as u64).div_ceil(self.cs))?;
             self.flush_all()?;
             self.write_file(&bytes[..len], off, "write snapshot table")?;
             self.sync()?;
@@ -270,7 +270,7 @@ impl Qcow2 {
         let l1_off = if l1.is_empty() {
             0
         } else {
-            m.alloc_clusters((l1.len() as u64 * 8).div_ceil(self.cs))?
+            m.alloc_metadata((l1.len() as u64 * 8).div_ceil(self.cs))?
         };
         m.flush_all()?;
         if !l1.is_empty() {
@@ -408,7 +408,7 @@ struct TempTree {
 impl TempTree {
     fn write(m: &mut Meta, l1: &[u64]) -> Result<TempTree> {
         let bytes = (l1.len() as u64 * 8).max(8);
-        let off = m.alloc_clusters(bytes.div_ceil(m.cs))?;
+        let off = m.alloc_metadata(bytes.div_ceil(m.cs))?;
         m.flush_all()?;
         m.write_file(&encode_table(l1, 0), off, "write L1 table")?;
         Ok(TempTree { off, bytes })

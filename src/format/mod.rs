@@ -27,6 +27,11 @@ pub const MAX_L1_SIZE_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_SIZE_BYTES: u64 = 8 << 20;
 /// Host offsets in L1/L2/refcount entries are limited to 56 bits.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount table entries have no flag bits: bits 9-63 are the offset,
+/// so a damaged high bit is an offset past the end of the file (as QEMU's
+/// `REFT_OFFSET_MASK` reads it), never silently the block it would be
+/// without that bit.
+pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 /// Incompatible feature bits.
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
