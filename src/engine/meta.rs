@@ -17,6 +17,15 @@
 //!    applied only after the L2/L1 change that dropped the reference is
 //!    durable, so the allocator can never hand out a cluster that some
 //!    on-disk table still points at.
+//! 5. A change that moves refcounts across 1 together with the COPIED
+//!    flags that must follow them (internal snapshot create and delete)
+//!    has no safe order: either the refcount or the flag reaches the disk
+//!    first, and `check` calls the difference a corruption. Such a change
+//!    runs between [`Meta::begin_unordered`] and [`Meta::end_unordered`]:
+//!    the dirty bit is durable before it starts (lazy refcounts or not)
+//!    and cleared only once all of it is durable, so a crash in between
+//!    leaves an image the next read-write open repairs (as QEMU repairs a
+//!    dirty image). Found by `tests/crash_ops.rs`.
 //!
 //! Everything here runs under the image's metadata mutex; nothing here
 //! touches guest data except to copy it during allocation-free operations.
@@ -678,6 +687,35 @@ impl Meta {
             self.header.incompatible_features |= INCOMPAT_DIRTY;
             let w = self.header.incompatible_features.to_be_bytes();
             self.write_file(&w, 72, "mark image dirty")?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Puts the dirty bit on disk (synced), with or without lazy refcounts,
+    /// before a change of refcounts *and* COPIED flags that no write order
+    /// keeps consistent at every point (rule 5 of the module comment).
+    /// Returns whether this call set it, for [`Meta::end_unordered`].
+    pub fn begin_unordered(&mut self) -> Result<bool> {
+        if self.is_dirty() {
+            return Ok(false);
+        }
+        self.header.incompatible_features |= INCOMPAT_DIRTY;
+        let w = self.header.incompatible_features.to_be_bytes();
+        self.write_file(&w, 72, "mark image dirty")?;
+        self.sync()?;
+        Ok(true)
+    }
+
+    /// Ends what [`Meta::begin_unordered`] began: everything written back
+    /// and durable, then the dirty bit cleared (synced) if that call set it
+    /// and refcounts are not lazy (lazy ones keep it until close).
+    pub fn end_unordered(&mut self, set: bool) -> Result<()> {
+        self.flush_all()?;
+        if set && !self.lazy {
+            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            let w = self.header.incompatible_features.to_be_bytes();
+            self.write_file(&w, 72, "mark image clean")?;
             self.sync()?;
         }
         Ok(())

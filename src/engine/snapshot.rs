@@ -162,6 +162,22 @@ impl Meta {
         self.flush_all()
     }
 
+    /// Points the header at another active L1 table of the same size
+    /// (one write inside the header's first sector, synced) and makes
+    /// `l1` the active table in memory.
+    fn switch_l1(&mut self, off: u64, l1: Vec<u64>) -> Result<()> {
+        let mut hdr = [0u8; 12];
+        put32(&mut hdr, 0, l1.len() as u32);
+        put64(&mut hdr, 4, off);
+        self.write_file(&hdr, 36, "write header")?;
+        self.sync()?;
+        self.header.l1_table_offset = off;
+        self.l2_cache = super::cache::TableCache::new(self.l2_cache.capacity());
+        self.l1 = l1;
+        self.rebuild_metadata_map();
+        Ok(())
+    }
+
     /// Frees clusters that nothing on disk names any more, as QEMU's
     /// qcow2_free_clusters does: the `cluster_free` event first, and a
     /// failure only logged (the clusters leak; `check -r` finds them). A
@@ -278,7 +294,12 @@ impl Qcow2 {
         }
         let active_off = m.header.l1_table_offset;
         let active_size = m.l1.len() as u32;
-        if let Err(e) = m.update_snapshot_refcount(active_off, active_size, 1) {
+        // Rule 5 of meta.rs: refcounts go to 2 and COPIED flags off.
+        let set = m.begin_unordered()?;
+        if let Err(e) = m
+            .update_snapshot_refcount(active_off, active_size, 1)
+            .and_then(|_| m.end_unordered(set))
+        {
             // Nothing names the copy: it need not leak.
             if !l1.is_empty() {
                 m.free_unlinked(l1_off, l1.len() as u64 * 8);
@@ -350,21 +371,43 @@ impl Qcow2 {
         new_l1.resize(m.l1.len(), 0);
         // Take the snapshot's references first, then drop the old tree's.
         m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, 1)?;
+        // Every L2 table of the snapshot now has a second reference, the
+        // active one: none is the active disk's alone (its L1 copy still
+        // has the flags of the disk it was taken from).
+        for e in new_l1.iter_mut() {
+            *e &= !COPIED;
+        }
         let old_l1 = m.l1.clone();
-        let active_off = m.header.l1_table_offset;
-        m.write_file(&encode_table(&new_l1, 0), active_off, "write L1 table")?;
-        m.sync()?;
-        m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
-        m.l1 = new_l1;
-        m.rebuild_metadata_map();
-        // The old tree, no longer reachable from disk, loses its references.
-        let tmp = TempTree::write(&mut m, &old_l1)?;
-        m.update_snapshot_refcount(tmp.off, old_l1.len() as u32, -1)?;
-        tmp.free(&mut m)?;
+        let old_off = m.header.l1_table_offset;
+        let bytes = old_l1.len() as u64 * 8;
+        if bytes > 0 {
+            // Not in place at once: a table of more than one sector written
+            // over the old one could be torn into a mix of both trees. The
+            // new table goes to free clusters first (its refcount durable,
+            // then itself) and the header switches to it in one write
+            // inside its first sector; the old tree loses its references;
+            // then the table is written in place and the header switches
+            // back, so that the table ends where QEMU leaves it. Every
+            // crash point shows one whole tree.
+            let tmp = m.alloc_clusters(bytes.div_ceil(self.cs))?;
+            m.flush_all()?;
+            let table = encode_table(&new_l1, bytes as usize);
+            m.write_file(&table, tmp, "write L1 table")?;
+            m.sync()?;
+            m.switch_l1(tmp, new_l1)?;
+            // The old tree, no longer reachable from disk (rule 4 of
+            // meta.rs), loses its references.
+            m.update_snapshot_refcount(old_off, old_l1.len() as u32, -1)?;
+            m.write_file(&table, old_off, "write L1 table")?;
+            m.sync()?;
+            let l1 = std::mem::take(&mut m.l1);
+            m.switch_l1(old_off, l1)?;
+            m.update_refcount(tmp, bytes, -1)?;
+        }
         let n = m.l1.len() as u32;
-        m.update_snapshot_refcount(active_off, n, 0)?;
+        m.update_snapshot_refcount(old_off, n, 0)?;
         m.rebuild_metadata_map();
-        Ok(())
+        m.flush_all()
     }
 
     /// Deletes a snapshot (by ID or name), releasing what only it held.
@@ -380,6 +423,8 @@ impl Qcow2 {
         let mut list = m.snapshots.clone();
         list.remove(i);
         m.write_snapshot_table(list)?;
+        // Rule 5 of meta.rs: refcounts drop to 1 and COPIED flags come back.
+        let set = m.begin_unordered()?;
         // QEMU's words; the tree's references leak (`check -r` finds them).
         m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, -1)
             .map_err(|e| match e {
@@ -395,27 +440,7 @@ impl Qcow2 {
         let n = m.l1.len() as u32;
         m.update_snapshot_refcount(active_off, n, 0)?;
         m.rebuild_metadata_map();
-        m.flush_all()
-    }
-}
-
-/// An old active L1 parked in free clusters while its references are dropped.
-struct TempTree {
-    off: u64,
-    bytes: u64,
-}
-
-impl TempTree {
-    fn write(m: &mut Meta, l1: &[u64]) -> Result<TempTree> {
-        let bytes = (l1.len() as u64 * 8).max(8);
-        let off = m.alloc_clusters(bytes.div_ceil(m.cs))?;
-        m.flush_all()?;
-        m.write_file(&encode_table(l1, 0), off, "write L1 table")?;
-        Ok(TempTree { off, bytes })
-    }
-    fn free(self, m: &mut Meta) -> Result<()> {
-        m.update_refcount(self.off, self.bytes, -1)?;
-        m.flush_all()
+        m.end_unordered(set)
     }
 }
 
