@@ -100,7 +100,7 @@ impl Case {
             tail_zero: false,
             dirty_ok: false,
             max_states: 600,
-            qemu_states: 12,
+            qemu_states: 16,
         }
     }
     fn setup(mut self, f: impl Fn(&Qcow2) + 'static) -> Case {
@@ -242,7 +242,16 @@ fn accepts(case: &Case, a: &View, b: &View, got: &View) -> Result<(), String> {
         if from(a) || from(b) {
             continue;
         }
-        if case.tail_zero && r.start >= short && g.iter().all(|&x| x == 0) {
+        // Past the new end of a shrink: each sector the old bytes or
+        // zeros (the tail of the last cluster is zeroed, maybe torn).
+        let old_or_zero = |(j, s): (usize, &[u8])| {
+            let at = r.start + j * 512..r.start + j * 512 + s.len();
+            s.iter().all(|&x| x == 0)
+                || [a, b]
+                    .iter()
+                    .any(|v| v.guest.get(at.clone()).is_some_and(|x| x == s))
+        };
+        if case.tail_zero && r.start >= short && g.chunks(512).enumerate().all(old_or_zero) {
             continue;
         }
         return Err(format!(
@@ -509,7 +518,17 @@ fn sweep(case: Case) {
         last.describe()
     );
 
-    let (states, total, cut_points) = sampled_states(&storage, 0x5eed, case.max_states);
+    let (mut states, total, cut_points) = sampled_states(&storage, 0x5eed, case.max_states);
+    // A short trace gets more random and torn subsets (other seeds).
+    let mut round = 1;
+    while states.len() * 2 < case.max_states && round < 6 {
+        let (more, _, _) = sampled_states(&storage, 0x5eed ^ (round << 40), case.max_states);
+        states.extend(
+            more.into_iter()
+                .filter(|(_, kind, _)| kind.starts_with("random") || kind.starts_with("torn")),
+        );
+        round += 1;
+    }
     let qemu_every = states.len().div_ceil(case.qemu_states.max(1)).max(1);
     let mut replay = storage.replay();
     let (mut tried, mut qemu_checked, mut dirty, mut leaky) = (0, 0, 0, 0);
@@ -556,7 +575,7 @@ fn sweep(case: Case) {
         take_log();
     }
     eprintln!(
-        "crash_ops {}: {n} trace events ({} syncs), {cut_points} crash points, {total} crash states, {tried} tried, {qemu_checked} checked by qemu-img ({dirty} dirty and repaired, {leaky} with leaks), {:.1}s",
+        "crash_ops {}: {n} trace events ({} syncs), {cut_points} crash points, {total} crash states (more with other seeds), {tried} tried, {qemu_checked} checked by qemu-img ({dirty} dirty and repaired, {leaky} with leaks), {:.1}s",
         case.name,
         storage
             .trace()
@@ -668,6 +687,8 @@ fn snapshot_apply(lazy: bool) -> Case {
     )
     .setup(snapshot_setup)
     .step(|img| img.snapshot_apply("s1").unwrap())
+    // Copy-on-write after it, inside one cluster the snapshot shares.
+    .step(|img| w(img, 40, 70 * K, 8 * K))
 }
 
 /// 512-byte clusters: the L1 table (128 entries) spans two sectors.
@@ -745,6 +766,17 @@ fn width(name: &'static str, cs: u64, size: u64, bits: u64, data: u64) -> Case {
             )
         });
     c.max_states = 500;
+    c
+}
+
+/// A width change on a lazy-refcounts image that is dirty (guest writes
+/// in the same session before it).
+fn width_lazy(name: &'static str, cs: u64, size: u64, bits: u64, data: u64) -> Case {
+    let mut c = width(name, cs, size, bits, data);
+    c.create.lazy_refcounts = true;
+    c.steps
+        .insert(0, Box::new(move |img| w(img, 9, data, 20 * K)));
+    c.mix = 512;
     c
 }
 
@@ -932,6 +964,12 @@ fn make_empty(name: &'static str, snapshot: bool) -> Case {
     c
 }
 
+fn lazy_make_empty() -> Case {
+    let mut c = make_empty("make-empty-lazy", false);
+    c.create.lazy_refcounts = true;
+    c
+}
+
 /// Copies an overlay's guest view into its backing file.
 fn commit_to_backing(img: &Qcow2) {
     let mut g = vec![0u8; img.size() as usize];
@@ -1059,7 +1097,14 @@ sweeps! {
     snapshot_delete_shared_sweep: snapshot_delete_shared();
     amend_width_16_to_1: width("width-16-1", 64 * K, 4 * M, 1, 2 * M);
     amend_width_16_to_64: width("width-16-64", 64 * K, 4 * M, 64, 2 * M);
-    amend_width_512_16_to_64: width("width-512-16-64", 512, 2 * M, 64, 1536 * K);
+    // 512-byte clusters: the new table takes two clusters, and the blocks
+    // and table need blocks of their own.
+    amend_width_512_16_to_64: {
+        let mut c = width("width-512-16-64", 512, 3 * M, 64, 2560 * K);
+        c.max_states = 1000;
+        c
+    };
+    amend_width_512_16_to_2_lazy: width_lazy("width-512-16-2-lazy", 512, 2 * M, 2, M);
     amend_downgrade: downgrade("downgrade", false, false);
     amend_downgrade_lazy: downgrade("downgrade-lazy", true, false);
     amend_downgrade_snapshots: downgrade("downgrade-snapshots", false, true);
@@ -1073,6 +1118,7 @@ sweeps! {
     check_repair_all: check_all();
     make_empty_fresh_layout: make_empty("make-empty", false);
     make_empty_with_snapshot: make_empty("make-empty-snapshot", true);
+    make_empty_lazy: lazy_make_empty();
     write_compressed_sweep: compressed();
     bitmap_store_at_close: bitmap_store();
     change_backing_file_sweep: change_backing();
@@ -1100,7 +1146,7 @@ fn each_crash(case: &Case, torn: bool, mut f: impl FnMut(usize, Vec<u8>, &View, 
         let (a, b) = (&views[k], &views[(k + 1).min(views.len() - 1)]);
         f(cut, replay.image(&oxqcow::storage::CrashSpec::all()), a, b);
         if torn {
-            for seed in 1..4 {
+            for seed in 1..25 {
                 let spec = oxqcow::storage::CrashSpec {
                     keep: oxqcow::storage::Keep::All,
                     tear: Some(seed * 0x1234_5678 + cut as u64),
@@ -1231,4 +1277,29 @@ fn bug_lazy_prealloc_full_leaves_clean_image_with_uncounted_clusters() {
         oxqcow::Preallocation::Full,
         true,
     ));
+}
+
+/// ENGINE BUG: `write_header` rewrote cluster 0 in one write. The v2
+/// downgrade moves every header extension 32 bytes down (the header is 72
+/// bytes, not 104), so a torn write left a first sector whose extensions
+/// and backing file name ran into the old layout: the image no longer
+/// opened ("file name contained an unexpected NUL byte"). Fix: rule 6 of
+/// meta.rs (a compact header in the first sector first).
+#[test]
+fn bug_torn_header_rewrite_breaks_the_image() {
+    let case = downgrade("bug-torn-header", true, false);
+    let path = PathBuf::from("crashed.qcow2");
+    let mut bad = Vec::new();
+    each_crash(&case, true, |cut, image, a, b| {
+        let mem: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(image));
+        let opened = Qcow2::open_storage(mem, &path, &ro_opts());
+        let ok = opened.is_ok_and(|img| {
+            let mut g = vec![0u8; img.size() as usize];
+            img.read_at(&mut g, 0).is_ok() && (g == a.guest || g == b.guest)
+        });
+        if !ok {
+            bad.push(cut);
+        }
+    });
+    assert!(bad.is_empty(), "crash points that break the image: {bad:?}");
 }

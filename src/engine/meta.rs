@@ -6,7 +6,9 @@
 //! new L2 table (written with its L1 entry at once, as QEMU does it),
 //! [`Meta::l2_for_write`]:
 //! 1. Guest data is synced before any L2 table that points at it is written
-//!    (in the external data file when the image has one; see `data_file.rs`).
+//!    (in the external data file when the image has one; see `data_file.rs`),
+//!    and so is the file length that covers a mapped cluster (metadata
+//!    preallocation extends the file before its L2 tables are written).
 //! 2. Without lazy refcounts, refcount blocks are written and synced before
 //!    the L2 tables (and L1 entries) that depend on them; with lazy
 //!    refcounts the dirty bit is on disk before the first L2 change
@@ -26,6 +28,13 @@
 //!    and cleared only once all of it is durable, so a crash in between
 //!    leaves an image the next read-write open repairs (as QEMU repairs a
 //!    dirty image). Found by `tests/crash_ops.rs`.
+//! 6. A header rewrite is atomic under 512-byte sector atomicity: when
+//!    anything past the first sector changes, a compact header with the
+//!    same meaning (no feature name table) that fits in the first sector
+//!    is written and synced first, then the rest, then the first sector
+//!    ([`Meta::write_header`]). Without it a torn rewrite (the v2
+//!    downgrade moves every extension by 32 bytes) left a first sector
+//!    whose extensions and backing file name run into the other layout.
 //!
 //! Everything here runs under the image's metadata mutex; nothing here
 //! touches guest data except to copy it during allocation-free operations.
@@ -894,9 +903,35 @@ impl Meta {
         Ok(())
     }
 
-    /// Rewrites all of cluster 0 from `self.header`.
+    /// Rewrites all of cluster 0 from `self.header`, so that a crash
+    /// leaves the old header or the new one (rule 6 of the module comment).
     pub fn write_header(&mut self) -> Result<()> {
         let b = self.header.encode()?;
+        // The unit a power cut cannot tear.
+        let sector = 512.min(b.len());
+        let mut cur = vec![0u8; b.len()];
+        let on_disk = self.file_len()? >= b.len() as u64;
+        if on_disk {
+            self.read_file(&mut cur, 0, "read header")?;
+        }
+        if on_disk && b[sector..] != cur[sector..] {
+            // The layout past the first sector changes (a downgrade, a new
+            // backing file name, extensions added or dropped): the old
+            // first sector could be torn from its tail. A header with the
+            // same meaning that fits in the first sector goes first, alone.
+            let compact = self.header.encode_with(false)?;
+            if compact[sector..].iter().all(|&x| x == 0) {
+                self.write_file(&compact[..sector], 0, "write header")?;
+                self.sync()?;
+                self.write_file(&b[sector..], sector as u64, "write header")?;
+                self.sync()?;
+                if b[..sector] != compact[..sector] {
+                    self.write_file(&b[..sector], 0, "write header")?;
+                    self.sync()?;
+                }
+                return Ok(());
+            }
+        }
         self.write_file(&b, 0, "write header")?;
         self.sync()
     }

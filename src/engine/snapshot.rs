@@ -4,7 +4,11 @@
 //!
 //! Ordering: a snapshot's L1 copy and its refcount increments are durable
 //! before the table names it; on delete the table stops naming a snapshot
-//! (synced) before its clusters lose their references.
+//! (synced) before its clusters lose their references. Create and delete
+//! change refcounts and COPIED flags under the dirty bit (rule 5 of
+//! meta.rs); apply switches trees through the header, never by a table
+//! written in place while the header points at it (see `snapshot_apply`).
+//! `tests/crash_ops.rs` cuts the power at every step of each.
 
 use super::meta::Meta;
 use super::Qcow2;
