@@ -1031,23 +1031,21 @@ fn change_backing() -> Case {
     c
 }
 
-/// A snapshot of a disk 1 MiB larger than the current one: apply
-/// resizes first (the L1 table grows), then switches trees.
+/// Snapshots of a disk 1 MiB larger and of one as large as the current
+/// one: the L1 table grows, and the size changes with the tree switch.
 fn snapshot_apply_other_size() -> Case {
-    let mut c = Case::new("snapshot-apply-other-size", opts(M, 512, false))
+    Case::new("snapshot-apply-other-size", opts(M, 512, false))
         .setup(|img| {
             w(img, 1, 0, 300 * K);
+            img.snapshot_create("small").unwrap();
             img.resize(2 * M).unwrap();
             w(img, 2, M + 100 * K, 200 * K);
             img.snapshot_create("big").unwrap();
             img.resize(M).unwrap();
             w(img, 3, 100 * K, 8 * K);
         })
-        .step(|img| img.snapshot_apply("big").unwrap());
-    // The grown area reads as zeros until the tree switches.
-    c.tail_zero = true;
-    c.mix = 512;
-    c
+        .step(|img| img.snapshot_apply("big").unwrap())
+        .step(|img| img.snapshot_apply("small").unwrap())
 }
 
 /// savevm's order: VM state written past the disk, then a snapshot that
@@ -1302,4 +1300,28 @@ fn bug_torn_header_rewrite_breaks_the_image() {
         }
     });
     assert!(bad.is_empty(), "crash points that break the image: {bad:?}");
+}
+
+/// ENGINE BUG: applying a snapshot of another disk size resized the disk
+/// first (synced) and switched trees after: a crash in between showed the
+/// old disk at the snapshot's size, a disk that never existed. Fix: the
+/// size changes in the header write that switches trees.
+#[test]
+fn bug_snapshot_apply_other_size_resizes_before_the_switch() {
+    let case = snapshot_apply_other_size();
+    let path = PathBuf::from("crashed.qcow2");
+    let mut bad = Vec::new();
+    each_crash(&case, false, |cut, image, a, b| {
+        let mem: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(image));
+        let img = Qcow2::open_storage(mem, &path, &ro_opts()).unwrap();
+        let mut g = vec![0u8; img.size() as usize];
+        img.read_at(&mut g, 0).unwrap();
+        if g != a.guest && g != b.guest {
+            bad.push(cut);
+        }
+    });
+    assert!(
+        bad.is_empty(),
+        "crash points whose disk is neither the old one nor the snapshot's: {bad:?}"
+    );
 }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, COPIED};
 use crate::format::snapshot::{self, Snapshot, MAX_SNAPSHOTS};
 use crate::format::*;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 impl Meta {
@@ -166,15 +167,19 @@ impl Meta {
         self.flush_all()
     }
 
-    /// Points the header at another active L1 table of the same size
-    /// (one write inside the header's first sector, synced) and makes
-    /// `l1` the active table in memory.
-    fn switch_l1(&mut self, off: u64, l1: Vec<u64>) -> Result<()> {
-        let mut hdr = [0u8; 12];
-        put32(&mut hdr, 0, l1.len() as u32);
-        put64(&mut hdr, 4, off);
-        self.write_file(&hdr, 36, "write header")?;
+    /// Points the header at another active L1 table and gives the disk
+    /// `size` bytes (header bytes 24..48 in one write inside its first
+    /// sector, synced), and makes `l1` the active table in memory.
+    fn switch_l1(&mut self, off: u64, l1: Vec<u64>, size: u64) -> Result<()> {
+        let mut hdr = [0u8; 24];
+        put64(&mut hdr, 0, size);
+        put32(&mut hdr, 8, self.header.crypt_method);
+        put32(&mut hdr, 12, l1.len() as u32);
+        put64(&mut hdr, 16, off);
+        self.write_file(&hdr, 24, "write header")?;
         self.sync()?;
+        self.header.size = size;
+        self.header.l1_size = l1.len() as u32;
         self.header.l1_table_offset = off;
         self.l2_cache = super::cache::TableCache::new(self.l2_cache.capacity());
         self.l1 = l1;
@@ -358,14 +363,24 @@ impl Qcow2 {
             m.flush_all()?;
             (m.snapshots[i].clone(), m.header.size)
         };
-        if let Some(size) = sn.disk_size {
-            if size != cur_size {
-                self.resize_unchecked(size, true)?;
+        // A snapshot of another disk size: the size changes in the same
+        // header write that switches trees (below), so that no crash shows
+        // the old disk at the new size. The L1 table grows first (that
+        // changes no guest view).
+        let new_size = sn.disk_size.unwrap_or(cur_size);
+        let mut m = self.quiesce();
+        if new_size != cur_size {
+            self.bitmaps_lock().check_resizable()?;
+            if new_size > super::create::max_size(self.cb) {
+                return Err(Error::TooLarge(format!(
+                    "{}: The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+                    self.name
+                )));
             }
         }
-        let mut m = self.quiesce();
-        if sn.l1_size as usize > m.l1.len() {
-            m.grow_l1(sn.l1_size as u64)?;
+        let need_l1 = (sn.l1_size as u64).max(new_size.div_ceil(self.l2_span()));
+        if need_l1 > m.l1.len() as u64 {
+            m.grow_l1(need_l1)?;
         }
         let mut new_l1 = m.read_table(
             sn.l1_table_offset,
@@ -398,15 +413,24 @@ impl Qcow2 {
             let table = encode_table(&new_l1, bytes as usize);
             m.write_file(&table, tmp, "write L1 table")?;
             m.sync()?;
-            m.switch_l1(tmp, new_l1)?;
+            m.switch_l1(tmp, new_l1, new_size)?;
+            self.size.store(new_size, Ordering::Release);
+            self.bitmaps_lock().resize(new_size);
             // The old tree, no longer reachable from disk (rule 4 of
             // meta.rs), loses its references.
             m.update_snapshot_refcount(old_off, old_l1.len() as u32, -1)?;
             m.write_file(&table, old_off, "write L1 table")?;
             m.sync()?;
             let l1 = std::mem::take(&mut m.l1);
-            m.switch_l1(old_off, l1)?;
+            m.switch_l1(old_off, l1, new_size)?;
             m.update_refcount(tmp, bytes, -1)?;
+        } else if new_size != cur_size {
+            // No L1 table: only the size changes.
+            m.write_file(&new_size.to_be_bytes(), 24, "write header")?;
+            m.sync()?;
+            m.header.size = new_size;
+            self.size.store(new_size, Ordering::Release);
+            self.bitmaps_lock().resize(new_size);
         }
         let n = m.l1.len() as u32;
         m.update_snapshot_refcount(old_off, n, 0)?;
