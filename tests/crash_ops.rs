@@ -1071,6 +1071,66 @@ fn resize_prealloc(name: &'static str, mode: oxqcow::Preallocation, lazy: bool) 
     c
 }
 
+/// Guest requests over clusters a snapshot shares (non-overlapping, so
+/// that any state is a per-sector mix of before and after): copy-on-write,
+/// zero writes with and without unmap, a discard, a compressed write.
+fn io_over_snapshot(name: &'static str, lazy: bool) -> Case {
+    let mut c = Case::new(name, opts(4 * M, 64 * K, lazy))
+        .setup(|img| {
+            w(img, 1, 0, 2 * M);
+            img.snapshot_create("s1").unwrap();
+        })
+        .step(|img| {
+            w(img, 2, 10 * K, 4 * K);
+            img.write_zeroes(128 * K, 128 * K, false).unwrap();
+            img.write_zeroes(320 * K, 64 * K, true).unwrap();
+            img.discard(512 * K, 192 * K).unwrap();
+            let cs = 64 * K;
+            let mut d = pattern(3, M, cs);
+            d[..1000].fill(9);
+            img.write_compressed(&d, M).unwrap();
+            w(img, 4, M + 200 * K, 300 * K);
+        });
+    c.mix = 512;
+    c
+}
+
+/// Several amend options at once, in QEMU's order: width, lazy
+/// refcounts, then the size.
+fn amend_combined() -> Case {
+    let mut c = Case::new("amend-combined", opts(2 * M, 4 * K, false))
+        .setup(|img| w(img, 1, 0, M + 7))
+        .step(|img| {
+            amend(
+                img,
+                AmendOptions {
+                    refcount_bits: Some(8),
+                    lazy_refcounts: Some(true),
+                    size: Some(3 * M),
+                    ..Default::default()
+                },
+            )
+        })
+        .step(|img| w(img, 2, 2 * M + 5, 100 * K));
+    c.mix = 512;
+    c
+}
+
+/// A bitmap removed: close drops the directory and the extension.
+fn bitmap_remove() -> Case {
+    let mut c = Case::new("bitmap-remove", opts(4 * M, 64 * K, false))
+        .setup(|img| {
+            img.bitmap_add("b0", None, true).unwrap();
+            w(img, 1, 0, 256 * K);
+        })
+        .step(|img| {
+            img.bitmap_remove("b0").unwrap();
+            w(img, 2, M, 64 * K);
+        });
+    c.mix = 512;
+    c
+}
+
 macro_rules! sweeps {
     ($($name:ident: $case:expr;)*) => {
         $(
@@ -1124,6 +1184,10 @@ sweeps! {
     snapshot_vmstate_sweep: snapshot_vmstate();
     resize_prealloc_metadata: resize_prealloc("resize-prealloc-metadata", oxqcow::Preallocation::Metadata, false);
     resize_prealloc_falloc: resize_prealloc("resize-prealloc-falloc", oxqcow::Preallocation::Falloc, false);
+    guest_io_over_snapshot: io_over_snapshot("io-over-snapshot", false);
+    guest_io_over_snapshot_lazy: io_over_snapshot("io-over-snapshot-lazy", true);
+    amend_combined_sweep: amend_combined();
+    bitmap_remove_at_close: bitmap_remove();
     resize_prealloc_full_lazy: resize_prealloc("resize-prealloc-full-lazy", oxqcow::Preallocation::Full, true);
 }
 
@@ -1323,5 +1387,118 @@ fn bug_snapshot_apply_other_size_resizes_before_the_switch() {
     assert!(
         bad.is_empty(),
         "crash points whose disk is neither the old one nor the snapshot's: {bad:?}"
+    );
+}
+
+/// A storage whose `n`-th read or write from arming on fails with EIO.
+struct FailNth {
+    inner: MemStorage,
+    left: std::sync::atomic::AtomicI64,
+}
+
+impl FailNth {
+    fn hit(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.left.fetch_sub(1, SeqCst) == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc_eio()));
+        }
+        Ok(())
+    }
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+impl Storage for FailNth {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.hit()?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.hit()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+}
+
+/// A snapshot create or delete that fails half done (an I/O error in the
+/// middle of its refcount and COPIED-flag walk) must not leave a clean
+/// image with the half-done change: close keeps the dirty bit (rule 5) so
+/// that the next open repairs it. Every read or write of the operation is
+/// failed in turn (with 4 KiB clusters and a small L2 cache, the walk
+/// reads tables as it goes).
+#[test]
+fn failed_snapshot_change_keeps_the_dirty_bit() {
+    let mut o = opts(8 * M, 4 * K, false);
+    o.size = 8 * M;
+    let base = {
+        let mem = Arc::new(MemStorage::new());
+        let s: Arc<dyn Storage> = mem.clone();
+        let p = Path::new("fail.qcow2");
+        create_on(s.clone(), p, &o).unwrap();
+        let img = Qcow2::open_storage(s, p, &rw_opts()).unwrap();
+        for i in 0..6 {
+            w(&img, 1 + i, i * 2 * M / 2 + 100 * K, 12 * K);
+        }
+        img.snapshot_create("old").unwrap();
+        w(&img, 20, 100 * K, 4 * K);
+        img.close().unwrap();
+        mem.bytes()
+    };
+    let small_cache = OpenOptions {
+        writable: true,
+        l2_cache_size: Some(4 * K),
+        ..Default::default()
+    };
+    let mut bad = Vec::new();
+    let mut failed = 0;
+    for delete in [false, true] {
+        for n in 0..400 {
+            let f = Arc::new(FailNth {
+                inner: MemStorage::from_bytes(base.clone()),
+                left: std::sync::atomic::AtomicI64::new(i64::MAX),
+            });
+            let s: Arc<dyn Storage> = f.clone();
+            let img = Qcow2::open_storage(s, Path::new("fail.qcow2"), &small_cache).unwrap();
+            f.left.store(n, std::sync::atomic::Ordering::SeqCst);
+            let r = if delete {
+                img.snapshot_delete("old")
+            } else {
+                img.snapshot_create("s1")
+            };
+            f.left.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+            if r.is_ok() {
+                continue;
+            }
+            failed += 1;
+            let _ = img.close();
+            drop(img);
+            if let Some((c, report)) = corruptions_if_clean(f.inner.bytes()) {
+                if c > 0 {
+                    bad.push(format!("delete={delete} n={n}: {report}"));
+                }
+            }
+        }
+    }
+    assert!(failed > 10, "only {failed} failures injected");
+    assert!(
+        bad.is_empty(),
+        "clean but corrupt after a failed snapshot change:\n{}",
+        bad.join("\n")
     );
 }

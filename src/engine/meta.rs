@@ -27,7 +27,8 @@
 //!    the dirty bit is durable before it starts (lazy refcounts or not)
 //!    and cleared only once all of it is durable, so a crash in between
 //!    leaves an image the next read-write open repairs (as QEMU repairs a
-//!    dirty image). Found by `tests/crash_ops.rs`.
+//!    dirty image); one that fails half done keeps the bit at close
+//!    (`unordered_open`). Found by `tests/crash_ops.rs`.
 //! 6. A header rewrite is atomic under 512-byte sector atomicity: when
 //!    anything past the first sector changes, a compact header with the
 //!    same meaning (no feature name table) that fits in the first sector
@@ -151,6 +152,10 @@ pub struct Meta {
     pub snapshot_issues: crate::format::snapshot::TableIssues,
     /// How many times the refcount table moved (see `alloc_clusters`).
     pub reftable_moves: u64,
+    /// A change begun with [`Meta::begin_unordered`] has not ended: it
+    /// failed half done, so close keeps the dirty bit for the next open's
+    /// repair.
+    pub unordered_open: bool,
     /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).
     pub inflight: HashSet<u64>,
 }
@@ -706,6 +711,7 @@ impl Meta {
     /// keeps consistent at every point (rule 5 of the module comment).
     /// Returns whether this call set it, for [`Meta::end_unordered`].
     pub fn begin_unordered(&mut self) -> Result<bool> {
+        self.unordered_open = true;
         if self.is_dirty() {
             return Ok(false);
         }
@@ -721,6 +727,7 @@ impl Meta {
     /// and refcounts are not lazy (lazy ones keep it until close).
     pub fn end_unordered(&mut self, set: bool) -> Result<()> {
         self.flush_all()?;
+        self.unordered_open = false;
         if set && !self.lazy {
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
             let w = self.header.incompatible_features.to_be_bytes();

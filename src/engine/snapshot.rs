@@ -309,6 +309,11 @@ impl Qcow2 {
             .update_snapshot_refcount(active_off, active_size, 1)
             .and_then(|_| m.end_unordered(set))
         {
+            // A refusal (a refcount past the width's maximum) changed
+            // nothing; an I/O error may have left half the change.
+            if !matches!(e, Error::Io { .. }) {
+                let _ = m.end_unordered(set);
+            }
             // Nothing names the copy: it need not leak.
             if !l1.is_empty() {
                 m.free_unlinked(l1_off, l1.len() as u64 * 8);
