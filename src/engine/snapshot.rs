@@ -455,9 +455,11 @@ impl Qcow2 {
         let sn = m.snapshots[i].clone();
         let mut list = m.snapshots.clone();
         list.remove(i);
-        m.write_snapshot_table(list)?;
-        // Rule 5 of meta.rs: refcounts drop to 1 and COPIED flags come back.
+        // Rule 5 of meta.rs: refcounts drop to 1 and COPIED flags come
+        // back. The bit goes first, so that a failing free of the old table
+        // (blkdebug's cluster_free) fails the delete where QEMU's does.
         let set = m.begin_unordered()?;
+        m.write_snapshot_table(list)?;
         // QEMU's words; the tree's references leak (`check -r` finds them).
         m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, -1)
             .map_err(|e| match e {
