@@ -276,3 +276,29 @@ fn progress_lines_match_qemu_img() {
         assert_eq!(code, 0, "{create} -> {opts}: {out}{err}");
     }
 }
+
+/// BUG (found by tests/crash_ops.rs, `amend_downgrade`): a downgrade that
+/// expands a zero cluster over a backing file into a new data cluster
+/// wrote it outside the guest write path, so the session's idea of the
+/// file's end did not cover it. The next guest read of that cluster in
+/// the same session failed with "Data cluster offset ... is invalid
+/// (past the end of the file or unaligned)" and marked the image corrupt.
+#[test]
+fn downgrade_then_read_in_the_same_session() {
+    let d = Scratch::new("amend-downgrade-read");
+    let base = d.path("base.qcow2");
+    let img = d.path("img.qcow2");
+    create_qcow2(&base, "1M", &[]);
+    qemu_io(&base, &["write -P 0x5a 0 1M"]);
+    create_qcow2(&img, "", &["-b", &s(&base), "-F", "qcow2"]);
+    let q = Qcow2::open(&img, &rw()).unwrap();
+    q.write_at(&[1; 4096], 0).unwrap();
+    q.write_zeroes(512 * 1024, 128 * 1024, false).unwrap();
+    q.amend(&AmendOptions::parse("compat=0.10").unwrap())
+        .unwrap();
+    let mut b = vec![1u8; 128 * 1024];
+    q.read_at(&mut b, 512 * 1024).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    q.close().unwrap();
+    assert_clean(&img);
+}

@@ -24,10 +24,10 @@
 //! is saved in DIR.
 
 mod common;
+use common::crash::*;
 use common::*;
 use oxqcow::engine::{create_on, CreateOptions, OpenOptions, Qcow2};
-use oxqcow::storage::{CrashSpec, CrashStorage, Keep, MemStorage, Replay, Storage, TraceEvent};
-use std::cell::RefCell;
+use oxqcow::storage::{CrashSpec, CrashStorage, Keep, MemStorage, Storage, TraceEvent};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -224,36 +224,6 @@ impl<'a> Model<'a> {
     }
 }
 
-thread_local! {
-    /// Warnings the library printed on this thread (repair lines).
-    static LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-fn install_log_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        oxqcow::log::set_hook(Some(Box::new(|m: &str| {
-            LOG.with(|l| {
-                let mut l = l.borrow_mut();
-                if l.len() < 50 {
-                    l.push(m.to_string());
-                }
-            })
-        })));
-    });
-}
-
-fn take_log() -> Vec<String> {
-    LOG.with(|l| std::mem::take(&mut *l.borrow_mut()))
-}
-
-const INCOMPAT_DIRTY: u64 = 1;
-const INCOMPAT_CORRUPT: u64 = 2;
-
-fn incompat(image: &[u8]) -> u64 {
-    u64::from_be_bytes(image[72..80].try_into().unwrap())
-}
-
 fn rw_opts() -> OpenOptions {
     OpenOptions {
         writable: true,
@@ -388,58 +358,6 @@ impl Sweep<'_> {
             .map_err(|e| format!("QEMU: {e}"))?;
         Ok(out)
     }
-}
-
-/// The crash states tried at one cut point: all and none of the pending
-/// operations, each single one lost (all of them when few are pending),
-/// random subsets, a prefix (in-order write-back), and torn writes.
-fn specs_at(r: &Replay, seed: u64) -> Vec<(&'static str, CrashSpec)> {
-    let p = r.pending();
-    let mut v = vec![("all", CrashSpec::all())];
-    if p == 0 {
-        return v;
-    }
-    v.push(("none", CrashSpec::none()));
-    if p >= 2 {
-        let mut rng = Rng(seed | 1);
-        let singles: Vec<usize> = if p <= 8 {
-            (0..p).collect()
-        } else {
-            (0..4).map(|_| rng.below(p as u64) as usize).collect()
-        };
-        for lost in singles {
-            v.push((
-                "one-lost",
-                CrashSpec {
-                    keep: Keep::Mask((0..p).map(|i| i != lost).collect()),
-                    tear: None,
-                },
-            ));
-        }
-        for _ in 0..3 {
-            v.push(("random", CrashSpec::random(rng.next())));
-        }
-        let k = 1 + rng.below(p as u64 - 1) as usize;
-        v.push((
-            "prefix",
-            CrashSpec {
-                keep: Keep::Mask((0..p).map(|i| i < k).collect()),
-                tear: None,
-            },
-        ));
-    }
-    if r.tearable() > 0 {
-        v.push((
-            "torn",
-            CrashSpec {
-                keep: Keep::All,
-                tear: Some(seed ^ 0xabcd),
-            },
-        ));
-        v.push(("torn-random", CrashSpec::torn(seed ^ 0x1234)));
-        v.push(("torn-random", CrashSpec::torn(seed ^ 0x4321)));
-    }
-    v
 }
 
 /// Creates the image on `storage` and returns the guest content it starts
@@ -577,29 +495,7 @@ fn sweep(w: &Workload, mode: Mode, lazy: bool) {
         .unwrap_or_else(|e| panic!("{tag}: uncrashed image: {e}"));
 
     // Enumerate the states, then sample.
-    let mut replay = storage.replay();
-    let mut states: Vec<(usize, &'static str, CrashSpec)> = Vec::new();
-    let mut cut_points = 0;
-    for cut in 0..=n {
-        replay.seek(cut);
-        cut_points += 1;
-        for (kind, spec) in specs_at(&replay, ((cut as u64 + 1) * 0x9e37_79b9) ^ w.size) {
-            states.push((cut, kind, spec));
-        }
-    }
-    let total_states = states.len();
-    if states.len() > w.max_states {
-        // Keep the cut at the end and an even spread of the rest.
-        let step = states.len() as f64 / w.max_states as f64;
-        let last = states.len() - 1;
-        states = (0..w.max_states)
-            .map(|i| ((i as f64 * step) as usize).min(last))
-            .chain(std::iter::once(last))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .map(|i| states[i].clone())
-            .collect();
-    }
+    let (states, total_states, cut_points) = sampled_states(&storage, w.size, w.max_states);
     let qemu_every = states.len().div_ceil(w.qemu_states.max(1)).max(1);
 
     let (mut tried, mut qemu_checked, mut dirty, mut leaky) = (0, 0, 0, 0);

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, COPIED};
 use crate::format::header::V3_HEADER_LEN;
 use crate::format::*;
+use std::sync::atomic::Ordering;
 
 /// The options `qemu-img amend -o` accepts for qcow2.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -329,6 +330,10 @@ impl Qcow2 {
                         }
                         m.check_overlap(new, cs)?;
                         m.write_file(&zeros_at(new), new, "write zeros")?;
+                        // A data cluster written outside the guest write
+                        // path: guest reads of this session check data
+                        // offsets against `file_end`, which must cover it.
+                        self.file_end.fetch_max(new + cs, Ordering::AcqRel);
                         new
                     };
                     let copied = new != 0 && m.refcount(new / cs)? == 1;

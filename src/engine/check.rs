@@ -875,6 +875,7 @@ impl Qcow2 {
                 // A consistent image is neither dirty nor corrupt any more.
                 let flags = m.header.incompatible_features;
                 m.header.incompatible_features &= !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+                m.unordered_open = false;
                 if flags != m.header.incompatible_features {
                     m.write_header()?;
                 }

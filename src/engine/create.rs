@@ -638,10 +638,13 @@ impl Qcow2 {
                     }
                     gc += n;
                 }
-                m.flush()?;
+                // Rule 1 of meta.rs: the file covers the new clusters
+                // before an L2 entry points at them (the flush syncs the
+                // new length before it writes the tables).
                 if end > m.file_len()? {
                     self.file.set_len(end).map_err(io)?;
                 }
+                m.flush()?;
                 // As QEMU clears the part of the last cluster past a new end
                 // that is not cluster aligned: zeros written there (the host
                 // file then holds data, not a hole, where `map` looks).

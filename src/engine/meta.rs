@@ -6,7 +6,9 @@
 //! new L2 table (written with its L1 entry at once, as QEMU does it),
 //! [`Meta::l2_for_write`]:
 //! 1. Guest data is synced before any L2 table that points at it is written
-//!    (in the external data file when the image has one; see `data_file.rs`).
+//!    (in the external data file when the image has one; see `data_file.rs`),
+//!    and so is the file length that covers a mapped cluster (metadata
+//!    preallocation extends the file before its L2 tables are written).
 //! 2. Without lazy refcounts, refcount blocks are written and synced before
 //!    the L2 tables (and L1 entries) that depend on them; with lazy
 //!    refcounts the dirty bit is on disk before the first L2 change
@@ -17,6 +19,23 @@
 //!    applied only after the L2/L1 change that dropped the reference is
 //!    durable, so the allocator can never hand out a cluster that some
 //!    on-disk table still points at.
+//! 5. A change that moves refcounts across 1 together with the COPIED
+//!    flags that must follow them (internal snapshot create and delete)
+//!    has no safe order: either the refcount or the flag reaches the disk
+//!    first, and `check` calls the difference a corruption. Such a change
+//!    runs between [`Meta::begin_unordered`] and [`Meta::end_unordered`]:
+//!    the dirty bit is durable before it starts (lazy refcounts or not)
+//!    and cleared only once all of it is durable, so a crash in between
+//!    leaves an image the next read-write open repairs (as QEMU repairs a
+//!    dirty image); one that fails half done keeps the bit at close
+//!    (`unordered_open`). Found by `tests/crash_ops.rs`.
+//! 6. A header rewrite is atomic under 512-byte sector atomicity: when
+//!    anything past the first sector changes, a compact header with the
+//!    same meaning (no feature name table) that fits in the first sector
+//!    is written and synced first, then the rest, then the first sector
+//!    ([`Meta::write_header`]). Without it a torn rewrite (the v2
+//!    downgrade moves every extension by 32 bytes) left a first sector
+//!    whose extensions and backing file name run into the other layout.
 //!
 //! Everything here runs under the image's metadata mutex; nothing here
 //! touches guest data except to copy it during allocation-free operations.
@@ -133,6 +152,10 @@ pub struct Meta {
     pub snapshot_issues: crate::format::snapshot::TableIssues,
     /// How many times the refcount table moved (see `alloc_clusters`).
     pub reftable_moves: u64,
+    /// A change begun with [`Meta::begin_unordered`] has not ended: it
+    /// failed half done, so close keeps the dirty bit for the next open's
+    /// repair.
+    pub unordered_open: bool,
     /// Guest clusters with a request in flight (see `Qcow2::lock_clusters`).
     pub inflight: HashSet<u64>,
 }
@@ -733,6 +756,37 @@ impl Meta {
         Ok(())
     }
 
+    /// Puts the dirty bit on disk (synced), with or without lazy refcounts,
+    /// before a change of refcounts *and* COPIED flags that no write order
+    /// keeps consistent at every point (rule 5 of the module comment).
+    /// Returns whether this call set it, for [`Meta::end_unordered`].
+    pub fn begin_unordered(&mut self) -> Result<bool> {
+        self.unordered_open = true;
+        if self.is_dirty() {
+            return Ok(false);
+        }
+        self.header.incompatible_features |= INCOMPAT_DIRTY;
+        let w = self.header.incompatible_features.to_be_bytes();
+        self.write_file(&w, 72, "mark image dirty")?;
+        self.sync()?;
+        Ok(true)
+    }
+
+    /// Ends what [`Meta::begin_unordered`] began: everything written back
+    /// and durable, then the dirty bit cleared (synced) if that call set it
+    /// and refcounts are not lazy (lazy ones keep it until close).
+    pub fn end_unordered(&mut self, set: bool) -> Result<()> {
+        self.flush_all()?;
+        self.unordered_open = false;
+        if set && !self.lazy {
+            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            let w = self.header.incompatible_features.to_be_bytes();
+            self.write_file(&w, 72, "mark image clean")?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     pub fn is_dirty(&self) -> bool {
         self.header.incompatible_features & INCOMPAT_DIRTY != 0
     }
@@ -906,9 +960,35 @@ impl Meta {
         Ok(())
     }
 
-    /// Rewrites all of cluster 0 from `self.header`.
+    /// Rewrites all of cluster 0 from `self.header`, so that a crash
+    /// leaves the old header or the new one (rule 6 of the module comment).
     pub fn write_header(&mut self) -> Result<()> {
         let b = self.header.encode()?;
+        // The unit a power cut cannot tear.
+        let sector = 512.min(b.len());
+        let mut cur = vec![0u8; b.len()];
+        let on_disk = self.file_len()? >= b.len() as u64;
+        if on_disk {
+            self.read_file(&mut cur, 0, "read header")?;
+        }
+        if on_disk && b[sector..] != cur[sector..] {
+            // The layout past the first sector changes (a downgrade, a new
+            // backing file name, extensions added or dropped): the old
+            // first sector could be torn from its tail. A header with the
+            // same meaning that fits in the first sector goes first, alone.
+            let compact = self.header.encode_with(false)?;
+            if compact[sector..].iter().all(|&x| x == 0) {
+                self.write_file(&compact[..sector], 0, "write header")?;
+                self.sync()?;
+                self.write_file(&b[sector..], sector as u64, "write header")?;
+                self.sync()?;
+                if b[..sector] != compact[..sector] {
+                    self.write_file(&b[..sector], 0, "write header")?;
+                    self.sync()?;
+                }
+                return Ok(());
+            }
+        }
         self.write_file(&b, 0, "write header")?;
         self.sync()
     }

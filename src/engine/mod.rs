@@ -593,7 +593,7 @@ impl Qcow2 {
             }
         }
         let r = m.trim_zero_tail().and_then(|_| {
-            if m.is_dirty() && !m.corrupt {
+            if m.is_dirty() && !m.corrupt && !m.unordered_open {
                 m.header.incompatible_features &= !crate::format::INCOMPAT_DIRTY;
                 m.write_header()?;
             }

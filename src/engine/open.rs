@@ -263,6 +263,7 @@ impl Qcow2 {
             corrupt: corrupt && opts.writable,
             inflight: HashSet::new(),
             reftable_moves: 0,
+            unordered_open: false,
             free_byte_offset: 0,
             durable_end: file_len,
             written_end: file_len,

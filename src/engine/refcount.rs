@@ -153,8 +153,11 @@ impl Meta {
         }
     }
 
-    /// Allocates `n` clusters at a given cluster-aligned offset (all must be free).
+    /// Allocates `n` clusters at a given cluster-aligned offset (all must
+    /// be free). As [`Meta::alloc_clusters`], with lazy refcounts the dirty
+    /// bit is on disk first.
     pub fn alloc_clusters_at(&mut self, off: u64, n: u64) -> Result<()> {
+        self.mark_dirty()?;
         for c in off / self.cs..off / self.cs + n {
             if self.refcount(c)? != 0 {
                 return Err(Error::Corrupt(format!(

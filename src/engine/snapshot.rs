@@ -4,7 +4,11 @@
 //!
 //! Ordering: a snapshot's L1 copy and its refcount increments are durable
 //! before the table names it; on delete the table stops naming a snapshot
-//! (synced) before its clusters lose their references.
+//! (synced) before its clusters lose their references. Create and delete
+//! change refcounts and COPIED flags under the dirty bit (rule 5 of
+//! meta.rs); apply switches trees through the header, never by a table
+//! written in place while the header points at it (see `snapshot_apply`).
+//! `tests/crash_ops.rs` cuts the power at every step of each.
 
 use super::meta::Meta;
 use super::Qcow2;
@@ -12,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::entries::{L2Entry, COPIED};
 use crate::format::snapshot::{self, Snapshot, MAX_SNAPSHOTS};
 use crate::format::*;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 impl Meta {
@@ -162,6 +167,26 @@ impl Meta {
         self.flush_all()
     }
 
+    /// Points the header at another active L1 table and gives the disk
+    /// `size` bytes (header bytes 24..48 in one write inside its first
+    /// sector, synced), and makes `l1` the active table in memory.
+    fn switch_l1(&mut self, off: u64, l1: Vec<u64>, size: u64) -> Result<()> {
+        let mut hdr = [0u8; 24];
+        put64(&mut hdr, 0, size);
+        put32(&mut hdr, 8, self.header.crypt_method);
+        put32(&mut hdr, 12, l1.len() as u32);
+        put64(&mut hdr, 16, off);
+        self.write_file(&hdr, 24, "write header")?;
+        self.sync()?;
+        self.header.size = size;
+        self.header.l1_size = l1.len() as u32;
+        self.header.l1_table_offset = off;
+        self.l2_cache = super::cache::TableCache::new(self.l2_cache.capacity());
+        self.l1 = l1;
+        self.rebuild_metadata_map();
+        Ok(())
+    }
+
     /// Frees clusters that nothing on disk names any more, as QEMU's
     /// qcow2_free_clusters does: the `cluster_free` event first, and a
     /// failure only logged (the clusters leak; `check -r` finds them). A
@@ -278,7 +303,17 @@ impl Qcow2 {
         }
         let active_off = m.header.l1_table_offset;
         let active_size = m.l1.len() as u32;
-        if let Err(e) = m.update_snapshot_refcount(active_off, active_size, 1) {
+        // Rule 5 of meta.rs: refcounts go to 2 and COPIED flags off.
+        let set = m.begin_unordered()?;
+        if let Err(e) = m
+            .update_snapshot_refcount(active_off, active_size, 1)
+            .and_then(|_| m.end_unordered(set))
+        {
+            // A refusal (a refcount past the width's maximum) changed
+            // nothing; an I/O error may have left half the change.
+            if !matches!(e, Error::Io { .. }) {
+                let _ = m.end_unordered(set);
+            }
             // Nothing names the copy: it need not leak.
             if !l1.is_empty() {
                 m.free_unlinked(l1_off, l1.len() as u64 * 8);
@@ -333,14 +368,24 @@ impl Qcow2 {
             m.flush_all()?;
             (m.snapshots[i].clone(), m.header.size)
         };
-        if let Some(size) = sn.disk_size {
-            if size != cur_size {
-                self.resize_unchecked(size, true)?;
+        // A snapshot of another disk size: the size changes in the same
+        // header write that switches trees (below), so that no crash shows
+        // the old disk at the new size. The L1 table grows first (that
+        // changes no guest view).
+        let new_size = sn.disk_size.unwrap_or(cur_size);
+        let mut m = self.quiesce();
+        if new_size != cur_size {
+            self.bitmaps_lock().check_resizable()?;
+            if new_size > super::create::max_size(self.cb) {
+                return Err(Error::TooLarge(format!(
+                    "{}: The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+                    self.name
+                )));
             }
         }
-        let mut m = self.quiesce();
-        if sn.l1_size as usize > m.l1.len() {
-            m.grow_l1(sn.l1_size as u64)?;
+        let need_l1 = (sn.l1_size as u64).max(new_size.div_ceil(self.l2_span()));
+        if need_l1 > m.l1.len() as u64 {
+            m.grow_l1(need_l1)?;
         }
         let mut new_l1 = m.read_table(
             sn.l1_table_offset,
@@ -350,21 +395,52 @@ impl Qcow2 {
         new_l1.resize(m.l1.len(), 0);
         // Take the snapshot's references first, then drop the old tree's.
         m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, 1)?;
+        // Every L2 table of the snapshot now has a second reference, the
+        // active one: none is the active disk's alone (its L1 copy still
+        // has the flags of the disk it was taken from).
+        for e in new_l1.iter_mut() {
+            *e &= !COPIED;
+        }
         let old_l1 = m.l1.clone();
-        let active_off = m.header.l1_table_offset;
-        m.write_file(&encode_table(&new_l1, 0), active_off, "write L1 table")?;
-        m.sync()?;
-        m.l2_cache = super::cache::TableCache::new(m.l2_cache.capacity());
-        m.l1 = new_l1;
-        m.rebuild_metadata_map();
-        // The old tree, no longer reachable from disk, loses its references.
-        let tmp = TempTree::write(&mut m, &old_l1)?;
-        m.update_snapshot_refcount(tmp.off, old_l1.len() as u32, -1)?;
-        tmp.free(&mut m)?;
+        let old_off = m.header.l1_table_offset;
+        let bytes = old_l1.len() as u64 * 8;
+        if bytes > 0 {
+            // Not in place at once: a table of more than one sector written
+            // over the old one could be torn into a mix of both trees. The
+            // new table goes to free clusters first (its refcount durable,
+            // then itself) and the header switches to it in one write
+            // inside its first sector; the old tree loses its references;
+            // then the table is written in place and the header switches
+            // back, so that the table ends where QEMU leaves it. Every
+            // crash point shows one whole tree.
+            let tmp = m.alloc_metadata(bytes.div_ceil(self.cs))?;
+            m.flush_all()?;
+            let table = encode_table(&new_l1, bytes as usize);
+            m.write_file(&table, tmp, "write L1 table")?;
+            m.sync()?;
+            m.switch_l1(tmp, new_l1, new_size)?;
+            self.size.store(new_size, Ordering::Release);
+            self.bitmaps_lock().resize(new_size);
+            // The old tree, no longer reachable from disk (rule 4 of
+            // meta.rs), loses its references.
+            m.update_snapshot_refcount(old_off, old_l1.len() as u32, -1)?;
+            m.write_file(&table, old_off, "write L1 table")?;
+            m.sync()?;
+            let l1 = std::mem::take(&mut m.l1);
+            m.switch_l1(old_off, l1, new_size)?;
+            m.update_refcount(tmp, bytes, -1)?;
+        } else if new_size != cur_size {
+            // No L1 table: only the size changes.
+            m.write_file(&new_size.to_be_bytes(), 24, "write header")?;
+            m.sync()?;
+            m.header.size = new_size;
+            self.size.store(new_size, Ordering::Release);
+            self.bitmaps_lock().resize(new_size);
+        }
         let n = m.l1.len() as u32;
-        m.update_snapshot_refcount(active_off, n, 0)?;
+        m.update_snapshot_refcount(old_off, n, 0)?;
         m.rebuild_metadata_map();
-        Ok(())
+        m.flush_all()
     }
 
     /// Deletes a snapshot (by ID or name), releasing what only it held.
@@ -379,6 +455,10 @@ impl Qcow2 {
         let sn = m.snapshots[i].clone();
         let mut list = m.snapshots.clone();
         list.remove(i);
+        // Rule 5 of meta.rs: refcounts drop to 1 and COPIED flags come
+        // back. The bit goes first, so that a failing free of the old table
+        // (blkdebug's cluster_free) fails the delete where QEMU's does.
+        let set = m.begin_unordered()?;
         m.write_snapshot_table(list)?;
         // QEMU's words; the tree's references leak (`check -r` finds them).
         m.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size, -1)
@@ -395,27 +475,7 @@ impl Qcow2 {
         let n = m.l1.len() as u32;
         m.update_snapshot_refcount(active_off, n, 0)?;
         m.rebuild_metadata_map();
-        m.flush_all()
-    }
-}
-
-/// An old active L1 parked in free clusters while its references are dropped.
-struct TempTree {
-    off: u64,
-    bytes: u64,
-}
-
-impl TempTree {
-    fn write(m: &mut Meta, l1: &[u64]) -> Result<TempTree> {
-        let bytes = (l1.len() as u64 * 8).max(8);
-        let off = m.alloc_metadata(bytes.div_ceil(m.cs))?;
-        m.flush_all()?;
-        m.write_file(&encode_table(l1, 0), off, "write L1 table")?;
-        Ok(TempTree { off, bytes })
-    }
-    fn free(self, m: &mut Meta) -> Result<()> {
-        m.update_refcount(self.off, self.bytes, -1)?;
-        m.flush_all()
+        m.end_unordered(set)
     }
 }
 

@@ -248,6 +248,13 @@ impl Header {
 
     /// Rebuilds the whole of cluster 0, as QEMU's header writer does.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_with(true)
+    }
+
+    /// [`Header::encode`], without the feature name table when
+    /// `feature_table` is false (the table only names bits for error
+    /// messages): the most compact header with the same meaning.
+    pub fn encode_with(&self, feature_table: bool) -> Result<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; cs];
         let header_len = if self.version >= 3 {
@@ -296,7 +303,7 @@ impl Header {
             put64(&mut d, 8, l);
             exts.push((EXT_CRYPTO, d));
         }
-        if self.version >= 3 && cs > 4096 {
+        if feature_table && self.version >= 3 && cs > 4096 {
             exts.push((
                 EXT_FEATURE_TABLE,
                 encode_feature_table(&standard_feature_table()),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod case;
+pub mod crash;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
