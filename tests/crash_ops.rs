@@ -548,28 +548,14 @@ fn sweep(case: Case) {
             }
             Err(e) => {
                 let ev = cut.checked_sub(1).map(|i| replay.event(i));
-                let log = take_log();
-                failures.push(format!(
-                    "{}: cut {cut}/{n} in step {} (after {ev:?}, {} pending), state {kind} {spec:?}: {e}{}",
+                let what = format!(
+                    "{}: cut {cut}/{n} in step {} (after {ev:?}, {} pending), state {kind} {spec:?}: {e}",
                     case.name,
                     k + 1,
                     replay.pending(),
-                    if log.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\n    log: {}", log.join("\n    log: "))
-                    }
-                ));
-                if let (1, Some(keep_dir)) = (failures.len(), std::env::var_os("OXQCOW_CRASH_KEEP"))
-                {
-                    let keep = PathBuf::from(keep_dir).join(format!(
-                        "crash-ops-failure-{}-{}.qcow2",
-                        case.name,
-                        std::process::id()
-                    ));
-                    let _ = std::fs::write(&keep, replay.image(spec));
-                    failures.push(format!("    crashed image kept at {}", keep.display()));
-                }
+                );
+                let name = format!("ops-failure-{}", case.name);
+                record_failure(&mut failures, what, &name, &replay.image(spec));
             }
         }
         take_log();

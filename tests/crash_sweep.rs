@@ -521,27 +521,12 @@ fn sweep(w: &Workload, mode: Mode, lazy: bool) {
             }
             Err(e) => {
                 let ev = cut.checked_sub(1).map(|i| replay.event(i));
-                let log = take_log();
-                failures.push(format!(
-                    "{tag}: cut {cut}/{n} (after {ev:?}, {} pending), state {kind} {spec:?}: {e}{}",
+                let what = format!(
+                    "{tag}: cut {cut}/{n} (after {ev:?}, {} pending), state {kind} {spec:?}: {e}",
                     replay.pending(),
-                    if log.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\n    log: {}", log.join("\n    log: "))
-                    }
-                ));
-                if let (1, Some(keep_dir)) = (failures.len(), std::env::var_os("OXQCOW_CRASH_KEEP"))
-                {
-                    let keep = PathBuf::from(keep_dir).join(format!(
-                        "crash-sweep-failure-{}-{}.qcow2",
-                        w.name,
-                        std::process::id()
-                    ));
-                    // The same state again (image building is deterministic).
-                    let _ = std::fs::write(&keep, replay.image(spec));
-                    failures.push(format!("    crashed image kept at {}", keep.display()));
-                }
+                );
+                let name = format!("sweep-failure-{}", w.name);
+                record_failure(&mut failures, what, &name, &replay.image(spec));
             }
         }
         take_log();

@@ -121,3 +121,24 @@ pub fn sampled_states(
     }
     (states, total, n + 1)
 }
+
+/// Records a failed crash state: `what` (the cut, the state and the
+/// error) with the library's warnings for it, and for the first failure
+/// of a sweep the crashed image kept under `$OXQCOW_CRASH_KEEP` as
+/// `crash-NAME-PID.qcow2` (image building is deterministic, so it is the
+/// same state again).
+pub fn record_failure(failures: &mut Vec<String>, what: String, name: &str, image: &[u8]) {
+    let log = take_log();
+    let log = if log.is_empty() {
+        String::new()
+    } else {
+        format!("\n    log: {}", log.join("\n    log: "))
+    };
+    failures.push(format!("{what}{log}"));
+    if let (1, Some(dir)) = (failures.len(), std::env::var_os("OXQCOW_CRASH_KEEP")) {
+        let keep = std::path::PathBuf::from(dir)
+            .join(format!("crash-{name}-{}.qcow2", std::process::id()));
+        let _ = std::fs::write(&keep, image);
+        failures.push(format!("    crashed image kept at {}", keep.display()));
+    }
+}
