@@ -100,3 +100,31 @@ fn qemus_snapshots_are_ours() {
     qemu_read(&p, &["read -P 5 0 1M"]);
     assert_clean(&p);
 }
+
+/// A version 2 header ends at byte 72, where its extensions begin: a
+/// snapshot create or delete must leave them alone (the dirty bit that
+/// guards those changes on v3 images has no place there). The backing
+/// format extension survives, byte for byte, and qemu-img sees it.
+#[test]
+fn snapshots_of_a_v2_image_keep_its_header_extensions() {
+    let d = Scratch::new("snap-v2-ext");
+    let base = d.path("base.qcow2");
+    let img = d.path("t.qcow2");
+    create_qcow2(&base, "1M", &[]);
+    create_qcow2(
+        &img,
+        "1M",
+        &["-o", "compat=0.10", "-b", &s(&base), "-F", "qcow2"],
+    );
+    let before = std::fs::read(&img).unwrap()[..512].to_vec();
+    ox_ok(&["snapshot", "-c", "s1", &s(&img)]);
+    ox_ok(&["snapshot", "-d", "s1", &s(&img)]);
+    let after = std::fs::read(&img).unwrap();
+    assert!(
+        after[72..512] == before[72..512],
+        "v2 header extensions changed by snapshot -c/-d"
+    );
+    let info = qemu_img(&["info", &s(&img)]);
+    assert!(info.contains("backing file format: qcow2"), "{info}");
+    assert_clean(&img);
+}

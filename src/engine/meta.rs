@@ -28,7 +28,8 @@
 //!    and cleared only once all of it is durable, so a crash in between
 //!    leaves an image the next read-write open repairs (as QEMU repairs a
 //!    dirty image); one that fails half done keeps the bit at close
-//!    (`unordered_open`). Found by `tests/crash_ops.rs`.
+//!    (`unordered_open`). Found by `tests/crash_ops.rs`. A version 2
+//!    image has no dirty bit, so there the window stays, as in QEMU.
 //! 6. A header rewrite is atomic under 512-byte sector atomicity: when
 //!    anything past the first sector changes, a compact header with the
 //!    same meaning (no feature name table) that fits in the first sector
@@ -762,7 +763,11 @@ impl Meta {
     /// Returns whether this call set it, for [`Meta::end_unordered`].
     pub fn begin_unordered(&mut self) -> Result<bool> {
         self.unordered_open = true;
-        if self.is_dirty() {
+        // A version 2 header has no feature bits: bytes 72.. are its
+        // extensions (backing format, ...), which writing the bit would
+        // destroy. Such an image keeps QEMU's window (a crash in between
+        // leaves what `check -r` mends), as it has no way to say "dirty".
+        if self.is_dirty() || self.header.version < 3 {
             return Ok(false);
         }
         self.header.incompatible_features |= INCOMPAT_DIRTY;
